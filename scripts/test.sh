@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One command: set everything up (.venv) and run the full test suite, offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh dev
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+.venv/bin/ruff check src tests benchmarks experiments
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+# pytest exit code 5 means "no tests collected": that is a failure here.
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
+exit "$rc"

@@ -1,0 +1,5 @@
+import sys
+
+from entitylens.cli import main
+
+sys.exit(main())
