@@ -1,0 +1,137 @@
+"""Models: one loading path from a spec (registry key, hub id, local dir, GGUF, tiny) to a TransformerBridge.
+
+Public API (imported lazily, so ``import entitylens.models`` does not import torch until needed):
+
+- :func:`load_model`, :func:`resolve_spec`, :class:`ModelInfo`, :func:`model_info`, :func:`load_tokenizer`
+- :data:`REGISTRY`, :class:`RegistryEntry`, :data:`EXPERIMENTS`, :func:`experiment_pairs`
+- :func:`object_token_ids`, :func:`first_token_ids`, :func:`encode`
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    # loading
+    "ModelInfo": "loading",
+    "ResolvedSpec": "loading",
+    "cache_root": "loading",
+    "check_device_dtype": "loading",
+    "gguf_cache_dir": "loading",
+    "gguf_sha256": "loading",
+    "gguf_to_cache": "loading",
+    "load_model": "loading",
+    "load_tokenizer": "loading",
+    "model_info": "loading",
+    "parse_dtype": "loading",
+    "resolve_spec": "loading",
+    "tokenizer_prepends_bos": "loading",
+    "DTYPE_CHOICES": "_constants",
+    # registry
+    "EXPERIMENTS": "registry",
+    "NUMOPS_COUNTS": "registry",
+    "PAPER_RANDOM_BASELINE": "registry",
+    "REGISTRY": "registry",
+    "RegistryEntry": "registry",
+    "experiment_pairs": "registry",
+    "get_entry": "registry",
+    "paper_entries": "registry",
+    # tiny
+    "TINY_NAMES": "tiny",
+    "TinySpec": "tiny",
+    "parse_tiny_spec": "tiny",
+    "tiny_tokenizer": "tiny",
+    # tokens
+    "encode": "tokens",
+    "first_token_ids": "tokens",
+    "get_tokenizer": "tokens",
+    "object_token_ids": "tokens",
+    "shared_first_tokens": "tokens",
+    "text_token_ids": "tokens",
+}
+
+__all__ = [
+    "DTYPE_CHOICES",
+    "EXPERIMENTS",
+    "ModelInfo",
+    "NUMOPS_COUNTS",
+    "PAPER_RANDOM_BASELINE",
+    "REGISTRY",
+    "RegistryEntry",
+    "ResolvedSpec",
+    "TINY_NAMES",
+    "TinySpec",
+    "cache_root",
+    "check_device_dtype",
+    "encode",
+    "experiment_pairs",
+    "first_token_ids",
+    "get_entry",
+    "get_tokenizer",
+    "gguf_cache_dir",
+    "gguf_sha256",
+    "gguf_to_cache",
+    "load_model",
+    "load_tokenizer",
+    "model_info",
+    "object_token_ids",
+    "paper_entries",
+    "parse_dtype",
+    "parse_tiny_spec",
+    "resolve_spec",
+    "shared_first_tokens",
+    "text_token_ids",
+    "tiny_tokenizer",
+    "tokenizer_prepends_bos",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from entitylens.models._constants import DTYPE_CHOICES
+    from entitylens.models.loading import (
+        ModelInfo,
+        ResolvedSpec,
+        cache_root,
+        check_device_dtype,
+        gguf_cache_dir,
+        gguf_sha256,
+        gguf_to_cache,
+        load_model,
+        load_tokenizer,
+        model_info,
+        parse_dtype,
+        resolve_spec,
+        tokenizer_prepends_bos,
+    )
+    from entitylens.models.registry import (
+        EXPERIMENTS,
+        NUMOPS_COUNTS,
+        PAPER_RANDOM_BASELINE,
+        REGISTRY,
+        RegistryEntry,
+        experiment_pairs,
+        get_entry,
+        paper_entries,
+    )
+    from entitylens.models.tiny import TINY_NAMES, TinySpec, parse_tiny_spec, tiny_tokenizer
+    from entitylens.models.tokens import (
+        encode,
+        first_token_ids,
+        get_tokenizer,
+        object_token_ids,
+        shared_first_tokens,
+        text_token_ids,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'entitylens.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"entitylens.models.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

