@@ -1,0 +1,278 @@
+"""Attribution patching: the first-order (gradient x activation difference) estimate of a patching grid.
+
+For a pair, one clean forward caches the clean activations; one corrupted forward + one backward give the
+corrupted activations and the gradient ``g`` of the corrupted run's logit difference with respect to each
+of them. Patching cell ``c`` (positions ``dst`` at layer ``l``, from clean positions ``src``) is estimated as
+
+    ``ld_patched - ld_corrupted  ~=  sum_{(s, d) in c} (a_clean[l, s] - a_corr[l, d]) . g[l, d]``
+
+and normalised by ``ld_clean - ld_corrupted`` so it is on the same scale as :func:`patch_grid`'s
+``normalised`` grid (1 = fully restores clean behaviour). It is exact for a metric that is linear in the
+patched activation and degrades with curvature (attention saturation, layer norm), so
+:func:`agreement` reports how well it tracks exact patching -- check it on a few pairs before trusting a
+large attribution sweep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from entitylens.errors import EntitylensError
+from entitylens.patching.exact import (
+    Component,
+    Grid,
+    PatchPair,
+    PatchResult,
+    _check_component_grid,
+    _check_model,
+    _check_tokens,
+    _grid_columns,
+    _pairs_list,
+    _resolve_layers,
+    hook_name,
+)
+from entitylens.patching.metric import answer_probability, logit_diff, normalise
+from entitylens.progress import progress
+
+__all__ = ["PATH_GRAD", "agreement", "attribution_grid"]
+
+PATH_GRAD = "bridge-grad"
+
+
+@contextlib.contextmanager
+def _frozen_params(model: Any) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter (no parameter gradients), restoring it afterwards."""
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+
+
+def _grad_hook_name(component: str, layer: int) -> str:
+    # hook_resid_mid is ln2.hook_in on the bridge: a value added there reaches the MLP but not the residual
+    # stream. attn_out feeds only resid_mid, so d(metric)/d(attn_out) is d(metric)/d(resid_mid).
+    return hook_name("attn_out" if component == "resid_mid" else component, layer)
+
+
+def attribution_grid(
+    model: Any,
+    pairs: PatchPair | Sequence[PatchPair],
+    component: Component = "resid_pre",
+    grid: Grid = "layer_role",
+    *,
+    roles: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+) -> PatchResult:
+    """Attribution patching over the same grids as :func:`~entitylens.patching.exact.patch_grid`.
+
+    Two forwards and one backward per pair, on the bridge (eager attention, hooks).
+
+    Args:
+        model: A ``TransformerBridge``.
+        pairs: One or more :class:`PatchPair`.
+        component: Activation to attribute (see :data:`~entitylens.patching.exact.COMPONENTS`).
+        grid: ``"layer_role"``, ``"layer_pos"`` or ``"layer_head"`` (as in ``patch_grid``).
+        roles: Roles (columns of layer_role; patched positions of layer_head).
+        layers: Grid rows (default: all layers).
+        positions: Columns of a layer_pos grid.
+
+    Returns:
+        A :class:`PatchResult` with ``kind="attribution"``, ``path="bridge-grad"``: ``normalised`` is the
+        estimated normalised metric, ``logit_diff`` the estimated patched logit difference,
+        ``prob``/``top1`` are ``None``.
+
+    Raises:
+        EntitylensError: for the same bad inputs as ``patch_grid``.
+    """
+    _check_model(model)
+    _check_component_grid(component, grid, "hooks")
+    plist = _pairs_list(pairs)
+    _check_tokens(model, plist)
+    layer_list = _resolve_layers(layers, int(model.cfg.n_layers))
+    names, columns = _grid_columns(grid, plist, roles, positions, int(model.cfg.n_heads), "clean", "corrupted")
+    dev = next(model.parameters()).device
+    est, s_ld, d_ld, s_pr, d_pr = [], [], [], [], []
+    for pair, cols in zip(progress(plist, desc=f"attribution {component}", unit="pair"), columns):
+        grid_vals, baselines = _attribute_pair(model, pair, cols, component, layer_list, len(names), dev)
+        est.append(grid_vals)
+        for acc, v in zip((s_ld, s_pr, d_ld, d_pr), baselines):
+            acc.append(v)
+    attr = torch.stack(est).detach().float().cpu()
+    src_ld = torch.stack(s_ld).detach().float().cpu()
+    dst_ld = torch.stack(d_ld).detach().float().cpu()
+    patched = attr + dst_ld[:, None, None]
+    return PatchResult(
+        kind="attribution",
+        component=component,
+        grid=grid,
+        path=PATH_GRAD,
+        layers=tuple(layer_list),
+        cells=tuple(names),
+        pair_names=tuple(p.name for p in plist),
+        normalised=normalise(patched, src_ld, dst_ld),
+        logit_diff=patched,
+        prob=None,
+        top1=None,
+        source_logit_diff=src_ld,
+        target_logit_diff=dst_ld,
+        source_prob=torch.stack(s_pr).detach().float().cpu(),
+        target_prob=torch.stack(d_pr).detach().float().cpu(),
+        n_forward_cells=0,
+        n_noop_cells=0,
+    )
+
+
+def _attribute_pair(
+    model: Any,
+    pair: PatchPair,
+    cols: Sequence[tuple[int, tuple[int, ...], tuple[int, ...], int | None]],
+    component: str,
+    layer_list: Sequence[int],
+    n_cols: int,
+    dev: torch.device,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """One pair: the ``[layer, cell]`` attribution grid and (clean ld, clean prob, corrupted ld, corrupted prob)."""
+    value_names = {hook_name(component, layer): layer for layer in layer_list}
+    grad_names = {_grad_hook_name(component, layer): layer for layer in layer_list}
+    clean = pair.clean_tokens[None].to(dev)
+    corr = pair.corrupted_tokens[None].to(dev)
+    with torch.no_grad():
+        logits_c, cache = model.run_with_cache(clean, names_filter=lambda n: n in value_names)
+    clean_acts = {layer: cache[name][0].detach() for name, layer in value_names.items()}
+    ac = logits_c[0, pair.clean_answer_pos][None]
+
+    leaves: dict[int, Tensor] = {}
+    corr_acts: dict[int, Tensor] = {}
+
+    def value_hook(layer: int) -> Any:
+        def hook(act: Tensor, hook: Any) -> None:
+            corr_acts[layer] = act[0].detach().clone()
+
+        return hook
+
+    def grad_hook(layer: int) -> Any:
+        def hook(act: Tensor, hook: Any) -> Tensor:
+            leaf = torch.zeros_like(act, requires_grad=True)
+            leaves[layer] = leaf
+            return act + leaf
+
+        return hook
+
+    fwd = [(name, value_hook(layer)) for name, layer in value_names.items()]
+    fwd += [(name, grad_hook(layer)) for name, layer in grad_names.items()]
+    with torch.enable_grad(), _frozen_params(model):
+        logits_x = model.run_with_hooks(corr, fwd_hooks=fwd)
+        ax = logits_x[0, pair.corrupted_answer_pos][None]
+        ld_x = logit_diff(ax, pair.clean_answer, pair.corrupted_answer)[0]
+        order = [layer for layer in layer_list if layer in leaves]
+        grads = torch.autograd.grad(ld_x, [leaves[layer] for layer in order], allow_unused=True)
+    grad_by_layer = {layer: (torch.zeros_like(leaves[layer]) if g is None else g)[0] for layer, g in zip(order, grads)}
+    grid_vals = torch.full((len(layer_list), n_cols), float("nan"), device=dev)
+    for li, layer in enumerate(layer_list):
+        src, dst, g = clean_acts[layer], corr_acts[layer], grad_by_layer[layer]
+        for ci, sp, dp, head in cols:
+            sp_t = torch.tensor(sp, device=dev)
+            dp_t = torch.tensor(dp, device=dev)
+            if head is None:
+                d, gg = src[sp_t] - dst[dp_t], g[dp_t]
+            else:
+                d, gg = src[sp_t, head] - dst[dp_t, head], g[dp_t, head]
+            grid_vals[li, ci] = (d.float() * gg.float()).sum()
+    baselines = (
+        logit_diff(ac, pair.clean_answer, pair.corrupted_answer)[0],
+        answer_probability(ac, pair.clean_answer)[0],
+        ld_x.detach(),
+        answer_probability(ax.detach(), pair.clean_answer)[0],
+    )
+    return grid_vals.detach(), baselines
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    return ((starts + ends - 1) / 2.0)[inverse]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+def agreement(
+    exact: PatchResult | Float[Tensor, "..."],
+    approx: PatchResult | Float[Tensor, "..."],
+    *,
+    k: int = 10,
+    per_pair: bool = False,
+) -> dict[str, float]:
+    """How well an approximate grid (attribution patching) tracks exact patching.
+
+    Compares the normalised grids averaged over pairs (or every pair's cells when ``per_pair``), over the
+    cells that are finite in both.
+
+    Args:
+        exact: The exact :class:`PatchResult` (or a tensor of normalised values).
+        approx: The approximation, same shape.
+        k: Size of the top-k sets (by absolute value).
+        per_pair: Compare every (pair, layer, cell) instead of the pair-averaged (layer, cell) grid.
+
+    Returns:
+        ``{"pearson", "spearman", "topk_overlap", "k", "n_cells"}``: Pearson and Spearman (average ranks
+        for ties) correlations, and ``|top-k(|exact|) & top-k(|approx|)| / k``.
+
+    Raises:
+        EntitylensError: when the grids have different shapes or labels, or ``k`` is not positive.
+    """
+
+    def grid_of(r: PatchResult | Tensor) -> Tensor:
+        if isinstance(r, PatchResult):
+            return r.normalised if per_pair else r.mean()
+        return torch.as_tensor(r)
+
+    if isinstance(exact, PatchResult) and isinstance(approx, PatchResult):
+        if (exact.layers, exact.cells, exact.component) != (approx.layers, approx.cells, approx.component):
+            raise EntitylensError(
+                "agreement: the two results have different layers, cells or component; "
+                "run both with the same component, grid, layers and roles/positions"
+            )
+    a, b = grid_of(exact), grid_of(approx)
+    if a.shape != b.shape:
+        raise EntitylensError(
+            f"agreement: grids of shapes {tuple(a.shape)} and {tuple(b.shape)} differ; "
+            f"compare results computed on the same pairs and grid"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise EntitylensError(f"agreement: k must be a positive int, got {k!r}")
+    a_np = a.detach().cpu().double().flatten().numpy()
+    b_np = b.detach().cpu().double().flatten().numpy()
+    ok = np.isfinite(a_np) & np.isfinite(b_np)
+    a_np, b_np = a_np[ok], b_np[ok]
+    n = int(a_np.size)
+    kk = min(k, n)
+    if n == 0:
+        return {"pearson": float("nan"), "spearman": float("nan"), "topk_overlap": float("nan"), "k": 0, "n_cells": 0}
+    top_a = set(np.argsort(-np.abs(a_np), kind="stable")[:kk].tolist())
+    top_b = set(np.argsort(-np.abs(b_np), kind="stable")[:kk].tolist())
+    return {
+        "pearson": _pearson(a_np, b_np),
+        "spearman": _pearson(_average_ranks(a_np), _average_ranks(b_np)),
+        "topk_overlap": len(top_a & top_b) / kk,
+        "k": kk,
+        "n_cells": n,
+    }
