@@ -1,0 +1,439 @@
+"""Run directories: several models on one dataset, resumable, shardable, with summaries and figures.
+
+A run directory holds
+
+* ``run.json`` — the config: dataset path and SHA-256, models (spec, label, dtype), the prediction-relevant
+  :class:`~entitylens.behavior.evaluate.EvalConfig` fields, the shard, the entitylens version. Rerunning
+  into the directory with a different config is refused (use a new ``--out``).
+* ``predictions.jsonl`` — one row per (model, state, box); appended per batch, rewritten in canonical
+  order when the run completes.
+* ``summary.csv`` — model × numops bucket → accuracy, n, 95% Wald interval, truncated rows, the paper's
+  figure for registry models; plus ``overall`` and ``state`` rows.
+* ``comparison.csv`` — per (base, variant) pair and bucket: both accuracies, the difference, and the
+  exact McNemar test over the same items (:mod:`entitylens.behavior.stats`).
+* ``accuracy_by_numops.png`` / ``.pdf`` — one panel per pair.
+
+``shard="i/n"`` evaluates the states whose dataset index is ``i`` mod ``n``; :func:`merge_runs` combines
+all ``n`` shards (refusing overlaps and gaps) into one run directory with the same outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from entitylens import __version__
+from entitylens._io import atomic_write, sha256_file, sha256_json, write_json
+from entitylens.behavior.baselines import BASELINES
+from entitylens.behavior.evaluate import PREDICTIONS_FILE, EvalConfig, EvalResult, Prediction, evaluate
+from entitylens.behavior.stats import exact_mcnemar
+from entitylens.errors import EntitylensError
+from entitylens.plots import CurvePoint, plot_accuracy_by_numops
+from entitylens.table import Table
+from entitylens.task.score import Accuracy
+from entitylens.task.types import State
+
+RUN_FILE = "run.json"
+SUMMARY_COLUMNS = (
+    "model", "spec", "bucket", "n", "correct", "accuracy", "ci_low", "ci_high", "truncated", "paper_accuracy",
+)  # fmt: skip
+COMPARISON_COLUMNS = (
+    "base", "variant", "bucket", "n", "base_accuracy", "variant_accuracy", "difference",
+    "base_only", "variant_only", "p_value", "test",
+)  # fmt: skip
+TEST_NAME = "exact McNemar (two-sided)"
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """A model to evaluate in a run.
+
+    Attributes:
+        spec: What to load (registry key, hub id, path, ``tiny:...``) or a baseline (``random``...).
+        label: Its name in the outputs.
+
+    """
+
+    spec: str
+    label: str
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """Parse ``"i/n"`` (0-based ``i < n``) or None."""
+    if shard is None:
+        return None
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise EntitylensError(f"--shard {shard!r} is not of the form i/n (e.g. 0/4)") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise EntitylensError(f"--shard {shard!r}: need 0 <= i < n (e.g. 0/4 ... 3/4)")
+    return i, n
+
+
+def shard_states(states: Sequence[State], shard: tuple[int, int] | None) -> list[State]:
+    """The states of one shard: dataset indices congruent to ``i`` mod ``n`` (deterministic)."""
+    if shard is None:
+        return list(states)
+    i, n = shard
+    return [s for j, s in enumerate(states) if j % n == i]
+
+
+def default_label(spec: str) -> str:
+    """Output label for a spec: registry keys/baselines as is, file paths by their stem."""
+    if spec in BASELINES or spec.startswith("tiny:") or not (os.sep in spec or spec.endswith(".gguf")):
+        return spec
+    return Path(spec).stem if spec.endswith(".gguf") else Path(spec).name
+
+
+def _paper_curve(spec: str) -> tuple[float | None, tuple[float, ...] | None]:
+    from entitylens.models.registry import PAPER_RANDOM_BASELINE, REGISTRY
+
+    if spec == "random":
+        return PAPER_RANDOM_BASELINE[0] / 100, tuple(x / 100 for x in PAPER_RANDOM_BASELINE[1])
+    entry = REGISTRY.get(spec)
+    if entry is None or entry.paper_overall is None or entry.paper_by_numops is None:
+        return None, None
+    return entry.paper_overall / 100, tuple(x / 100 for x in entry.paper_by_numops)
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def run_config(
+    dataset: str | os.PathLike[str],
+    models: Sequence[ModelRun],
+    config: EvalConfig,
+    dtype: str,
+    shard: tuple[int, int] | None,
+    pairs: Sequence[tuple[str, str]],
+    state_ids: Sequence[str],
+) -> dict[str, Any]:
+    """The ``run.json`` record of a run (everything that must match to resume into a directory)."""
+    return {
+        "entitylens_version": __version__,
+        "dataset": {"path": str(dataset), "sha256": sha256_file(dataset), "states_sha256": sha256_json(list(state_ids)),
+                    "num_states": len(state_ids)},
+        "models": [{"spec": m.spec, "label": m.label} for m in models],
+        "dtype": dtype,
+        "eval": config.prediction_fields(),
+        "shard": None if shard is None else list(shard),
+        "pairs": [list(p) for p in pairs],
+    }
+
+
+_MATCH_KEYS = ("entitylens_version", "models", "dtype", "eval", "shard")
+
+
+def check_or_write_config(out: Path, record: Mapping[str, Any]) -> None:
+    """Write ``run.json``, or check it matches an existing one (resume) and refuse otherwise."""
+    path = out / RUN_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        diffs = [k for k in _MATCH_KEYS if old.get(k) != record.get(k)]
+        if old.get("dataset", {}).get("sha256") != record["dataset"]["sha256"]:
+            diffs.insert(0, "dataset")
+        if diffs:
+            raise EntitylensError(
+                f"{out} holds a run with a different config ({', '.join(diffs)} differ); "
+                "use a new --out directory (nothing in it was changed)"
+            )
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(path, record)
+    except OSError as e:
+        raise EntitylensError(f"output directory {out} is not writable ({e.strerror}); choose another --out") from e
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+def summary_table(results: Sequence[EvalResult], specs: Mapping[str, str] | None = None) -> Table:
+    """Per model: accuracy by numops bucket, overall and state accuracy, truncations, the paper's figure."""
+    rows: list[dict[str, Any]] = []
+    specs = specs or {}
+    for res in results:
+        spec = specs.get(res.model, res.model)
+        report = res.report()
+        paper_overall, paper_numops = _paper_curve(spec)
+        trunc_by_bucket: dict[int, int] = {}
+        for p in res.predictions:
+            k = min(p.numops, res.config.max_numops)
+            trunc_by_bucket[k] = trunc_by_bucket.get(k, 0) + int(p.truncated)
+
+        def row(bucket: str, acc: Accuracy, truncated: int, paper: float | None, res=res, spec=spec) -> dict:
+            return {
+                "model": res.model, "spec": spec, "bucket": bucket, "n": acc.n, "correct": acc.correct,
+                "accuracy": acc.accuracy, "ci_low": acc.low, "ci_high": acc.high, "truncated": truncated,
+                "paper_accuracy": paper,
+            }  # fmt: skip
+
+        for k, acc in report.by_numops.items():
+            paper = paper_numops[k] if paper_numops is not None and k < len(paper_numops) else None
+            rows.append(row(report.numops_label(k), acc, trunc_by_bucket.get(k, 0), paper))
+        rows.append(row("overall", report.overall, sum(trunc_by_bucket.values()), paper_overall))
+        rows.append(row("state", report.state, res.truncated_states, None))
+    return Table(SUMMARY_COLUMNS, tuple(rows))
+
+
+def compare(results: Sequence[EvalResult], pairs: Sequence[tuple[str, str]] | None = None) -> Table:
+    """Paired base-vs-variant comparison per numops bucket, with the exact McNemar test.
+
+    Args:
+        results: Evaluation results (same states for every model).
+        pairs: (base label, variant label) pairs; default: the first result is the base of every other.
+
+    Returns:
+        One row per pair and bucket (``0 .. max_numops`` then ``overall``).
+
+    """
+    by_model = {r.model: r for r in results}
+    if pairs is None:
+        pairs = [(results[0].model, r.model) for r in results[1:]]
+    rows: list[dict[str, Any]] = []
+    for base, variant in pairs:
+        for name in (base, variant):
+            if name not in by_model:
+                raise EntitylensError(f"pair ({base}, {variant}): no results for {name!r}; evaluate it first")
+        a = {(p.state_id, p.box): p for p in by_model[base].predictions}
+        b = {(p.state_id, p.box): p for p in by_model[variant].predictions}
+        if a.keys() != b.keys():
+            raise EntitylensError(
+                f"{base} and {variant} were evaluated on different items; compare runs on the same dataset"
+            )
+        cap = by_model[base].config.max_numops
+        keys = sorted(a)
+        buckets: dict[str, list[tuple[str, int]]] = {}
+        for key in keys:
+            k = min(a[key].numops, cap)
+            buckets.setdefault(str(k) if k < cap else f"{cap}+", []).append(key)
+        ordered = sorted(buckets, key=lambda s: int(s.rstrip("+"))) + ["overall"]
+        buckets["overall"] = keys
+        for bucket in ordered:
+            items = buckets[bucket]
+            xs = [a[k].correct for k in items]
+            ys = [b[k].correct for k in items]
+            t = exact_mcnemar(xs, ys)
+            acc_a = sum(xs) / len(xs) if items else math.nan
+            acc_b = sum(ys) / len(ys) if items else math.nan
+            rows.append({
+                "base": base, "variant": variant, "bucket": bucket, "n": len(items),
+                "base_accuracy": acc_a, "variant_accuracy": acc_b, "difference": acc_b - acc_a,
+                "base_only": t.base_only, "variant_only": t.variant_only, "p_value": t.p_value, "test": TEST_NAME,
+            })  # fmt: skip
+    return Table(COMPARISON_COLUMNS, tuple(rows))
+
+
+def curves(results: Sequence[EvalResult]) -> dict[str, list[CurvePoint]]:
+    """Accuracy-by-numops curves (with Wald bands) per model, for plotting."""
+    out: dict[str, list[CurvePoint]] = {}
+    for res in results:
+        report = res.report()
+        out[res.model] = [
+            CurvePoint(k, a.accuracy, a.low, a.high, a.n) for k, a in report.by_numops.items() if a.n > 0
+        ]
+    return out
+
+
+def write_outputs(
+    out: Path,
+    results: Sequence[EvalResult],
+    pairs: Sequence[tuple[str, str]],
+    specs: Mapping[str, str],
+) -> dict[str, Path]:
+    """Write canonical predictions, ``summary.csv``, ``comparison.csv`` and the figure."""
+    with atomic_write(out / PREDICTIONS_FILE) as f:
+        for res in results:
+            for p in res.predictions:
+                f.write(p.to_json() + "\n")
+    summary_table(results, specs).to_csv(out / "summary.csv")
+    written = {"predictions": out / PREDICTIONS_FILE, "summary": out / "summary.csv"}
+    if pairs:
+        compare(results, pairs).to_csv(out / "comparison.csv")
+        written["comparison"] = out / "comparison.csv"
+    panels = [list(p) for p in pairs] or [[r.model for r in results]]
+    paper = {}
+    for r in results:
+        _, curve = _paper_curve(specs.get(r.model, r.model))
+        if curve is not None:
+            paper[r.model] = curve
+    figs = plot_accuracy_by_numops(curves(results), panels, out / "accuracy_by_numops", paper=paper or None)
+    written["figure"] = figs[0]
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def run_eval(
+    models: Sequence[ModelRun],
+    dataset: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: EvalConfig | None = None,
+    *,
+    pairs: Sequence[tuple[str, str]] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    shard: str | None = None,
+    limit: int | None = None,
+) -> list[EvalResult]:
+    """Evaluate several models on a dataset file into a run directory (resumable).
+
+    Args:
+        models: Models to evaluate, in order.
+        dataset: A K&S T5 JSONL file.
+        out: Run directory.
+        config: Evaluation config.
+        pairs: (base, variant) label pairs to compare; default: the first model vs each other one.
+        device: Device for loaded models.
+        dtype: Weight dtype for loaded models.
+        shard: ``"i/n"`` to evaluate one shard.
+        limit: Evaluate only the first ``limit`` states (after sharding) — for smoke tests.
+
+    Returns:
+        One result per model.
+
+    """
+    from entitylens.task.io import read_ks_jsonl
+
+    config = config or EvalConfig()
+    out = Path(out)
+    dataset = Path(dataset)
+    if not dataset.is_file():
+        raise EntitylensError(f"dataset {dataset} does not exist; create one with `entitylens data generate`")
+    states = read_ks_jsonl(dataset)
+    if not states:
+        raise EntitylensError(f"dataset {dataset} has no rows; generate one with `entitylens data generate`")
+    shard_t = parse_shard(shard)
+    states = shard_states(states, shard_t)
+    if limit is not None:
+        states = states[:limit]
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise EntitylensError(f"model labels must be unique, got {labels}; pass each model once")
+    if pairs is None:
+        pairs = [(labels[0], lab) for lab in labels[1:]]
+    for base, variant in pairs:
+        if base not in labels or variant not in labels:
+            raise EntitylensError(f"pair {base}:{variant} names a model that is not in --models {labels}")
+    record = run_config(dataset, models, config, dtype, shard_t, pairs, [s.state_id for s in states])
+    check_or_write_config(out, record)
+    results = []
+    for m in models:
+        predictor = None if m.spec in BASELINES else _lazy_model_predictor(m.spec, device, dtype, config)
+        model = m.spec if m.spec in BASELINES else None
+        results.append(evaluate(model, states, config, label=m.label, run_dir=out, predictor=predictor))
+    write_outputs(out, results, pairs, {m.label: m.spec for m in models})
+    return results
+
+
+def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig) -> Any:
+    """A predictor that loads the model on first use, so a resumed, finished model is never loaded."""
+    from entitylens.behavior.evaluate import model_predictor
+    from entitylens.models import load_model
+
+    cache: dict[str, Any] = {}
+
+    def predict(batch: Sequence[State]) -> list[tuple[str, bool]]:
+        if "predictor" not in cache:
+            cache["predictor"] = model_predictor(load_model(spec, device=device, dtype=dtype), config)
+        return cache["predictor"](batch)
+
+    return predict
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[EvalResult]]:
+    """Read a finished run directory: its config and one result per model (rows in file order)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        raise EntitylensError(f"{run_dir} is not a run directory (no {RUN_FILE}); pass the --out of `entitylens eval`")
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    config = EvalConfig(**record["eval"])
+    by_model: dict[str, list[Prediction]] = {m["label"]: [] for m in record["models"]}
+    log = run_dir / PREDICTIONS_FILE
+    if log.exists():
+        with open(log, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    p = Prediction.from_dict(json.loads(line))
+                    by_model.setdefault(p.model, []).append(p)
+    return record, [EvalResult(m, tuple(rows), config) for m, rows in by_model.items()]
+
+
+def merge_runs(dirs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> list[EvalResult]:
+    """Combine the shards ``0/n .. n-1/n`` of one evaluation into a complete run directory.
+
+    Refuses shards with different configs, overlapping or missing shards, and incomplete shards.
+
+    Args:
+        dirs: The shard run directories.
+        out: Directory for the merged run.
+
+    Returns:
+        One merged result per model.
+
+    """
+    if not dirs:
+        raise EntitylensError("merge needs shard directories; pass the --out of each `entitylens eval --shard i/n`")
+    loaded = [(Path(d), *load_run(d)) for d in dirs]
+    first = loaded[0][1]
+    shards: dict[int, tuple[Path, list[EvalResult]]] = {}
+    n = None
+    for d, rec, results in loaded:
+        for k in ("entitylens_version", "models", "dtype", "eval", "pairs"):
+            if rec.get(k) != first.get(k):
+                raise EntitylensError(f"{d} was run with a different {k} than {loaded[0][0]}; merge shards of one run")
+        if rec["dataset"]["sha256"] != first["dataset"]["sha256"]:
+            raise EntitylensError(f"{d} evaluated a different dataset than {loaded[0][0]}; merge shards of one run")
+        if rec.get("shard") is None:
+            raise EntitylensError(f"{d} is not a shard (run without --shard); nothing to merge")
+        i, n_i = rec["shard"]
+        n = n_i if n is None else n
+        if n_i != n:
+            raise EntitylensError(f"{d} is shard {i}/{n_i} but others are out of {n}; merge shards of one split")
+        if i in shards:
+            raise EntitylensError(f"shard {i}/{n} given twice ({shards[i][0]} and {d}); pass each shard once")
+        want = rec["dataset"].get("num_states")
+        for res in results:
+            if res.num_states != want:
+                raise EntitylensError(
+                    f"{d}: {res.model} finished {res.num_states} of {want} states; rerun that shard to finish it"
+                )
+        shards[i] = (d, results)
+    assert n is not None
+    missing = sorted(set(range(n)) - set(shards))
+    if missing:
+        raise EntitylensError(f"missing shard(s) {', '.join(f'{i}/{n}' for i in missing)}; run them, then merge")
+    labels = [m["label"] for m in first["models"]]
+    config = EvalConfig(**first["eval"])
+    merged = []
+    for label in labels:
+        # Shard i holds dataset indices i, i+n, i+2n ...: interleave states back into dataset order.
+        per_shard = []
+        for i in range(n):
+            res = next(r for r in shards[i][1] if r.model == label)
+            states: dict[str, list[Prediction]] = {}
+            for p in res.predictions:
+                states.setdefault(p.state_id, []).append(p)
+            per_shard.append(list(states.values()))
+        rows: list[Prediction] = []
+        for j in range(max(len(s) for s in per_shard)):
+            for i in range(n):
+                if j < len(per_shard[i]):
+                    rows.extend(per_shard[i][j])
+        merged.append(EvalResult(label, tuple(rows), config))
+    out = Path(out)
+    record = dict(first)
+    record["shard"] = None
+    record["merged_from"] = [str(shards[i][0]) for i in range(n)]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RUN_FILE, record)
+    pairs = [tuple(p) for p in first.get("pairs", [])]
+    write_outputs(out, merged, pairs, {m["label"]: m["spec"] for m in first["models"]})  # type: ignore[arg-type]
+    return merged

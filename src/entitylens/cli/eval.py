@@ -1,0 +1,115 @@
+"""``entitylens eval`` and ``entitylens merge``: the behavioural evaluation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from entitylens.errors import EntitylensError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` and ``merge`` subcommands."""
+    p = sub.add_parser(
+        "eval",
+        help="run the KST24 boxes evaluation on models and compare them",
+        description="Evaluate models with the KST24 protocol (one constrained statement per state) and write "
+        "predictions.jsonl, summary.csv, comparison.csv and accuracy_by_numops.png/.pdf to --out. "
+        "Resumable: rerun the same command after an interruption.",
+    )
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--models", nargs="+", metavar="SPEC",
+        help="model specs (registry key, hub id, local dir, .gguf, tiny:NAME, or a baseline: random, nothing, "
+        "initial); the first is the base every other is compared with",
+    )  # fmt: skip
+    who.add_argument("--experiment", choices=("code", "math", "alignment"), help="all pairs of a paper experiment")
+    p.add_argument("--data", required=True, type=Path, help="dataset (K&S T5 JSONL)")
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--pairs", nargs="+", metavar="BASE:VARIANT", help="explicit comparison pairs (model labels)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--batch-size", default="8", help="states per batch, or 'auto' (GPU: from free memory)")
+    p.add_argument("--chat", choices=("auto", "always", "never"), default="auto", help="use the chat template")
+    p.add_argument("--decoding", choices=("constrained", "unconstrained"), default="constrained")
+    p.add_argument(
+        "--forced", choices=("jump", "step"), default="jump",
+        help="grammar-forced text: append without decoding (jump, fast) or decode token by token (step, as outlines)",
+    )  # fmt: skip
+    p.add_argument("--score", choices=("set", "strict"), default="set", help="order-insensitive or exact strings")
+    p.add_argument("--shard", metavar="I/N", help="evaluate shard I of N (0-based); combine with `entitylens merge`")
+    p.add_argument("--limit", type=int, help="only the first N states (smoke tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.set_defaults(func=run_eval_cmd)
+
+    m = sub.add_parser("merge", help="combine the shards of one evaluation into one run directory")
+    m.add_argument("dirs", nargs="+", type=Path, help="shard run directories")
+    m.add_argument("--out", required=True, type=Path)
+    m.set_defaults(func=run_merge_cmd)
+
+
+def _models_and_pairs(args: argparse.Namespace) -> tuple[list, list[tuple[str, str]] | None]:
+    from entitylens.behavior.runs import ModelRun, default_label
+    from entitylens.models import EXPERIMENTS
+
+    if args.experiment:
+        pairs = [tuple(p) for p in EXPERIMENTS[args.experiment]]
+        specs: list[str] = []
+        for base, variant in pairs:
+            for s in (base, variant):
+                if s not in specs:
+                    specs.append(s)
+    else:
+        specs = list(args.models)
+        pairs = None
+    models = [ModelRun(spec=s, label=default_label(s)) for s in specs]
+    if args.pairs:
+        pairs = []
+        for item in args.pairs:
+            if ":" not in item:
+                raise EntitylensError(
+                    f"--pairs {item!r} is not BASE:VARIANT (model labels, e.g. llama2-7b:codellama-7b)"
+                )
+            base, variant = item.split(":", 1)
+            pairs.append((base, variant))
+    return models, pairs  # type: ignore[return-value]
+
+
+def run_eval_cmd(args: argparse.Namespace) -> int:
+    """Run ``entitylens eval``."""
+    from entitylens.behavior.evaluate import EvalConfig
+    from entitylens.behavior.runs import run_eval, summary_table
+
+    batch = args.batch_size if args.batch_size == "auto" else _positive_int(args.batch_size, "--batch-size")
+    config = EvalConfig(
+        chat=args.chat, decoding=args.decoding, forced=args.forced, batch_size=batch, score_mode=args.score,
+        seed=args.seed,
+    )  # fmt: skip
+    models, pairs = _models_and_pairs(args)
+    results = run_eval(
+        models, args.data, args.out, config, pairs=pairs, device=args.device, dtype=args.dtype, shard=args.shard,
+        limit=args.limit,
+    )  # fmt: skip
+    table = summary_table(results, {m.label: m.spec for m in models})
+    print(table.to_markdown(("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated", "paper_accuracy")))
+    print(f"\nwrote {args.out}/predictions.jsonl, summary.csv, comparison.csv, accuracy_by_numops.png/.pdf")
+    return 0
+
+
+def run_merge_cmd(args: argparse.Namespace) -> int:
+    """Run ``entitylens merge``."""
+    from entitylens.behavior.runs import merge_runs
+
+    results = merge_runs(args.dirs, args.out)
+    print(f"merged {len(args.dirs)} shards of {len(results)} model(s) into {args.out}")
+    return 0
+
+
+def _positive_int(value: str, flag: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise EntitylensError(f"{flag} {value!r} is not an integer; pass e.g. 8 or 'auto'") from None
+    if n < 1:
+        raise EntitylensError(f"{flag} must be >= 1, got {n}")
+    return n

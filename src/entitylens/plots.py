@@ -1,0 +1,255 @@
+"""Figures: paper-style accuracy-by-numops lines, probe-by-layer lines, patching heatmaps.
+
+All functions take plain data (no model objects), write PNG and PDF next to each other, and return the
+paths written. Matplotlib runs on the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One point of an accuracy curve with its 95% interval.
+
+    Attributes:
+        x: The bucket (number of operations, or layer).
+        y: Accuracy in [0, 1].
+        low: Lower end of the 95% interval.
+        high: Upper end of the 95% interval.
+        n: Items in the bucket.
+
+    """
+
+    x: int
+    y: float
+    low: float
+    high: float
+    n: int
+
+
+def _save(fig: plt.Figure, out: str | os.PathLike[str], formats: Sequence[str]) -> list[Path]:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        p = out.with_suffix(f".{fmt}")
+        fig.savefig(p, dpi=150, bbox_inches="tight", metadata={"Software": None} if fmt == "png" else None)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def plot_accuracy_by_numops(
+    curves: Mapping[str, Sequence[CurvePoint]],
+    panels: Sequence[Sequence[str]],
+    out: str | os.PathLike[str],
+    *,
+    paper: Mapping[str, Sequence[float]] | None = None,
+    title: str | None = None,
+    formats: Sequence[str] = ("png", "pdf"),
+) -> list[Path]:
+    """Paper-style figure: accuracy vs number of operations, one line per model with 95% bands.
+
+    Args:
+        curves: Model label → points (one per numops bucket).
+        panels: Model labels per panel, e.g. ``[("llama2-7b", "codellama-7b"), ...]`` (one panel per pair).
+        out: Output path without extension (``.png`` / ``.pdf`` are added).
+        paper: Optional model label → the paper's accuracy per numops (fractions), drawn dashed.
+        title: Optional figure title.
+        formats: File formats to write.
+
+    Returns:
+        The files written.
+
+    """
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False, sharey=True)
+    for ax, models in zip(axes[0], panels):
+        for i, label in enumerate(models):
+            pts = sorted(curves.get(label, ()), key=lambda p: p.x)
+            if not pts:
+                continue
+            color = f"C{i}"
+            xs = [p.x for p in pts]
+            ax.plot(xs, [p.y for p in pts], marker="o", color=color, label=label)
+            ax.fill_between(xs, [p.low for p in pts], [p.high for p in pts], color=color, alpha=0.2)
+            if paper and label in paper:
+                ys = list(paper[label])
+                ax.plot(range(len(ys)), ys, ls="--", color=color, alpha=0.7, label=f"{label} (paper)")
+        ax.set_xlabel("operations affecting the queried box")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(" vs ".join(models), fontsize=9)
+    axes[0][0].set_ylabel("accuracy")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out, formats)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Patching heatmaps (entitylens.patching / `entitylens patch`; this section belongs to the patching CLI)
+# ------------------------------------------------------------------------------------------------------
+
+PATCH_CMAP = "RdBu_r"
+"""Diverging colormap of patching heatmaps: red = restores the clean behaviour, blue = pushes away, white = 0."""
+
+
+def patch_color_limit(*grids: object) -> float:
+    """Symmetric colour limit shared by patching heatmaps: ``max(1, max |finite value|)``.
+
+    1 (full restoration) always has the same colour unless a cell overshoots, so heatmaps of one scale can
+    be compared by eye.
+    """
+    import numpy as np
+
+    vmax = 1.0
+    for g in grids:
+        a = np.asarray(g, dtype=float)
+        a = a[np.isfinite(a)]
+        if a.size:
+            vmax = max(vmax, float(np.abs(a).max()))
+    return vmax
+
+
+def _save_atomic(fig: plt.Figure, out: str | os.PathLike[str], formats: Sequence[str]) -> list[Path]:
+    """Save ``fig`` in each format through a temporary file (no partial file, byte-stable PNG)."""
+    import io
+
+    from entitylens._io import atomic_write
+
+    out = Path(out)
+    paths = []
+    try:
+        for fmt in formats:
+            buf = io.BytesIO()
+            meta = {"Software": None} if fmt == "png" else {"CreationDate": None} if fmt == "pdf" else None
+            fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight", metadata=meta)
+            p = out.parent / f"{out.name}.{fmt}"
+            with atomic_write(p, "wb") as f:
+                f.write(buf.getvalue())
+            paths.append(p)
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def _draw_patch_grid(
+    ax: plt.Axes, values: object, layers: Sequence[int], cells: Sequence[str], vmax: float, annotate: bool | None
+) -> object:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    cmap = matplotlib.colormaps[PATCH_CMAP].copy()
+    cmap.set_bad("#d0d0d0")
+    im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels(list(cells), rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels([str(x) for x in layers], fontsize=7)
+    ax.set_ylabel("layer")
+    if annotate is None:
+        annotate = a.size <= 240
+    if annotate:
+        for (i, j), v in np.ndenumerate(a):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(v) > 0.6 * vmax else "black")  # fmt: skip
+    return im
+
+
+def plot_patch_heatmap(
+    values: object,
+    layers: Sequence[int],
+    cells: Sequence[str],
+    out: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    vmax: float | None = None,
+    colorbar_label: str = "normalised (1 = clean, 0 = corrupted)",
+    annotate: bool | None = None,
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
+    """Heatmap of a patching grid: layers (rows) x roles or heads (columns), diverging colours centred at 0.
+
+    Args:
+        values: ``[layer, cell]`` array (``nan`` cells are grey).
+        layers: Row labels.
+        cells: Column labels (roles, positions or ``H{h}``).
+        out: Output path without extension.
+        title: Figure title.
+        vmax: Symmetric colour limit (default :func:`patch_color_limit` of ``values``).
+        colorbar_label: Colour bar label.
+        annotate: Write each value in its cell (default: grids of at most 240 cells).
+        formats: File formats to write.
+
+    Returns:
+        The files written.
+    """
+    vmax = patch_color_limit(values) if vmax is None else float(vmax)
+    n_rows, n_cols = max(1, len(layers)), max(1, len(cells))
+    fig, ax = plt.subplots(figsize=(min(18.0, 2.2 + 0.55 * n_cols), min(16.0, 1.6 + 0.28 * n_rows)))
+    im = _draw_patch_grid(ax, values, layers, cells, vmax, annotate)
+    fig.colorbar(im, ax=ax, label=colorbar_label, fraction=0.05)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save_atomic(fig, out, formats)
+
+
+def plot_patch_comparison(
+    panels: Sequence[tuple[str, object, Sequence[int], Sequence[str]]],
+    out: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    vmax: float | None = None,
+    difference: bool = True,
+    colorbar_label: str = "normalised (1 = clean, 0 = corrupted)",
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
+    """Patching heatmaps side by side on one colour scale (e.g. a base model and its code variant).
+
+    Args:
+        panels: ``(label, [layer, cell] values, layers, cells)`` per panel.
+        out: Output path without extension.
+        title: Figure title.
+        vmax: Shared symmetric colour limit (default :func:`patch_color_limit` over all panels).
+        difference: With two panels on the same grid, add a third: second minus first (same scale).
+        colorbar_label: Colour bar label.
+        formats: File formats to write.
+
+    Returns:
+        The files written.
+    """
+    import numpy as np
+
+    panels = list(panels)
+    if not panels:
+        raise ValueError("plot_patch_comparison needs at least one panel")
+    items = [(lab, np.asarray(v, dtype=float), list(ly), list(ce)) for lab, v, ly, ce in panels]
+    if difference and len(items) == 2 and items[0][2:] == items[1][2:]:
+        a, b = items
+        items.append((f"{b[0]} - {a[0]}", b[1] - a[1], a[2], a[3]))
+    vmax = patch_color_limit(*(v for _, v, _, _ in items)) if vmax is None else float(vmax)
+    n_rows = max(len(ly) for _, _, ly, _ in items)
+    n_cols = max(len(ce) for _, _, _, ce in items)
+    width = min(9.0, 1.4 + 0.5 * n_cols)
+    fig, axes = plt.subplots(1, len(items), figsize=(width * len(items) + 1.0, min(16.0, 1.6 + 0.28 * n_rows)),
+                             squeeze=False)  # fmt: skip
+    im = None
+    for ax, (lab, v, ly, ce) in zip(axes[0], items):
+        im = _draw_patch_grid(ax, v, ly, ce, vmax, None)
+        ax.set_title(lab, fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]), label=colorbar_label, fraction=0.03)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save_atomic(fig, out, formats)

@@ -1,0 +1,223 @@
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from entitylens.behavior.baselines import mentioned_objects, random_contents
+from entitylens.behavior.evaluate import EvalConfig, evaluate, load_finished
+from entitylens.behavior.runs import ModelRun, compare, merge_runs, run_eval, summary_table
+from entitylens.behavior.stats import mcnemar_p
+from entitylens.errors import EntitylensError
+from entitylens.task import GeneratorConfig, generate_dataset
+
+BASELINE_MODELS = [ModelRun("random", "random"), ModelRun("nothing", "nothing"), ModelRun("initial", "initial")]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "test.jsonl"
+    states = generate_dataset(GeneratorConfig(seed=3, num_states=60), path)
+    return path, states
+
+
+def _read(path):
+    return Path(path).read_bytes()
+
+
+def test_baselines_hand_checked(dataset):
+    _, states = dataset
+    nothing = evaluate("nothing", states)
+    initial = evaluate("initial", states)
+    checks = ((nothing, lambda s, b: s.contents[b] == ()), (initial, lambda s, b: s.contents[b] == s.initial[b]))
+    for res, truth in checks:
+        by_id = {s.state_id: s for s in states}
+        for p in res.predictions:
+            assert p.correct == truth(by_id[p.state_id], p.box)
+    # "initial" is always right where no operation touched the box.
+    assert all(p.correct for p in initial.predictions if p.numops == 0)
+
+
+def _expected_random_accuracy(state, box):
+    """Exact P(correct) of KST24's random baseline: k = min(U{0..3}, m), then a uniform k-subset."""
+    cands = mentioned_objects(state)[box]
+    gold = state.contents[box]
+    m, g = len(cands), len(gold)
+    if not set(gold) <= set(cands) or g > 3:
+        return 0.0
+    p_k = (1 / 4 if g < m else (4 - m) / 4) if m <= 3 else (1 / 4)
+    if g > m:
+        return 0.0
+    return p_k / math.comb(m, g)
+
+
+def test_random_baseline_matches_its_analytic_expectation(dataset):
+    _, states = dataset
+    res = evaluate("random", states, EvalConfig(seed=11))
+    by_id = {s.state_id: s for s in states}
+    expected = sum(_expected_random_accuracy(by_id[p.state_id], p.box) for p in res.predictions)
+    n = len(res.predictions)
+    observed = sum(p.correct for p in res.predictions)
+    # Sum of independent Bernoullis: observed within 4 standard deviations of the exact expectation.
+    var = sum(
+        q * (1 - q) for q in (_expected_random_accuracy(by_id[p.state_id], p.box) for p in res.predictions)
+    )
+    assert abs(observed - expected) <= 4 * math.sqrt(var) + 1, (observed, expected, n)
+
+
+def test_random_baseline_draws_only_mentioned_objects_and_is_deterministic(dataset):
+    _, states = dataset
+    for s in states[:20]:
+        pred = random_contents(s, seed=5)
+        assert pred == random_contents(s, seed=5)
+        for box, objs in enumerate(pred):
+            assert set(objs) <= set(mentioned_objects(s)[box]) and len(objs) <= 3
+
+
+def test_run_writes_all_outputs_and_summary_matches_predictions(dataset, tmp_path):
+    path, states = dataset
+    results = run_eval(BASELINE_MODELS, path, tmp_path / "run")
+    out = tmp_path / "run"
+    for name in ("run.json", "predictions.jsonl", "summary.csv", "comparison.csv", "accuracy_by_numops.png",
+                 "accuracy_by_numops.pdf"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * len(states) * 7
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    for model in ("random", "nothing", "initial"):
+        mine = [r for r in rows if r["model"] == model]
+        overall = next(r for r in summary if r["model"] == model and r["bucket"] == "overall")
+        assert int(overall["n"]) == len(mine)
+        assert int(overall["correct"]) == sum(r["correct"] for r in mine)
+        for k in range(7):
+            bucket = next(r for r in summary if r["model"] == model and r["bucket"] == str(k))
+            assert int(bucket["n"]) == sum(1 for r in mine if r["numops"] == k)
+    # The paper's random-baseline row is shown beside ours.
+    random_overall = next(r for r in summary if r["model"] == "random" and r["bucket"] == "overall")
+    assert random_overall["paper_accuracy"] == "0.239300"
+    assert results[0].model == "random"
+
+
+def test_comparison_uses_exact_mcnemar_over_the_same_items(dataset):
+    _, states = dataset
+    a = evaluate("nothing", states)
+    b = evaluate("initial", states)
+    table = compare([a, b])
+    overall = table.where(bucket="overall").rows[0]
+    xs = [p.correct for p in a.predictions]
+    ys = [p.correct for p in b.predictions]
+    b_only = sum(x and not y for x, y in zip(xs, ys))
+    c_only = sum(y and not x for x, y in zip(xs, ys))
+    assert (overall["base_only"], overall["variant_only"]) == (b_only, c_only)
+    assert overall["p_value"] == pytest.approx(mcnemar_p(b_only, c_only))
+    assert overall["difference"] == pytest.approx(sum(ys) / len(ys) - sum(xs) / len(xs))
+    assert sum(r["n"] for r in table.rows if r["bucket"] != "overall") == len(xs)
+
+
+def test_resume_after_torn_write_equals_uninterrupted_run(dataset, tmp_path):
+    path, _ = dataset
+    full = tmp_path / "full"
+    run_eval(BASELINE_MODELS, path, full)
+    part = tmp_path / "part"
+    run_eval(BASELINE_MODELS[:1], path, tmp_path / "scratch")
+    # Simulate a kill in the middle of an append: keep 100 complete lines and half of the next one.
+    lines = (full / "predictions.jsonl").read_bytes().splitlines(keepends=True)
+    part.mkdir()
+    (part / "predictions.jsonl").write_bytes(b"".join(lines[:100]) + lines[100][:37])
+    (part / "run.json").write_bytes((full / "run.json").read_bytes())
+    run_eval(BASELINE_MODELS, path, part)
+    for name in ("predictions.jsonl", "summary.csv", "comparison.csv"):
+        assert _read(part / name) == _read(full / name), name
+
+
+def test_load_finished_skips_incomplete_states(dataset, tmp_path):
+    path, states = dataset
+    run_eval(BASELINE_MODELS[:1], path, tmp_path / "r")
+    log = tmp_path / "r" / "predictions.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:10]))  # one full state (7 rows) + 3 rows of the next
+    done = load_finished(log, "random", {s.state_id: s for s in states})
+    assert list(done) == [states[0].state_id]
+
+
+def test_rerun_with_different_config_is_refused_and_nothing_changes(dataset, tmp_path):
+    path, _ = dataset
+    out = tmp_path / "run"
+    run_eval(BASELINE_MODELS[:1], path, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(EntitylensError, match="different config.*eval"):
+        run_eval(BASELINE_MODELS[:1], path, out, EvalConfig(score_mode="strict"))
+    with pytest.raises(EntitylensError, match="models"):
+        run_eval(BASELINE_MODELS[:2], path, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_shards_merge_to_the_unsharded_run(dataset, tmp_path):
+    path, _ = dataset
+    run_eval(BASELINE_MODELS, path, tmp_path / "full")
+    shards = [tmp_path / f"s{i}" for i in range(3)]
+    for i, d in enumerate(shards):
+        run_eval(BASELINE_MODELS, path, d, shard=f"{i}/3")
+    merge_runs(shards, tmp_path / "merged")
+    for name in ("predictions.jsonl", "summary.csv", "comparison.csv"):
+        assert _read(tmp_path / "merged" / name) == _read(tmp_path / "full" / name), name
+    with pytest.raises(EntitylensError, match="missing shard"):
+        merge_runs(shards[:2], tmp_path / "m2")
+    with pytest.raises(EntitylensError, match="given twice"):
+        merge_runs([shards[0], shards[0], shards[1], shards[2]], tmp_path / "m3")
+
+
+def test_bad_input_errors(dataset, tmp_path):
+    path, states = dataset
+    with pytest.raises(EntitylensError, match="does not exist"):
+        run_eval(BASELINE_MODELS, tmp_path / "nope.jsonl", tmp_path / "o")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(EntitylensError, match="no rows"):
+        run_eval(BASELINE_MODELS, empty, tmp_path / "o")
+    with pytest.raises(EntitylensError, match="no states"):
+        evaluate("random", [])
+    with pytest.raises(EntitylensError, match="shard"):
+        run_eval(BASELINE_MODELS, path, tmp_path / "o", shard="3/3")
+    # An output "directory" under a regular file cannot be created (root ignores chmod, so use a file).
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(EntitylensError, match="not writable"):
+        run_eval(BASELINE_MODELS, path, blocker / "run")
+    assert blocker.read_text() == "x"
+
+
+def test_summary_table_intervals_are_wald(dataset):
+    _, states = dataset
+    res = evaluate("initial", states)
+    t = summary_table([res])
+    for r in t.rows:
+        if r["bucket"] in ("state",) or r["n"] == 0:
+            continue
+        p = r["accuracy"]
+        half = 1.96 * math.sqrt(p * (1 - p) / r["n"])
+        assert r["ci_low"] == pytest.approx(max(0.0, p - half))
+        assert r["ci_high"] == pytest.approx(min(1.0, p + half))
+
+
+def test_prompt_longer_than_context_is_refused_with_the_overshoot(dataset, tiny_model, monkeypatch):
+    _, states = dataset
+    monkeypatch.setattr(tiny_model.cfg, "n_ctx", 64)
+    with pytest.raises(EntitylensError, match=r"more than the model's context of 64"):
+        evaluate(tiny_model, states[:1])
+
+
+def test_tiny_model_run_is_scored_from_its_own_statements(dataset, tiny_model):
+    # The random tiny model writes grammatical nonsense; every row must be scored from the parsed text.
+    _, states = dataset
+    res = evaluate(tiny_model, states[:2], EvalConfig(batch_size=2))
+    from entitylens.task import parse_statement
+
+    for p in res.predictions:
+        parsed = parse_statement(p.statement)
+        expected = parsed.boxes[p.box]
+        assert p.prediction == (None if expected is None else tuple(expected))
+        assert p.correct == (expected is not None and set(expected) == set(p.gold))
+        assert p.statement.startswith("\nStatement: Box 0 contains")
