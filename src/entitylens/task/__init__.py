@@ -25,7 +25,37 @@ from entitylens.task.io import (
     state_records,
     write_ks_jsonl,
 )
+from entitylens.task.parse import INVALID, BoxPrediction, ParsedStatement, parse_statement
 from entitylens.task.profile import PAPER_NUM_STATES, PAPER_NUMOPS_PROFILE, select_profile
+from entitylens.task.prompts import (
+    CHAT_ACK,
+    KST24,
+    KST24_CODE,
+    KST24_CODE_INSTRUCTION,
+    KST24_DEMONSTRATIONS,
+    KST24_INSTRUCTION,
+    KST24_OUTLINES,
+    PROTOCOLS,
+    P24Prompt,
+    StatementProtocol,
+    box_phrase,
+    get_protocol,
+    kst24_prompt,
+    p24_prompt,
+    statement_text,
+    supports_system_role,
+)
+from entitylens.task.score import (
+    Accuracy,
+    RowScore,
+    ScoreMode,
+    ScoreReport,
+    aggregate,
+    box_correct,
+    score_state,
+    score_statement,
+    wald_interval,
+)
 from entitylens.task.splits import DEFAULT_FRACTIONS, SPLIT_NAMES, signature, signature_split, split_by_signature
 from entitylens.task.text import (
     FORMS,
@@ -96,3 +126,36 @@ __all__ += [
     "write_ks_jsonl",
 ]
 # --- end data layer ---------------------------------------------------------------------------------------
+
+# --- protocol exports (prompts / parse / score) -----------------------------------------------------------
+__all__ += [
+    "CHAT_ACK",
+    "INVALID",
+    "KST24",
+    "KST24_CODE",
+    "KST24_CODE_INSTRUCTION",
+    "KST24_DEMONSTRATIONS",
+    "KST24_INSTRUCTION",
+    "KST24_OUTLINES",
+    "PROTOCOLS",
+    "Accuracy",
+    "BoxPrediction",
+    "P24Prompt",
+    "ParsedStatement",
+    "RowScore",
+    "ScoreMode",
+    "ScoreReport",
+    "StatementProtocol",
+    "aggregate",
+    "box_correct",
+    "box_phrase",
+    "get_protocol",
+    "kst24_prompt",
+    "p24_prompt",
+    "parse_statement",
+    "score_state",
+    "score_statement",
+    "statement_text",
+    "supports_system_role",
+    "wald_interval",
+]
