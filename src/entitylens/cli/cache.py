@@ -1,0 +1,199 @@
+"""``entitylens cache``: store activations at token roles for every row of a dataset.
+
+Example::
+
+    entitylens cache --model tiny:llama --data data/test.jsonl --hooks resid_post
+        --roles query_box,last --out runs/cache/tiny
+
+The cache is resumable: rerunning the same command after an interruption computes only the missing
+shards. See ``docs/activations.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from entitylens.errors import EntitylensError
+
+_FORMATS = ("auto", "ks", "p24", "text")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _layers(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {value!r} must be comma-separated integers") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``cache`` subcommand."""
+    p = sub.add_parser(
+        "cache",
+        help="cache activations at token roles (query_box, last, op0_object, ...) to safetensors shards",
+        description="Run a model over one prompt per dataset row ('<context> Box N contains') and store the "
+        "activations of the chosen hooks at the chosen token roles as checksummed, resumable shards.",
+    )
+    p.add_argument("--model", help="model spec: registry key, hub id, local dir, .gguf file or tiny:llama")
+    p.add_argument("--data", type=Path, help="dataset: K&S JSONL, P24 JSONL, or .txt with one prompt per line")
+    p.add_argument("--format", choices=_FORMATS, default="auto", help="dataset format (default: auto)")
+    p.add_argument("--out", type=Path, help="cache directory (e.g. runs/cache/M)")
+    p.add_argument(
+        "--hooks",
+        type=_csv,
+        default=("resid_post",),
+        help="comma-separated hook aliases (resid_pre, resid_mid, resid_post, attn_out, mlp_out), "
+        "'{layer}' patterns or TransformerLens hook names (default resid_post)",
+    )
+    p.add_argument(
+        "--roles",
+        type=_csv,
+        default=("query_box", "last"),
+        help="comma-separated token roles (see --list-roles)",
+    )
+    p.add_argument("--layers", type=_layers, default=None, help="comma-separated layers (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=256, help="rows per shard file (default 256)")
+    p.add_argument("--dtype", default="float32", help="storage dtype: float32, float16 or bfloat16")
+    p.add_argument("--model-dtype", default="float32", help="dtype the model runs in (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    prefix = p.add_mutually_exclusive_group()
+    prefix.add_argument("--prefix-file", type=Path, help="text file put verbatim before every row's prompt")
+    prefix.add_argument(
+        "--kst24-prefix",
+        action="store_true",
+        help="put KST24's instruction and two demonstrations before every row ('Description: <context> Box N "
+        "contains')",
+    )
+    p.add_argument("--limit", type=int, default=None, help="cache only the first N rows")
+    p.add_argument(
+        "--allow-missing-roles",
+        action="store_true",
+        help="store a role absent from a prompt as NaN with a mask instead of failing",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    p.add_argument("--list-roles", action="store_true", help="print the role catalogue and exit")
+    p.set_defaults(func=run)
+
+
+def _detect_format(path: Path) -> str:
+    if path.suffix == ".txt":
+        return "text"
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        rec = json.loads(first)
+    except ValueError:
+        raise EntitylensError(
+            f"{path} line 1 is not JSON; pass a K&S/P24 JSONL file, or a .txt file with one prompt per line"
+        ) from None
+    masked = str(rec.get("sentence_masked", "")) if isinstance(rec, dict) else ""
+    return "p24" if " is in Box " in masked and " contains " not in masked.split(". Box")[0] else "ks"
+
+
+def load_rows(path: Path, fmt: str = "auto", limit: int | None = None) -> list[Any]:
+    """Read a dataset file into items :func:`~entitylens.activations.cache.build_prompts` accepts.
+
+    Args:
+        path: K&S JSONL (one State per prefix; every box becomes a row), P24 JSONL, or ``.txt``.
+        fmt: ``auto``, ``ks``, ``p24`` or ``text``.
+        limit: Keep only the first ``limit`` rows.
+
+    Returns:
+        ``BoxRow`` s, ``P24Item`` s or strings.
+
+    Raises:
+        EntitylensError: Missing or malformed file.
+
+    """
+    if not path.is_file():
+        raise EntitylensError(f"dataset {path} does not exist; pass an existing file with --data")
+    if fmt == "auto":
+        fmt = _detect_format(path)
+    rows: list[Any]
+    if fmt == "text":
+        rows = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif fmt == "p24":
+        from entitylens.task.io import read_p24_jsonl
+
+        rows = list(read_p24_jsonl(path))
+    else:
+        from entitylens.task.io import read_ks_jsonl
+        from entitylens.task.types import BoxRow
+
+        rows = []
+        for state in read_ks_jsonl(path):
+            boxes = state.extra.get("boxes", range(state.num_boxes))
+            rows.extend(BoxRow(state, int(b)) for b in boxes)  # type: ignore[union-attr]
+    if limit is not None:
+        if limit < 1:
+            raise EntitylensError(f"--limit {limit} must be at least 1; pass a positive number of rows")
+        rows = rows[:limit]
+    return rows
+
+
+def kst24_prefix() -> str:
+    """Return the KST24 2-shot prompt up to (and including) the test's ``Description: ``."""
+    from entitylens.task.prompts import kst24_prompt
+
+    marker = "Box 0 contains nothing."
+    full = kst24_prompt(marker)
+    if not full.endswith(marker):  # pragma: no cover - guards a change in the prompt layout
+        raise EntitylensError("the KST24 prompt no longer ends with the test description; use --prefix-file")
+    return full[: -len(marker)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build (or resume) the cache described by ``args``."""
+    from entitylens._io import sha256_file
+    from entitylens.activations.cache import CacheConfig, cache_activations
+    from entitylens.activations.roles import ROLE_CATALOGUE
+
+    if args.list_roles:
+        width = max(len(k) for k in ROLE_CATALOGUE)
+        for name, what in ROLE_CATALOGUE.items():
+            print(f"{name:<{width}}  {what}")
+        return 0
+    missing = [
+        flag for flag, value in (("--model", args.model), ("--data", args.data), ("--out", args.out)) if not value
+    ]
+    if missing:
+        raise EntitylensError(f"missing {', '.join(missing)}; pass --model, --data and --out")
+    if args.prefix_file is not None:
+        if not args.prefix_file.is_file():
+            raise EntitylensError(f"prefix file {args.prefix_file} does not exist; pass an existing --prefix-file")
+        prefix = args.prefix_file.read_text(encoding="utf-8")
+    elif args.kst24_prefix:
+        prefix = kst24_prefix()
+    else:
+        prefix = ""
+    config = CacheConfig(
+        hooks=tuple(args.hooks),
+        roles=tuple(args.roles),
+        layers=args.layers,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        prefix=prefix,
+        allow_missing_roles=args.allow_missing_roles,
+    )
+    rows = load_rows(args.data, args.format, args.limit)
+    from entitylens.models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    source = {"path": str(args.data), "sha256": sha256_file(args.data), "limit": args.limit}
+    index = cache_activations(
+        model, rows, config, args.out, model_spec=args.model, dataset_source=source, overwrite=args.overwrite
+    )
+    print(
+        f"cached {index.n_rows} rows in {len(index.shards)} shards to {index.directory} "
+        f"({index.computed} computed, {index.reused} reused)"
+    )
+    return 0
