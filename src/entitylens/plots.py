@@ -106,10 +106,10 @@ PATCH_CMAP = "RdBu_r"
 
 
 def patch_color_limit(*grids: object) -> float:
-    """Symmetric colour limit shared by patching heatmaps: ``max(1, max |finite value|)``.
+    """Symmetric colour limit covering every value: ``max(1, max |finite value|)`` (the ``vmax="auto"`` scale).
 
-    1 (full restoration) always has the same colour unless a cell overshoots, so heatmaps of one scale can
-    be compared by eye.
+    The default scale of the patching heatmaps is the fixed ``[-1, 1]`` (1 = full restoration always has
+    the same colour; larger values saturate, the colour bar shows arrows and the cell text the value).
     """
     import numpy as np
 
@@ -144,14 +144,22 @@ def _save_atomic(fig: plt.Figure, out: str | os.PathLike[str], formats: Sequence
     return paths
 
 
+def _extend(values: object, vmax: float) -> str:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    a = a[np.isfinite(a)]
+    lo, hi = bool(a.size and a.min() < -vmax), bool(a.size and a.max() > vmax)
+    return "both" if lo and hi else "min" if lo else "max" if hi else "neither"
+
+
 def _draw_patch_grid(
     ax: plt.Axes, values: object, layers: Sequence[int], cells: Sequence[str], vmax: float, annotate: bool | None
 ) -> object:
     import numpy as np
 
     a = np.asarray(values, dtype=float)
-    cmap = matplotlib.colormaps[PATCH_CMAP].copy()
-    cmap.set_bad("#d0d0d0")
+    cmap = matplotlib.colormaps[PATCH_CMAP].with_extremes(bad="#d0d0d0")
     im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(cells)))
     ax.set_xticklabels(list(cells), rotation=60, ha="right", fontsize=7)
@@ -175,7 +183,7 @@ def plot_patch_heatmap(
     out: str | os.PathLike[str],
     *,
     title: str | None = None,
-    vmax: float | None = None,
+    vmax: float | None = 1.0,
     colorbar_label: str = "normalised (1 = clean, 0 = corrupted)",
     annotate: bool | None = None,
     formats: Sequence[str] = ("png",),
@@ -188,7 +196,7 @@ def plot_patch_heatmap(
         cells: Column labels (roles, positions or ``H{h}``).
         out: Output path without extension.
         title: Figure title.
-        vmax: Symmetric colour limit (default :func:`patch_color_limit` of ``values``).
+        vmax: Symmetric colour limit (default 1: the scale ``[-1, 1]``); ``None`` = :func:`patch_color_limit`.
         colorbar_label: Colour bar label.
         annotate: Write each value in its cell (default: grids of at most 240 cells).
         formats: File formats to write.
@@ -200,7 +208,7 @@ def plot_patch_heatmap(
     n_rows, n_cols = max(1, len(layers)), max(1, len(cells))
     fig, ax = plt.subplots(figsize=(min(18.0, 2.2 + 0.55 * n_cols), min(16.0, 1.6 + 0.28 * n_rows)))
     im = _draw_patch_grid(ax, values, layers, cells, vmax, annotate)
-    fig.colorbar(im, ax=ax, label=colorbar_label, fraction=0.05)
+    fig.colorbar(im, ax=ax, label=colorbar_label, fraction=0.05, extend=_extend(values, vmax))
     if title:
         ax.set_title(title, fontsize=9)
     return _save_atomic(fig, out, formats)
@@ -211,7 +219,7 @@ def plot_patch_comparison(
     out: str | os.PathLike[str],
     *,
     title: str | None = None,
-    vmax: float | None = None,
+    vmax: float | None = 1.0,
     difference: bool = True,
     colorbar_label: str = "normalised (1 = clean, 0 = corrupted)",
     formats: Sequence[str] = ("png",),
@@ -222,7 +230,7 @@ def plot_patch_comparison(
         panels: ``(label, [layer, cell] values, layers, cells)`` per panel.
         out: Output path without extension.
         title: Figure title.
-        vmax: Shared symmetric colour limit (default :func:`patch_color_limit` over all panels).
+        vmax: Shared symmetric colour limit (default 1); ``None`` = :func:`patch_color_limit` over all panels.
         difference: With two panels on the same grid, add a third: second minus first (same scale).
         colorbar_label: Colour bar label.
         formats: File formats to write.
@@ -249,7 +257,135 @@ def plot_patch_comparison(
     for ax, (lab, v, ly, ce) in zip(axes[0], items):
         im = _draw_patch_grid(ax, v, ly, ce, vmax, None)
         ax.set_title(lab, fontsize=9)
-    fig.colorbar(im, ax=list(axes[0]), label=colorbar_label, fraction=0.03)
+    ext = _extend(np.concatenate([v.ravel() for _, v, _, _ in items]), vmax)
+    fig.colorbar(im, ax=list(axes[0]), label=colorbar_label, fraction=0.03, extend=ext)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.06)
+    return _save_atomic(fig, out, formats)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Probes (entitylens.probing.run / `entitylens probe`; this section belongs to the probe CLI)
+# ------------------------------------------------------------------------------------------------------
+
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from entitylens.errors import EntitylensError  # noqa: E402
+from entitylens.table import Table  # noqa: E402
+
+_PROBE_MAIN = ("exact_match", "balanced_accuracy")
+
+
+def _probe_series(table: Table, role: str, metric: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    rows = sorted((r for r in table.rows if r["role"] == role and r["metric"] == metric), key=lambda r: int(r["layer"]))
+    xs = [int(r["layer"]) for r in rows]
+    ys = [float(r["value"]) for r in rows]
+    lo = [float(r["ci_low"]) if r["ci_low"] not in (None, "") else float("nan") for r in rows]
+    hi = [float(r["ci_high"]) if r["ci_high"] not in (None, "") else float("nan") for r in rows]
+    return xs, ys, lo, hi
+
+
+def _probe_roles(table: Table) -> list[str]:
+    roles: list[str] = []
+    for r in table.rows:
+        if r["role"] not in roles:
+            roles.append(r["role"])
+    return roles
+
+
+def plot_probe_by_layer(
+    table: Table,
+    out: str | os.PathLike[str],
+    *,
+    metrics: Sequence[str] = _PROBE_MAIN,
+    title: str | None = None,
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
+    """Probe metrics vs layer: one panel per metric, one line per role with its 95% band; selectivity dashed.
+
+    Args:
+        table: A probe table (columns ``layer, role, metric, value, ci_low, ci_high, n``) from
+            :func:`entitylens.probing.run.run_probes` or :func:`~entitylens.probing.run.read_probe_table`.
+        out: Output path without suffix (``.../probe_by_layer``).
+        metrics: Metrics to draw, one panel each (those absent from the table are skipped).
+        title: Figure title.
+        formats: File formats.
+
+    Returns:
+        The written paths (written atomically, byte-stable PNG).
+    """
+    present = {r["metric"] for r in table.rows}
+    panels = [m for m in metrics if m in present]
+    if not panels:
+        raise EntitylensError(f"the probe table has none of the metrics {list(metrics)}; pass a probe table")
+    roles = _probe_roles(table)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes[0], panels, strict=True):
+        for k, role in enumerate(roles):
+            col = colors[k % len(colors)]
+            xs, ys, lo, hi = _probe_series(table, role, metric)
+            ax.plot(xs, ys, marker="o", ms=3, color=col, label=role)
+            ax.fill_between(xs, lo, hi, color=col, alpha=0.2, linewidth=0)
+            if metric == "balanced_accuracy" and "selectivity" in present:
+                sx, sy, slo, shi = _probe_series(table, role, "selectivity")
+                ax.plot(sx, sy, linestyle="--", color=col, label=f"{role} selectivity")
+                ax.fill_between(sx, slo, shi, color=col, alpha=0.1, linewidth=0)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.axhline(0.0, color="0.7", linewidth=0.5)
+        ax.set_ylim(-0.05 if metric != "balanced_accuracy" or "selectivity" not in present else -0.55, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save_atomic(fig, out, formats)
+
+
+def plot_probe_compare(
+    tables: Mapping[str, Table],
+    out: str | os.PathLike[str],
+    *,
+    metric: str = "exact_match",
+    title: str | None = None,
+    formats: Sequence[str] = ("png",),
+) -> list[Path]:
+    """Two (or more) probe runs on one figure: one panel per role, one colour per run; selectivity dashed.
+
+    Args:
+        tables: Run name (e.g. ``"base"``, ``"code"``) -> probe table.
+        out: Output path without suffix (``.../probe_compare``).
+        metric: Metric drawn solid with its 95% band.
+        title: Figure title (default: the metric).
+        formats: File formats.
+
+    Returns:
+        The written paths.
+    """
+    if len(tables) < 2:
+        raise EntitylensError("compare needs at least two probe runs; pass base and variant")
+    roles: list[str] = []
+    for t in tables.values():
+        roles += [r for r in _probe_roles(t) if r not in roles]
+    fig, axes = plt.subplots(1, len(roles), figsize=(5.0 * len(roles), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, role in zip(axes[0], roles, strict=True):
+        for k, (name, t) in enumerate(tables.items()):
+            col = colors[k % len(colors)]
+            xs, ys, lo, hi = _probe_series(t, role, metric)
+            if xs:
+                ax.plot(xs, ys, marker="o", ms=3, color=col, label=f"{name}")
+                ax.fill_between(xs, lo, hi, color=col, alpha=0.2, linewidth=0)
+            sx, sy, _, _ = _probe_series(t, role, "selectivity")
+            if sx:
+                ax.plot(sx, sy, linestyle="--", color=col, label=f"{name} selectivity")
+        ax.set_title(role)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.axhline(0.0, color="0.7", linewidth=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or f"probe {metric.replace('_', ' ')}: " + " vs ".join(tables))
     return _save_atomic(fig, out, formats)

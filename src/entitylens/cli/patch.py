@@ -1,0 +1,501 @@
+"""``entitylens patch``: clean/corrupted pairs from a dataset, patching grids, heatmaps, comparisons.
+
+Examples::
+
+    entitylens patch pairs --data data/test.jsonl --kind op_object --max-pairs 50 --out pairs.jsonl
+    entitylens patch pairs --kind p24 --max-pairs 50 --out p24.jsonl          # generated P24 pairs
+    entitylens patch run --model tiny:llama --pairs pairs.jsonl --component resid_pre --out runs/tiny --attribution
+    entitylens patch run --model tiny:llama --pairs pairs.jsonl --component head_z --out runs/tiny
+    entitylens patch compare runs/base runs/code --out runs/base-vs-code
+    entitylens patch cross --source testbed:code --target testbed:base --pairs pairs.jsonl --component resid_post
+        --out runs/code-into-base
+
+See ``docs/patching.md`` ("From datasets and the CLI").
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from entitylens.errors import EntitylensError
+
+_STEMS = {"patch": "result", "attribution": "attribution", "cross": "cross"}
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _layers(value: str) -> tuple[int, ...] | None:
+    if value.strip() == "all":
+        return None
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {value!r} must be 'all' or comma-separated integers") from None
+
+
+def _vmax(value: str) -> float | None:
+    if value.strip() == "auto":
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--vmax {value!r} must be a positive number or 'auto'") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"--vmax {value!r} must be positive")
+    return v
+
+
+_VMAX_HELP = "heatmap colour limit: the scale is [-V, V] (default 1); 'auto' = the largest absolute value"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``patch pairs``, ``patch run``, ``patch compare`` and ``patch cross``."""
+    from entitylens.cli.models import SPEC_HELP, add_model_args
+    from entitylens.patching.exact import COMPONENTS
+    from entitylens.patching.pairs import PAIR_KINDS
+
+    p = sub.add_parser("patch", help="activation / attribution / cross-model patching from boxes datasets")
+    psub = p.add_subparsers(dest="patch_command", metavar="SUBCOMMAND")
+    psub.required = True
+
+    g = psub.add_parser(
+        "pairs",
+        help="build clean/corrupted prompt pairs from a dataset",
+        description="Build clean/corrupted prompt pairs (JSONL, model independent) from a K&S dataset "
+        "(kinds op_object, op_box, init_object, drop_op) or a P24 file / generated P24 contexts (kind p24).",
+    )
+    g.add_argument("--data", type=Path, default=None, help="K&S JSONL (P24 JSONL for --kind p24; omit to generate)")
+    g.add_argument("--kind", required=True, help=f"corruption kind: {' | '.join(PAIR_KINDS)}")
+    g.add_argument("--out", type=Path, required=True, help="output .jsonl file")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    g.add_argument("--max-pairs", type=int, default=None, help="keep at most N pairs (required to generate p24)")
+    prefix = g.add_mutually_exclusive_group()
+    prefix.add_argument("--prefix-file", type=Path, help="text file put verbatim before both prompts of every pair")
+    prefix.add_argument(
+        "--kst24-prefix", action="store_true", help="put KST24's instruction and two demonstrations before each prompt"
+    )
+    _quiet_arg(g)
+    g.set_defaults(func=run_pairs)
+
+    r = psub.add_parser(
+        "run",
+        help="exact (and attribution) patching of every layer x role / layer x head cell",
+        description="Patch every (layer x role) cell -- (layer x head) for head_z -- from the clean into the "
+        "corrupted run; write patch.csv, patch_<component>.png and result_<component>.safetensors to --out.",
+    )
+    add_model_args(r)
+    r.add_argument("--pairs", type=Path, required=True, help="pairs file (text pairs, or a run's pairs_tokens.jsonl)")
+    r.add_argument("--component", required=True, help=f"activation to patch: {' | '.join(COMPONENTS)}")
+    _grid_args(r)
+    r.add_argument("--method", default="fast", help="fast (causal reuse, default) or hooks (bridge reference)")
+    r.add_argument("--batch-cells", type=int, default=32, help="most cells per forward (default 32)")
+    r.add_argument("--attribution", action="store_true", help="also run attribution patching and report agreement")
+    r.add_argument("--k", type=int, default=10, help="top-k size of the attribution agreement (default 10)")
+    r.add_argument("--label", default=None, help="model label in titles (default: the --model spec)")
+    r.add_argument("--vmax", type=_vmax, default=1.0, help=_VMAX_HELP)
+    r.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/patch/MODEL")
+    r.add_argument("--overwrite", action="store_true", help="replace another model's / pairs file's results in --out")
+    r.set_defaults(func=run_run)
+
+    c = psub.add_parser(
+        "compare",
+        help="draw two runs' heatmaps side by side on one colour scale (e.g. base vs code model)",
+        description="Read result files of two run directories (same component) and draw them side by side on "
+        "one colour scale, with their difference when the grids match; writes compare_<component>.png and "
+        "compare.csv.",
+    )
+    c.add_argument("a", type=Path, help="first run directory (e.g. the base model)")
+    c.add_argument("b", type=Path, help="second run directory (e.g. the variant)")
+    c.add_argument("--out", type=Path, required=True, help="output directory")
+    c.add_argument("--component", type=_csv, default=None, help="components to compare (default: all in both)")
+    c.add_argument("--kind", default="patch", help="patch (default), attribution or cross")
+    c.add_argument("--labels", type=_csv, default=None, help="two labels, e.g. base,code (default: the run's models)")
+    c.add_argument("--vmax", type=_vmax, default=1.0, help=_VMAX_HELP)
+    _quiet_arg(c)
+    c.set_defaults(func=run_compare)
+
+    x = psub.add_parser(
+        "cross",
+        help="cross-model patching: patch model A's activations into model B on the same prompts",
+        description="Copy model A's (--source) activations into model B (--target) cell by cell on the same "
+        "prompts and report the fraction of A's behaviour that transfers; writes cross.csv, "
+        "cross_<component>.png and cross_<component>.safetensors.",
+    )
+    x.add_argument("--source", required=True, metavar="SPEC", help="model A (activations come from it). " + SPEC_HELP)
+    x.add_argument("--target", required=True, metavar="SPEC", help="model B (patched), e.g. the base model")
+    x.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    x.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    x.add_argument("--pairs", type=Path, required=True, help="pairs file (text pairs or tokenised pairs)")
+    x.add_argument("--component", required=True, help=f"activation to patch: {' | '.join(COMPONENTS)}")
+    x.add_argument("--side", default="clean", help="which prompt of each pair to run: clean (default) or corrupted")
+    _grid_args(x)
+    x.add_argument("--method", default="fast", help="fast (default) or hooks")
+    x.add_argument("--batch-cells", type=int, default=32, help="most cells per forward (default 32)")
+    x.add_argument("--vmax", type=_vmax, default=1.0, help=_VMAX_HELP)
+    x.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/cross/A-into-B")
+    x.add_argument("--overwrite", action="store_true", help="replace another model pair's results in --out")
+    x.set_defaults(func=run_cross_cmd)
+
+
+def _quiet_arg(p: argparse.ArgumentParser) -> None:
+    # Also accepted after the subcommand; SUPPRESS keeps a top-level `entitylens --quiet patch ...` intact.
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+
+def _grid_args(p: argparse.ArgumentParser) -> None:
+    _quiet_arg(p)
+    p.add_argument("--grid", default=None, help="layer_role (default) or layer_head (default for head_z)")
+    p.add_argument(
+        "--roles",
+        type=_csv,
+        default=None,
+        help="comma-separated roles (columns of layer_role / positions patched by layer_head), or 'all' for every "
+        "role all pairs share; default: query_box_desc, changed_*, query_box, query_contains, last as present",
+    )
+    p.add_argument("--layers", type=_layers, default=None, help="comma-separated layers or 'all' (default all)")
+
+
+# --------------------------------------------------------------------------------------------------
+# patch pairs
+# --------------------------------------------------------------------------------------------------
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    """Build pairs from ``args.data`` and write them to ``args.out``."""
+    from entitylens.patching.pairs import PAIR_KINDS, build_pairs, write_pairs
+
+    if args.kind not in PAIR_KINDS:
+        raise EntitylensError(f"unknown pair kind {args.kind!r}; use one of {', '.join(PAIR_KINDS)}")
+    if args.out.is_dir():
+        raise EntitylensError(f"--out {args.out} is a directory; give a file path such as {args.out}/pairs.jsonl")
+    if args.prefix_file is not None:
+        if not args.prefix_file.is_file():
+            raise EntitylensError(f"prefix file {args.prefix_file} does not exist; pass an existing --prefix-file")
+        prefix = args.prefix_file.read_text(encoding="utf-8")
+    elif args.kst24_prefix:
+        from entitylens.cli.cache import kst24_prefix
+
+        prefix = kst24_prefix()
+    else:
+        prefix = ""
+    data: Any = None
+    if args.data is not None:
+        if not args.data.is_file():
+            raise EntitylensError(f"dataset {args.data} does not exist; pass an existing file with --data")
+        if args.kind == "p24":
+            from entitylens.task.io import read_p24_jsonl
+
+            data = read_p24_jsonl(args.data)
+        else:
+            from entitylens.task.io import read_ks_jsonl
+
+            try:
+                data = read_ks_jsonl(args.data)
+            except EntitylensError as e:
+                if "P24 file" not in str(e):
+                    raise
+                raise EntitylensError(
+                    f"{args.data} is a P24 file (no operations); use --kind p24 with it, or a K&S dataset for "
+                    f"--kind {args.kind}"
+                ) from None
+    elif args.kind != "p24":
+        raise EntitylensError(f"--kind {args.kind} needs --data (a K&S JSONL file); only p24 pairs can be generated")
+    pairs = build_pairs(data, args.kind, seed=args.seed, max_pairs=args.max_pairs, prefix=prefix)
+    n = write_pairs(args.out, pairs)
+    src = f"from {args.data}" if args.data is not None else "(generated)"
+    print(f"wrote {n} {args.kind} pairs {src} to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# patch run / cross
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_pairs(path: Path, tokenizer: Any) -> list[Any]:
+    from entitylens.patching.pairs import TOKEN_PAIR_FORMAT, _iter_records, read_pairs, read_patch_pairs
+
+    first = _iter_records(path)[0][1]
+    if first.get("format") == TOKEN_PAIR_FORMAT:
+        return read_patch_pairs(path, tokenizer)
+    return read_pairs(path)
+
+
+def _resolve_roles(roles: tuple[str, ...] | None, pairs: list[Any]) -> list[str] | None:
+    from entitylens.patching.pairs import TextPair
+
+    if roles is None or list(roles) != ["all"]:
+        return None if roles is None else list(roles)
+    if isinstance(pairs[0], TextPair):
+        sets = [set(p.roles) | {"last"} for p in pairs]
+        first = list(pairs[0].roles) + ([] if "last" in pairs[0].roles else ["last"])
+    else:
+        sets = [set(p.clean_roles) & set(p.corrupted_roles) for p in pairs]
+        first = list(pairs[0].clean_roles)
+    out = [r for r in first if r != "last" and all(r in s for s in sets)] + ["last"]
+    return out
+
+
+def _tokenised(model: Any, pairs: list[Any], roles: list[str] | None) -> list[Any]:
+    from entitylens.patching.pairs import TextPair, to_patch_pairs
+
+    if isinstance(pairs[0], TextPair):
+        return to_patch_pairs(model, pairs, roles=roles)
+    return pairs
+
+
+def _summary(result: Any, top: int = 5) -> str:
+    import torch
+
+    mean = result.mean()
+    flat = torch.where(torch.isfinite(mean), mean, torch.full_like(mean, float("-inf"))).flatten()
+    k = min(top, int(torch.isfinite(mean).sum()))
+    if k == 0:
+        return "  no finite cells (the two baselines coincide for every pair)"
+    idx = flat.topk(k).indices.tolist()
+    n_cells = len(result.cells)
+    lines = [
+        f"  layer {result.layers[i // n_cells]:>3}  {result.cells[i % n_cells]:<20} {float(flat[i]):+.3f}" for i in idx
+    ]
+    return "\n".join(lines)
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """Exact (and optionally attribution) patching of a pairs file; writes the run directory."""
+    from entitylens._io import sha256_file
+    from entitylens.activations.cache import model_fingerprint
+    from entitylens.cli.models import load_model_from_args
+    from entitylens.patching.exact import tokenizer_fingerprint
+    from entitylens.patching.pairs import write_patch_pairs
+    from entitylens.patching.run import (
+        check_run_dir,
+        default_grid,
+        prepare_pairs,
+        run_attribution,
+        run_patching,
+        write_patch_outputs,
+    )
+
+    grid = args.grid or default_grid(args.component)
+    _check_grid(args.component, grid, args.method)
+    if not args.pairs.is_file():
+        raise EntitylensError(f"pairs file {args.pairs} does not exist; build one with `entitylens patch pairs`")
+    if args.k < 1:
+        raise EntitylensError(f"--k {args.k} must be at least 1")
+    model = load_model_from_args(args)
+    tok = model.tokenizer
+    pairs = _load_pairs(args.pairs, tok)
+    roles = _resolve_roles(args.roles, pairs)
+    identity = {
+        "model_fingerprint": model_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "pairs_sha256": sha256_file(args.pairs),
+    }
+    check_run_dir(args.out, identity, args.overwrite)
+    plist = _tokenised(model, pairs, roles)
+    _, cols = prepare_pairs(model, plist, grid, roles)
+    t0 = time.perf_counter()
+    result = run_patching(
+        model, plist, args.component, grid, roles=roles, layers=args.layers, method=args.method,
+        batch_cells=args.batch_cells,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    attribution = None
+    info: dict[str, Any] = {
+        "model": args.model,
+        "pairs": str(args.pairs),
+        "roles": cols if cols is not None else "all positions",
+        "method": args.method,
+        "seconds": round(seconds, 3),
+    }
+    if args.attribution:
+        t1 = time.perf_counter()
+        attribution = run_attribution(model, plist, args.component, grid, roles=roles, layers=args.layers)
+        info["attribution_seconds"] = round(time.perf_counter() - t1, 3)
+    label = args.label or args.model
+    files = write_patch_outputs(
+        args.out, result, attribution=attribution, k=args.k, label=label, identity=identity, info=info,
+        overwrite=args.overwrite, vmax=args.vmax,
+    )  # fmt: skip
+    write_patch_pairs(args.out / "pairs_tokens.jsonl", plist)
+    print(
+        f"patched {len(result.pair_names)} pairs x {len(result.layers)} layers x {len(result.cells)} cells "
+        f"({args.component}, {grid}) with {result.path} in {seconds:.1f} s "
+        f"({result.n_forward_cells} cells ran, {result.n_noop_cells} exact no-ops)"
+    )
+    print("strongest cells (mean normalised, 1 = clean behaviour restored):")
+    print(_summary(result))
+    if attribution is not None:
+        import json
+
+        agree = json.loads((args.out / "agreement.json").read_text(encoding="utf-8"))[args.component]["pair_mean"]
+        print(
+            f"attribution vs exact: pearson {_fmt(agree['pearson'])}, spearman {_fmt(agree['spearman'])}, "
+            f"top-{agree['k']} overlap {_fmt(agree['topk_overlap'])} over {agree['n_cells']} cells"
+        )
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def _fmt(x: Any) -> str:
+    return "nan" if x is None else f"{float(x):.3f}"
+
+
+def _check_grid(component: str, grid: str, method: str) -> None:
+    from entitylens.patching.exact import _check_component_grid
+
+    if grid not in ("layer_role", "layer_head"):
+        raise EntitylensError(f"unknown grid {grid!r} for the CLI; use layer_role or layer_head")
+    _check_component_grid(component, grid, method)
+
+
+def run_cross_cmd(args: argparse.Namespace) -> int:
+    """Cross-model patching of a pairs file (model A into model B); writes the run directory."""
+    from entitylens._io import sha256_file
+    from entitylens.activations.cache import model_fingerprint
+    from entitylens.models import load_model
+    from entitylens.patching.cross_model import check_compatible
+    from entitylens.patching.exact import tokenizer_fingerprint
+    from entitylens.patching.run import check_run_dir, default_grid, prepare_pairs, run_cross, write_patch_outputs
+
+    grid = args.grid or default_grid(args.component)
+    _check_grid(args.component, grid, args.method)
+    if args.side not in ("clean", "corrupted"):
+        raise EntitylensError(f"--side {args.side!r} must be clean or corrupted")
+    if not args.pairs.is_file():
+        raise EntitylensError(f"pairs file {args.pairs} does not exist; build one with `entitylens patch pairs`")
+    source = load_model(args.source, device=args.device, dtype=args.dtype)
+    target = load_model(args.target, device=args.device, dtype=args.dtype)
+    check_compatible(source, target, args.component)
+    pairs = _load_pairs(args.pairs, target.tokenizer)
+    roles = _resolve_roles(args.roles, pairs)
+    identity = {
+        "source_fingerprint": model_fingerprint(source),
+        "target_fingerprint": model_fingerprint(target),
+        "tokenizer_fingerprint": tokenizer_fingerprint(target.tokenizer),
+        "pairs_sha256": sha256_file(args.pairs),
+        "side": args.side,
+    }
+    check_run_dir(args.out, identity, args.overwrite)
+    plist = _tokenised(target, pairs, roles)
+    _, cols = prepare_pairs(target, plist, grid, roles)
+    t0 = time.perf_counter()
+    result = run_cross(
+        source, target, plist, args.component, grid, side=args.side, roles=roles, layers=args.layers,
+        method=args.method, batch_cells=args.batch_cells,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    info = {
+        "source": args.source,
+        "target": args.target,
+        "pairs": str(args.pairs),
+        "roles": cols if cols is not None else "all positions",
+        "method": args.method,
+        "seconds": round(seconds, 3),
+    }
+    files = write_patch_outputs(
+        args.out, result, label=f"{args.source} -> {args.target}", identity=identity, info=info,
+        overwrite=args.overwrite, vmax=args.vmax,
+    )  # fmt: skip
+    print(
+        f"cross-model patched {len(result.pair_names)} {args.side} prompts x {len(result.layers)} layers x "
+        f"{len(result.cells)} cells ({args.component}) with {result.path} in {seconds:.1f} s"
+    )
+    print("cells transferring most of A's behaviour (1 = B behaves like A):")
+    print(_summary(result))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# patch compare
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_label(run_dir: Path) -> str:
+    import json
+
+    path = run_dir / "run.json"
+    if path.is_file():
+        try:
+            results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
+        except (OSError, ValueError):
+            results = {}
+        for entry in results.values():
+            if entry.get("model"):
+                return str(entry["model"])
+            if entry.get("source"):
+                return f"{entry['source']} -> {entry['target']}"
+    return run_dir.name
+
+
+def _components(run_dir: Path, stem: str) -> set[str]:
+    return {p.name[len(stem) + 1 : -len(".safetensors")] for p in run_dir.glob(f"{stem}_*.safetensors")}
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Draw the heatmaps of two run directories side by side on one colour scale."""
+    from entitylens.patching.exact import PatchResult
+    from entitylens.plots import patch_color_limit, plot_patch_comparison
+    from entitylens.table import Table
+
+    if args.kind not in _STEMS:
+        raise EntitylensError(f"unknown --kind {args.kind!r}; use patch, attribution or cross")
+    stem = _STEMS[args.kind]
+    for d in (args.a, args.b):
+        if not d.is_dir():
+            raise EntitylensError(f"run directory {d} does not exist; pass the --out of `entitylens patch run`")
+    if args.out.exists() and not args.out.is_dir():
+        raise EntitylensError(f"--out {args.out} is a file; give a directory")
+    labels = list(args.labels) if args.labels else [_run_label(args.a), _run_label(args.b)]
+    if len(labels) != 2:
+        raise EntitylensError(f"--labels needs two labels (got {len(labels)}), e.g. --labels base,code")
+    if labels[0] == labels[1]:
+        labels = [f"{labels[0]} (A)", f"{labels[1]} (B)"]
+    both = _components(args.a, stem) & _components(args.b, stem)
+    comps = list(args.component) if args.component else sorted(both)
+    if not comps:
+        raise EntitylensError(
+            f"{args.a} and {args.b} have no {args.kind} result for a common component; run the same "
+            f"--component into both first"
+        )
+    rows = []
+    written = []
+    for comp in comps:
+        ra = PatchResult.load(_result_path(args.a, stem, comp))
+        rb = PatchResult.load(_result_path(args.b, stem, comp))
+        ma, mb = ra.mean(), rb.mean()
+        vmax = patch_color_limit(ma, mb) if args.vmax is None else args.vmax
+        cbar = "transfer (1 = behaves like A)" if args.kind == "cross" else "normalised (1 = clean, 0 = corrupted)"
+        written += plot_patch_comparison(
+            [(labels[0], ma.numpy(), ra.layers, ra.cells), (labels[1], mb.numpy(), rb.layers, rb.cells)],
+            args.out / f"compare_{comp}",
+            title=f"{args.kind} {comp}: {labels[0]} vs {labels[1]}",
+            vmax=vmax,
+            colorbar_label=cbar,
+        )
+        b_index = {(layer, cell): (li, ci) for li, layer in enumerate(rb.layers) for ci, cell in enumerate(rb.cells)}
+        for li, layer in enumerate(ra.layers):
+            for ci, cell in enumerate(ra.cells):
+                va = float(ma[li, ci])
+                j = b_index.get((layer, cell))
+                vb = float(mb[j]) if j is not None else float("nan")
+                rows.append({"kind": args.kind, "component": comp, "layer": layer, "cell": cell,
+                             "a": va, "b": vb, "b_minus_a": vb - va})  # fmt: skip
+    table = Table(("kind", "component", "layer", "cell", "a", "b", "b_minus_a"), tuple(rows))
+    table.to_csv(args.out / "compare.csv")
+    print(f"compared {len(comps)} component(s): {labels[0]} (a) vs {labels[1]} (b)")
+    print("wrote " + ", ".join(str(p) for p in [*written, args.out / "compare.csv"]))
+    return 0
+
+
+def _result_path(run_dir: Path, stem: str, comp: str) -> Path:
+    p = run_dir / f"{stem}_{comp}.safetensors"
+    if not p.is_file():
+        raise EntitylensError(f"{p} does not exist; run this component into {run_dir} first")
+    return p
