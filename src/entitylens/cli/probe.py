@@ -1,0 +1,101 @@
+"""``entitylens probe``: linear probes on every cached layer, with controls, CSV and figures.
+
+Examples::
+
+    entitylens probe --cache runs/cache/M --target box_contents --roles query_box,last --out runs/probe/M
+    entitylens probe --cache runs/cache/M --random-cache runs/cache/M-random --out runs/probe/M
+    entitylens probe --compare runs/probe/base runs/probe/code --out runs/probe/compare
+
+Writes ``probe.csv`` (layer x role x metric, with 95% intervals), ``probe_by_layer.png`` and
+``meta.json``; ``--compare`` writes ``probe_compare.png``. See ``docs/probing.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from entitylens.errors import EntitylensError
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _layers(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {value!r} must be comma-separated integers") from None
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--Cs {value!r} must be comma-separated numbers") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``probe`` subcommand."""
+    p = sub.add_parser(
+        "probe",
+        help="train linear probes on every cached layer (box contents, object in box) with controls",
+        description="Train one linear probe per layer and role on an activation cache (`entitylens cache`), "
+        "split by state, with a shuffled-label control task; write probe.csv, probe_by_layer.png and "
+        "meta.json. With --compare A B, draw two probe runs on one figure.",
+    )
+    p.add_argument("--cache", type=Path, help="activation cache directory (from `entitylens cache --out`)")
+    p.add_argument("--target", choices=("box_contents", "object_in_box"), default="box_contents",
+                   help="box_contents: the queried box's object set; object_in_box: every (box, object) pair")
+    p.add_argument("--roles", type=_csv, default=("query_box", "last"), help="comma-separated cached roles")
+    p.add_argument("--hook", default="resid_post", help="cached hook key (default resid_post)")
+    p.add_argument("--layers", type=_layers, default=None, help="comma-separated cached layers (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and control labels")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of states in the test split")
+    p.add_argument("--disjoint-objects", type=float, nargs="?", const=0.1, default=0.0, metavar="FRACTION",
+                   help="hold this fraction of the objects out of training (default when given: 0.1)")
+    p.add_argument("--min-count", type=int, default=1, help="keep labels true in at least this many rows")
+    p.add_argument("--Cs", type=_floats, default=(0.01, 0.1, 1.0, 10.0), help="inverse L2 strengths to choose from")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (by state)")
+    p.add_argument("--bootstrap", type=int, default=200, help="state resamples for intervals (0: none)")
+    p.add_argument("--no-control", action="store_true", help="skip the shuffled-label control task")
+    p.add_argument("--random-cache", type=Path, default=None,
+                   help="cache of the same rows from a randomly initialised model of the same architecture")
+    p.add_argument("--device", default="cpu", help="device the probes are fitted on (cpu, cuda, ...)")
+    p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
+                   help="draw two probe output directories on one figure (probe_compare.png)")
+    p.add_argument("--metric", default="exact_match", help="metric drawn by --compare (default exact_match)")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``entitylens probe``."""
+    from entitylens.probing.linear import ProbeConfig
+    from entitylens.probing.run import ProbeRunConfig, compare_probe_runs, run_probes, write_probe_outputs
+
+    if args.out is None:
+        raise EntitylensError("--out is required; pass the output directory, e.g. --out runs/probe/M")
+    if args.compare is not None:
+        if args.cache is not None:
+            raise EntitylensError("--compare draws existing runs and takes no --cache; run them separately")
+        paths = compare_probe_runs(args.compare[0], args.compare[1], args.out, metric=args.metric)
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+        return 0
+    if args.cache is None:
+        raise EntitylensError("--cache is required; pass a directory from `entitylens cache --out` (or --compare A B)")
+    probe = ProbeConfig(Cs=args.Cs, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
+                        device=args.device)
+    cfg = ProbeRunConfig(target=args.target, roles=args.roles, hook=args.hook, layers=args.layers,
+                         min_count=args.min_count, heldout_object_fraction=args.disjoint_objects,
+                         control=not args.no_control, bootstrap=args.bootstrap, probe=probe)
+    result = run_probes(args.cache, cfg, random_cache=args.random_cache)
+    paths = write_probe_outputs(args.out, result)
+    t = result.target
+    print(f"probed {len(t.rows)} rows ({len(result.split.test)} test), {len(t.target_names)} {t.name} labels, "
+          f"{len(result.layers)} layers x {len(cfg.roles)} roles")
+    best = max((r for r in result.table.rows if r["metric"] == "exact_match"), key=lambda r: r["value"])
+    print(f"best exact-set accuracy {best['value']:.3f} at layer {best['layer']} ({best['role']})")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0

@@ -1,0 +1,192 @@
+"""Probe targets built from an activation cache's row metadata.
+
+A cache (:func:`entitylens.activations.load_cache`) stores one metadata dict per row (one prompt = one
+state queried at one box): ``state_id``, ``box``, ``numops``, ``gold`` (the queried box's contents) and
+``objects`` (every object mentioned in the state). From these:
+
+* ``box_contents`` (issue target b): the queried box's object set, multi-label, one binary column per
+  object of the vocabulary (objects in the gold contents of at least ``min_count`` rows);
+* ``object_in_box`` (issue target a): "is object *o* in box *b*" for every box of the state, one binary
+  column per (box, object) pair that is true in at least ``min_count`` rows. The contents of the other
+  boxes come from the state's other rows; states not cached at every box are left out.
+
+Every target also carries the groups (state ids, so no state is split across train and test), numops
+per row (for numops-stratified accuracy, target c), the control-task type of each row (the queried box,
+i.e. the token at the ``query_box`` role) and the objects each row's labels involve (for disjoint-object
+splits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from entitylens.errors import EntitylensError
+
+TARGETS = ("box_contents", "object_in_box")
+"""Target names accepted by :func:`build_target`."""
+
+__all__ = ["TARGETS", "ProbeTarget", "build_target"]
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    """Labels and per-row side information for probing one target.
+
+    Attributes:
+        name: ``"box_contents"`` or ``"object_in_box"``.
+        rows: ``[n]`` indices of the cache rows used (all rows unless states were incomplete).
+        labels: ``[n, target]`` binary labels.
+        target_names: One name per label column (``"bottle"`` or ``"box3:bottle"``).
+        groups: ``[n]`` state id per row (split key).
+        numops: ``[n]`` numops of the queried box per row (``-1`` where the cache has none).
+        types: ``[n]`` control-task type per row (the queried box).
+        vocabulary: Objects indexing the columns of ``objects``.
+        objects: ``[n, len(vocabulary)]`` objects each row's labels involve (the queried box's contents
+            for ``box_contents``; every box's contents for ``object_in_box``), for disjoint-object splits.
+        column_objects: The object of each label column.
+        dropped_states: States left out (``object_in_box`` only: not cached at every box).
+    """
+
+    name: str
+    rows: Int[Tensor, " n"]
+    labels: Bool[Tensor, "n target"]
+    target_names: tuple[str, ...]
+    groups: tuple[str, ...]
+    numops: Int[Tensor, " n"]
+    types: Int[Tensor, " n"]
+    vocabulary: tuple[str, ...]
+    objects: Bool[Tensor, "n num_objects"]
+    column_objects: tuple[str, ...] = ()
+    dropped_states: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.rows)
+        if self.labels.shape[0] != n or len(self.groups) != n or len(self.numops) != n or len(self.types) != n:
+            raise EntitylensError("ProbeTarget fields must have one entry per row; build it with build_target")
+        if self.labels.shape[1] != len(self.target_names):
+            raise EntitylensError("ProbeTarget needs one target name per label column; build it with build_target")
+
+
+def _group(row: Mapping[str, Any], i: int) -> str:
+    for key in ("state_id", "sample_id"):
+        if row.get(key) is not None:
+            return str(row[key])
+    raise EntitylensError(f"cache row {i} has no state_id or sample_id; cache States/BoxRows so rows carry them")
+
+
+def _need(row: Mapping[str, Any], key: str, i: int) -> Any:
+    if row.get(key) is None:
+        raise EntitylensError(f"cache row {i} has no {key!r} metadata; cache States or BoxRows (not plain strings)")
+    return row[key]
+
+
+def build_target(
+    rows: Sequence[Mapping[str, Any]] | Any,
+    target: str = "box_contents",
+    *,
+    min_count: int = 1,
+) -> ProbeTarget:
+    """Build probe labels from cache row metadata.
+
+    Args:
+        rows: A :class:`~entitylens.activations.CachedActivations` or its ``rows`` (one metadata dict per
+            cached row).
+        target: ``"box_contents"`` (queried box's object set) or ``"object_in_box"`` (every box x object).
+        min_count: Keep only label columns that are true in at least this many rows.
+
+    Returns:
+        The :class:`ProbeTarget`.
+
+    Raises:
+        EntitylensError: Unknown target, rows without the needed metadata, or no label left.
+    """
+    if target not in TARGETS:
+        raise EntitylensError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    if int(min_count) < 1:
+        raise EntitylensError(f"min_count must be >= 1, got {min_count}; use e.g. 1")
+    meta_rows = list(getattr(rows, "rows", rows))
+    if not meta_rows:
+        raise EntitylensError("the cache has no rows; build a cache with `entitylens cache` first")
+    groups = [_group(r, i) for i, r in enumerate(meta_rows)]
+    boxes = [int(_need(r, "box", i)) for i, r in enumerate(meta_rows)]
+    golds = [tuple(str(o) for o in _need(r, "gold", i)) for i, r in enumerate(meta_rows)]
+    keep = list(range(len(meta_rows)))
+    dropped: tuple[str, ...] = ()
+    by_state: dict[str, dict[int, tuple[str, ...]]] = {}
+    if target == "box_contents":
+        counts: dict[str, int] = {}
+        for g in golds:
+            for o in set(g):
+                counts[o] = counts.get(o, 0) + 1
+        names = sorted(o for o, c in counts.items() if c >= min_count)
+        col = {o: j for j, o in enumerate(names)}
+        labels = torch.zeros(len(keep), len(names), dtype=torch.bool)
+        for i, g in enumerate(golds):
+            for o in g:
+                if o in col:
+                    labels[i, col[o]] = True
+        target_names = tuple(names)
+        column_objects = tuple(names)
+    else:
+        num_boxes = max(boxes) + 1
+        for g, b, gold in zip(groups, boxes, golds, strict=True):
+            seen = by_state.setdefault(g, {})
+            if b in seen and seen[b] != gold:
+                raise EntitylensError(f"state {g} has two rows for box {b} with different gold contents; "
+                                      "give every prefix its own state id")
+            seen[b] = gold
+        complete = {g for g, s in by_state.items() if len(s) == num_boxes}
+        dropped = tuple(sorted(set(by_state) - complete))
+        keep = [i for i, g in enumerate(groups) if g in complete]
+        if not keep:
+            raise EntitylensError(f"no state is cached at all {num_boxes} boxes; cache whole States (every box) "
+                                  "for object_in_box, or use --target box_contents")
+        pair_counts: dict[tuple[int, str], int] = {}
+        for i in keep:
+            for b, gold in by_state[groups[i]].items():
+                for o in set(gold):
+                    pair_counts[(b, o)] = pair_counts.get((b, o), 0) + 1
+        pairs = sorted(p for p, c in pair_counts.items() if c >= min_count)
+        col2 = {p: j for j, p in enumerate(pairs)}
+        labels = torch.zeros(len(keep), len(pairs), dtype=torch.bool)
+        for r, i in enumerate(keep):
+            for b, gold in by_state[groups[i]].items():
+                for o in gold:
+                    if (b, o) in col2:
+                        labels[r, col2[(b, o)]] = True
+        target_names = tuple(f"box{b}:{o}" for b, o in pairs)
+        column_objects = tuple(o for _, o in pairs)
+    if labels.shape[1] == 0:
+        raise EntitylensError(f"no {target} label is true in >= {min_count} rows; lower --min-count or cache more "
+                              "states")
+    if target == "box_contents":
+        mentioned = [set(golds[i]) for i in keep]
+    else:
+        mentioned = [set().union(*by_state[groups[i]].values()) for i in keep]
+    vocabulary = tuple(sorted(set().union(*mentioned)))
+    vcol = {o: j for j, o in enumerate(vocabulary)}
+    objects = torch.zeros(len(keep), len(vocabulary), dtype=torch.bool)
+    for r, objs in enumerate(mentioned):
+        for o in objs:
+            objects[r, vcol[o]] = True
+    numops = torch.tensor([int(meta_rows[i].get("numops", -1) if meta_rows[i].get("numops") is not None else -1)
+                           for i in keep], dtype=torch.int64)
+    return ProbeTarget(
+        name=target,
+        rows=torch.tensor(keep, dtype=torch.int64),
+        labels=labels,
+        target_names=target_names,
+        groups=tuple(groups[i] for i in keep),
+        numops=numops,
+        types=torch.tensor([boxes[i] for i in keep], dtype=torch.int64),
+        vocabulary=vocabulary,
+        objects=objects,
+        column_objects=column_objects,
+        dropped_states=dropped,
+    )
