@@ -16,7 +16,7 @@ from entitylens.errors import EntitylensError
 from entitylens.progress import set_quiet
 
 # Modules under entitylens.cli that define ``register(subparsers)``; order = order in --help.
-_COMMAND_MODULES = ("demo", "data", "models", "eval", "cache", "probe", "patch")
+_COMMAND_MODULES = ("demo", "data", "models", "eval", "cache", "testbed", "patch", "probe")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -696,6 +696,10 @@ def load_tokenizer(spec: str) -> Any:
         from entitylens.models.tiny import tiny_tokenizer
 
         return tiny_tokenizer(bos=resolved.tiny.name != "gpt2")  # type: ignore[union-attr]
+    if resolved.source == "testbed":
+        from entitylens.testbed.checkpoints import load_testbed_tokenizer
+
+        return load_testbed_tokenizer(resolved.path)  # type: ignore[arg-type]
     if resolved.source == "hub":
         assert resolved.hub_id is not None
         tok = _load_hf_tokenizer(_hub_location(resolved.hub_id))

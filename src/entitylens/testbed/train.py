@@ -1,0 +1,756 @@
+"""Deterministic CPU training of the testbed: a shared *stem*, then a *base* and a *code* arm.
+
+Mirrors the paper's design (the code model is the base model trained further), controlled:
+
+* **stem** — a small Llama (RoPE, RMSNorm, SwiGLU; a Hugging Face ``LlamaForCausalLM``, so it loads into a
+  ``TransformerBridge`` like any hub model) trained from scratch on compact boxes episodes with 0-2
+  operations until it copies (>= 90% at ``numops`` 0 on fresh states);
+* **base** and **code** arms — both continue from the stem with the same optimiser, seed, steps, batch
+  shape and token budget. In every batch the same boxes rows (0-2 operations, the identical stream in both
+  arms) fill the boxes share, and the other rows — always exactly ``filler_tokens`` tokens each — are
+  Python container programs (code arm) or descriptive prose (base arm). The two arms' recipes differ only
+  in ``stage`` and ``filler``; the token counts per source are recorded and a test checks they match.
+
+A :class:`Recipe` is a frozen dataclass; its *recipe hash* is the SHA-256 of its canonical JSON. Training
+is deterministic on one machine: a seeded data stream (every row is a function of ``(seed, index)``),
+``torch.manual_seed``, a fixed ``torch.set_num_threads`` and no dropout, so the same recipe gives the same
+final loss (to 1e-6; in practice bit-identical).
+
+Outputs of a stage, written to a temporary directory and moved into place only when complete:
+``model.safetensors``, ``config.json`` (Hugging Face Llama config), ``tokenizer.json`` (+
+``tokenizer_config.json``, so the directory is also a plain HF model directory), ``meta.json`` (recipe,
+recipe hash, token counts per source, final losses, evaluation accuracy by ``numops``, versions, wall
+time, machine), ``train_log.csv`` and ``train_log.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from entitylens._io import atomic_write, sha256_json, write_json
+from entitylens.errors import EntitylensError
+from entitylens.progress import progress
+from entitylens.testbed.data import Episode, boxes_episode, check_op_count_weights, filler_episode
+
+STAGES: tuple[str, ...] = ("stem", "base", "code")
+"""Training stages: the shared stem and its two arms."""
+
+FILLERS: Mapping[str, str | None] = {"stem": None, "base": "prose", "code": "code"}
+"""What fills the non-boxes share of each stage's batches."""
+
+FORMAT_VERSION = 1
+"""Bumped whenever a data generator changes what a recipe produces (it is part of the recipe hash)."""
+
+LOG_COLUMNS: tuple[str, ...] = (
+    "step", "tokens", "lr", "loss", "boxes_loss", "filler_loss", "val_acc_numops0", "val_acc", "elapsed_s",
+)  # fmt: skip
+"""Columns of ``train_log.csv`` (losses are means over the steps since the previous row)."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Architecture of the testbed model (a Hugging Face ``LlamaConfig``).
+
+    Attributes:
+        d_model: Residual width.
+        layers: Transformer blocks.
+        heads: Attention heads.
+        kv_heads: Key/value heads.
+        d_mlp: SwiGLU hidden width.
+        n_ctx: Maximum positions.
+        rope_theta: RoPE base.
+        init_std: Weight initialisation standard deviation.
+        tie_embeddings: Share the input embedding and the unembedding.
+    """
+
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 4
+    d_mlp: int = 256
+    n_ctx: int = 2048
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "layers", "heads", "kv_heads", "d_mlp", "n_ctx"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise EntitylensError(f"ModelDims.{name}={v!r} must be a positive integer")
+        if self.d_model % self.heads or self.heads % self.kv_heads:
+            raise EntitylensError(
+                f"ModelDims needs d_model % heads == 0 and heads % kv_heads == 0 (got {self.d_model}, "
+                f"{self.heads}, {self.kv_heads}); adjust them"
+            )
+        if self.init_std <= 0 or self.rope_theta <= 0:
+            raise EntitylensError("ModelDims.init_std and rope_theta must be positive")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a training stage's weights (its SHA-256 is the recipe hash).
+
+    Attributes:
+        stage: ``"stem"``, ``"base"`` or ``"code"``.
+        parent: Stage whose weights this one starts from (``None``: from scratch).
+        dims: Architecture.
+        steps: Optimiser steps.
+        batch_size: Rows per step.
+        lr: Peak learning rate (AdamW).
+        final_lr_frac: The cosine schedule ends at ``lr * final_lr_frac``.
+        warmup_steps: Linear warm-up steps.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        grad_clip: Gradient-norm clip.
+        seed: Seed of the weight initialisation and of the filler stream.
+        boxes_seed: Seed of the boxes episode stream (equal in both arms, so their boxes rows are identical).
+        ops_weights: Relative weight of 0, 1, 2, ... operations in a boxes episode.
+        filler: ``None`` (stem), ``"prose"`` (base arm) or ``"code"`` (code arm).
+        filler_rows: Rows per batch filled by the filler (the rest are boxes episodes).
+        filler_tokens: Tokens in every filler row (BOS included).
+        loss_on: Boxes-row tokens in the loss: ``"answers"`` (the query answers) or ``"all"``.
+        filler_weight: Weight of the filler rows' mean token loss; the boxes answers' mean loss gets
+            ``1 - filler_weight`` (0 when there is no filler).
+        eval_every: Steps between validation evaluations (logged).
+        val_states: States in the validation set (fresh, at mixed ``numops``).
+        threads: ``torch.set_num_threads`` during training (fixed for determinism).
+        format_version: :data:`FORMAT_VERSION` of the data generators.
+    """
+
+    stage: str
+    parent: str | None
+    dims: ModelDims = field(default_factory=ModelDims)
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    final_lr_frac: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    boxes_seed: int = 1000
+    ops_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+    filler: str | None = None
+    filler_rows: int = 0
+    filler_tokens: int = 96
+    loss_on: str = "all"
+    filler_weight: float = 0.5
+    eval_every: int = 250
+    val_states: int = 54
+    threads: int = 1
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise EntitylensError(f"unknown stage {self.stage!r}; use one of {', '.join(STAGES)}")
+        if self.parent is not None and self.parent not in STAGES:
+            raise EntitylensError(f"unknown parent stage {self.parent!r}; use one of {', '.join(STAGES)}")
+        if isinstance(self.dims, Mapping):
+            object.__setattr__(self, "dims", ModelDims(**self.dims))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        object.__setattr__(self, "ops_weights", check_op_count_weights(self.ops_weights))
+        for name in ("steps", "batch_size", "eval_every", "val_states", "threads", "filler_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise EntitylensError(f"Recipe.{name}={v!r} must be a positive integer")
+        if not 0 <= self.filler_rows < self.batch_size:
+            raise EntitylensError(
+                f"Recipe.filler_rows={self.filler_rows} must be in 0..batch_size-1 ({self.batch_size - 1})"
+            )
+        if (self.filler is None) != (self.filler_rows == 0):
+            raise EntitylensError(
+                "Recipe.filler and filler_rows go together: set both (an arm) or neither (stem)"
+            )
+        if self.filler not in (None, "code", "prose"):
+            raise EntitylensError(f"unknown filler {self.filler!r}; use code, prose or None")
+        if self.loss_on not in ("answers", "all"):
+            raise EntitylensError(f"Recipe.loss_on={self.loss_on!r}; use 'answers' or 'all'")
+        if not (self.lr > 0 and 0 <= self.final_lr_frac <= 1 and 0 <= self.filler_weight < 1):
+            raise EntitylensError("Recipe needs lr > 0, 0 <= final_lr_frac <= 1 and 0 <= filler_weight < 1")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
+            raise EntitylensError("Recipe needs warmup_steps >= 0, weight_decay >= 0 and grad_clip > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical JSON-ready dict (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["ops_weights"] = list(self.ops_weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["dims"] = ModelDims(**d["dims"])
+        d["betas"] = tuple(d["betas"])
+        d["ops_weights"] = tuple(d["ops_weights"])
+        return cls(**d)
+
+    @property
+    def recipe_hash(self) -> str:
+        """SHA-256 of the canonical JSON of :meth:`to_dict`."""
+        return sha256_json(self.to_dict())
+
+    @property
+    def boxes_rows(self) -> int:
+        """Boxes episodes per batch."""
+        return self.batch_size - self.filler_rows
+
+    def with_steps(self, steps: int) -> Recipe:
+        """The same recipe with another number of steps (warm-up and eval cadence shrunk to fit)."""
+        return dataclasses.replace(
+            self,
+            steps=int(steps),
+            warmup_steps=min(self.warmup_steps, max(0, int(steps) // 10)),
+            eval_every=min(self.eval_every, int(steps)),
+        )
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at ``step``: linear warm-up, then cosine from ``lr`` to ``lr * final_lr_frac``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress_ = min(1.0, (step - self.warmup_steps) / span)
+        cos = 0.5 * (1.0 + math.cos(math.pi * progress_))
+        return self.lr * (self.final_lr_frac + (1.0 - self.final_lr_frac) * cos)
+
+
+STEM = Recipe(
+    stage="stem",
+    parent=None,
+    dims=ModelDims(d_model=64, layers=2, heads=4, kv_heads=4, d_mlp=256),
+    steps=3000,
+    batch_size=32,
+    lr=3e-3,
+    warmup_steps=100,
+    ops_weights=(1.0, 1.0, 1.0),
+    eval_every=250,
+)
+"""The stem recipe."""
+
+_ARM = dict(
+    parent="stem",
+    dims=STEM.dims,
+    steps=3000,
+    batch_size=32,
+    lr=1.5e-3,
+    warmup_steps=100,
+    boxes_seed=2000,
+    seed=1,
+    ops_weights=(1.0, 2.0, 2.0),
+    filler_rows=16,
+    filler_tokens=96,
+    eval_every=250,
+)
+BASE = Recipe(stage="base", filler="prose", **_ARM)  # type: ignore[arg-type]
+"""The base arm: boxes episodes + prose."""
+
+CODE = Recipe(stage="code", filler="code", **_ARM)  # type: ignore[arg-type]
+"""The code arm: boxes episodes + Python container programs."""
+
+RECIPES: Mapping[str, Recipe] = {"stem": STEM, "base": BASE, "code": CODE}
+"""The recipes of the shipped checkpoints, by stage."""
+
+
+def get_recipe(stage: str) -> Recipe:
+    """The recipe of ``stage`` (raises a one-line error for an unknown stage)."""
+    if stage not in RECIPES:
+        raise EntitylensError(f"unknown testbed stage {stage!r}; use one of {', '.join(STAGES)}")
+    return RECIPES[stage]
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def build_config(dims: ModelDims, vocab_size: int) -> Any:
+    """The Hugging Face ``LlamaConfig`` of ``dims`` for the testbed tokenizer."""
+    from transformers import LlamaConfig
+
+    from entitylens.testbed.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=dims.d_model,
+        intermediate_size=dims.d_mlp,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.kv_heads,
+        max_position_embeddings=dims.n_ctx,
+        rope_theta=dims.rope_theta,
+        initializer_range=dims.init_std,
+        tie_word_embeddings=dims.tie_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        attention_dropout=0.0,
+    )
+
+
+def build_model(dims: ModelDims, seed: int) -> Any:
+    """A freshly initialised ``LlamaForCausalLM`` (float32, SDPA attention), seeded; global RNG untouched."""
+    from transformers import LlamaForCausalLM
+
+    from entitylens.testbed.tokenizer import get_tokenizer
+
+    cfg = build_config(dims, len(get_tokenizer()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model.config.name_or_path = "entitylens/testbed"
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One training batch (right-padded).
+
+    Attributes:
+        ids: Token ids, ``pad`` after each row's end.
+        boxes_target: Where a boxes row's *next* token is in the loss (aligned with ``ids[:, 1:]``).
+        filler_target: Where a filler row's next token is in the loss.
+        tokens: Non-pad tokens per source.
+    """
+
+    ids: Int[Tensor, "batch pos"]
+    boxes_target: Bool[Tensor, "batch pos_minus_1"]
+    filler_target: Bool[Tensor, "batch pos_minus_1"]
+    tokens: Mapping[str, int]
+
+
+def batch_episodes(recipe: Recipe, step: int) -> list[Episode]:
+    """The rows of batch ``step``: ``boxes_rows`` boxes episodes, then ``filler_rows`` filler rows."""
+    rows = [
+        boxes_episode(recipe.boxes_seed, step * recipe.boxes_rows + j, recipe.ops_weights)
+        for j in range(recipe.boxes_rows)
+    ]
+    if recipe.filler is not None:
+        rows += [
+            filler_episode(recipe.filler, recipe.seed, step * recipe.filler_rows + j, recipe.filler_tokens)
+            for j in range(recipe.filler_rows)
+        ]
+    return rows
+
+
+def make_batch(recipe: Recipe, step: int, pad_id: int = 0) -> Batch:
+    """Batch ``step`` of ``recipe`` as tensors (a pure function of the recipe and the step)."""
+    rows = batch_episodes(recipe, step)
+    width = max(len(e) for e in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    boxes_t = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    filler_t = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    tokens = {"boxes": 0, "code": 0, "prose": 0}
+    for r, e in enumerate(rows):
+        n = len(e)
+        ids[r, :n] = torch.tensor(e.ids, dtype=torch.long)
+        tokens[e.source] += n
+        if e.source == "boxes":
+            if recipe.loss_on == "answers":
+                boxes_t[r, : n - 1] = torch.tensor(e.answer[1:], dtype=torch.bool)
+            else:
+                boxes_t[r, : n - 1] = True
+        else:
+            filler_t[r, : n - 1] = True
+    return Batch(ids, boxes_t, filler_t, tokens)
+
+
+def token_budget(recipe: Recipe, steps: int | None = None) -> dict[str, int]:
+    """Tokens per source a recipe trains on (counted from the data stream itself).
+
+    Args:
+        recipe: The recipe.
+        steps: Count only the first ``steps`` steps (default: all).
+
+    Returns:
+        ``{"boxes": n, "code": n, "prose": n, "total": n}`` (non-pad tokens, BOS included).
+    """
+    counts = {"boxes": 0, "code": 0, "prose": 0}
+    for step in range(recipe.steps if steps is None else steps):
+        for e in batch_episodes(recipe, step):
+            counts[e.source] += len(e)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@contextlib.contextmanager
+def _num_threads(n: int) -> Any:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def batch_loss(model: Any, batch: Batch, recipe: Recipe) -> tuple[Tensor, float, float]:
+    """The training loss of a batch, with its boxes and filler parts (as floats, NaN when absent)."""
+    logits = model(input_ids=batch.ids).logits[:, :-1].float()
+    target = batch.ids[:, 1:]
+    boxes = F.cross_entropy(logits[batch.boxes_target], target[batch.boxes_target])
+    if recipe.filler is None or not bool(batch.filler_target.any()):
+        return boxes, float(boxes.detach()), float("nan")
+    filler = F.cross_entropy(logits[batch.filler_target], target[batch.filler_target])
+    loss = (1.0 - recipe.filler_weight) * boxes + recipe.filler_weight * filler
+    return loss, float(boxes.detach()), float(filler.detach())
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train_stage` produced.
+
+    Attributes:
+        out: The checkpoint directory.
+        recipe: The recipe trained.
+        final_loss: Mean training loss over the last logging interval.
+        last_step_loss: Loss of the very last step (used by the determinism test).
+        meta: The ``meta.json`` contents.
+    """
+
+    out: Path
+    recipe: Recipe
+    final_loss: float
+    last_step_loss: float
+    meta: Mapping[str, Any]
+
+
+def _validate(model: Any, states: Sequence[Any]) -> tuple[float, float]:
+    from entitylens.testbed.protocol import compact_answers
+    from entitylens.testbed.tokenizer import get_tokenizer
+
+    was_training = model.training
+    model.eval()
+    answers = compact_answers(model, get_tokenizer(), states)
+    model.train(was_training)
+    right0 = n0 = right = n = 0
+    for s, ans in zip(states, answers):
+        for b, a in enumerate(ans):
+            ok = a is not None and sorted(a) == sorted(s.contents[b])
+            right += ok
+            n += 1
+            if s.numops[b] == 0:
+                right0 += ok
+                n0 += 1
+    return (right0 / n0 if n0 else float("nan")), right / n
+
+
+def train_stage(
+    stage: str,
+    out: str | os.PathLike[str],
+    *,
+    recipe: Recipe | None = None,
+    steps: int | None = None,
+    parent_dir: str | os.PathLike[str] | None = None,
+    evaluate_final: bool = True,
+    eval_num_states: int | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train one stage and write its checkpoint directory (atomically: all files or none).
+
+    Args:
+        stage: ``"stem"``, ``"base"`` or ``"code"``.
+        out: The checkpoint directory to create (replaced if it exists, only once training succeeded).
+        recipe: The recipe (default: :data:`RECIPES` ``[stage]``).
+        steps: Override the number of steps (smoke tests); recorded in ``meta.json``.
+        parent_dir: The parent stage's checkpoint directory (arms only).
+        evaluate_final: Evaluate the final model on the standard evaluation set (compact protocol).
+        eval_num_states: Size of that evaluation set (default: the standard 720 states).
+        callback: Called with each log row (tests / progress).
+
+    Returns:
+        The result.
+
+    Raises:
+        EntitylensError: Unknown stage, missing or mismatched parent checkpoint.
+    """
+    from entitylens.testbed.checkpoints import load_hf_checkpoint, read_meta
+    from entitylens.testbed.evalset import VALIDATION_SEED, eval_states
+
+    base_recipe = recipe if recipe is not None else get_recipe(stage)
+    if base_recipe.stage != stage:
+        raise EntitylensError(
+            f"recipe is for stage {base_recipe.stage!r}, not {stage!r}; pass the matching recipe"
+        )
+    rec = base_recipe.with_steps(steps) if steps is not None else base_recipe
+    out = Path(out)
+    _check_output_dir(out)
+    parent_meta: dict[str, Any] | None = None
+    if rec.parent is not None:
+        if parent_dir is None:
+            raise EntitylensError(f"stage {stage} continues from {rec.parent}; pass its checkpoint directory")
+        parent_meta = read_meta(parent_dir)
+        if parent_meta.get("stage") != rec.parent:
+            raise EntitylensError(
+                f"{parent_dir} holds stage {parent_meta.get('stage')!r}, not {rec.parent!r}; "
+                f"train `--stage {rec.parent}` first"
+            )
+        parent_dims = Recipe.from_dict(parent_meta["recipe"]).dims
+        if parent_dims != rec.dims:
+            raise EntitylensError(
+                f"{parent_dir} has model dims {parent_dims} but the recipe needs {rec.dims}"
+            )
+
+    val = eval_states(VALIDATION_SEED, num_states=rec.val_states)
+    t_start = time.time()
+    log: list[dict[str, Any]] = []
+    with _num_threads(rec.threads):
+        torch.manual_seed(rec.seed)
+        if rec.parent is None:
+            model = build_model(rec.dims, rec.seed)
+        else:
+            model = load_hf_checkpoint(parent_dir)  # type: ignore[arg-type]
+        model.config._attn_implementation = "sdpa"
+        model.train()
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=rec.lr, betas=rec.betas, eps=rec.eps, weight_decay=rec.weight_decay
+        )
+        tokens = {"boxes": 0, "code": 0, "prose": 0}
+        acc_loss: list[float] = []
+        acc_boxes: list[float] = []
+        acc_filler: list[float] = []
+        last_loss = float("nan")
+        bar = progress(range(rec.steps), desc=f"train {stage}", unit="step")
+        for step in bar:
+            batch = make_batch(rec, step)
+            for k, v in batch.tokens.items():
+                tokens[k] += v
+            lr = rec.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, boxes_l, filler_l = batch_loss(model, batch, rec)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), rec.grad_clip)
+            opt.step()
+            last_loss = float(loss.detach())
+            acc_loss.append(last_loss)
+            acc_boxes.append(boxes_l)
+            acc_filler.append(filler_l)
+            done = step + 1
+            if done % rec.eval_every == 0 or done == rec.steps:
+                acc0, acc = _validate(model, val)
+                row = {
+                    "step": done,
+                    "tokens": sum(tokens.values()),
+                    "lr": lr,
+                    "loss": sum(acc_loss) / len(acc_loss),
+                    "boxes_loss": sum(acc_boxes) / len(acc_boxes),
+                    "filler_loss": sum(acc_filler) / len(acc_filler),
+                    "val_acc_numops0": acc0,
+                    "val_acc": acc,
+                    "elapsed_s": round(time.time() - t_start, 1),
+                }
+                log.append(row)
+                acc_loss, acc_boxes, acc_filler = [], [], []
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{acc0:.2f}")
+                if callback is not None:
+                    callback(row)
+        train_seconds = time.time() - t_start
+        model.eval()
+        final_eval = _final_eval(model, eval_num_states) if evaluate_final else None
+
+    meta = _meta(rec, base_recipe, steps, tokens, log, last_loss, train_seconds, final_eval, parent_meta)
+    _write_checkpoint(model, out, meta, log)
+    return TrainResult(out, rec, float(log[-1]["loss"]), last_loss, meta)
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse an output directory that holds anything but a previous checkpoint (it would be replaced)."""
+    from entitylens.testbed.checkpoints import CHECKPOINT_FILES
+
+    if out.exists():
+        if not out.is_dir():
+            raise EntitylensError(f"{out} is a file; choose a directory for the checkpoint")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in CHECKPOINT_FILES)
+        if foreign:
+            raise EntitylensError(
+                f"{out} holds files that are not a testbed checkpoint ({', '.join(foreign[:3])}); "
+                "choose another --out (nothing was changed)"
+            )
+
+
+def _final_eval(model: Any, num_states: int | None) -> dict[str, Any]:
+    from entitylens.task.score import RowScore, aggregate
+    from entitylens.testbed.evalset import DEFAULT_EVAL_STATES, EVAL_SEED, eval_states
+    from entitylens.testbed.protocol import compact_answers
+    from entitylens.testbed.tokenizer import get_tokenizer
+
+    n = DEFAULT_EVAL_STATES if num_states is None else num_states
+    states = eval_states(EVAL_SEED, num_states=n)
+    answers = compact_answers(model, get_tokenizer(), states)
+    rows = [
+        RowScore(s.state_id, b, s.numops[b], a is not None and sorted(a) == sorted(s.contents[b]))
+        for s, ans in zip(states, answers)
+        for b, a in enumerate(ans)
+    ]
+    rep = aggregate(rows, max_numops=7)
+    return {
+        "protocol": "compact",
+        "eval_seed": EVAL_SEED,
+        "states": n,
+        "overall": rep.overall.accuracy,
+        "by_numops": {str(k): {"accuracy": v.accuracy, "n": v.n} for k, v in sorted(rep.by_numops.items())},
+    }
+
+
+def _meta(
+    rec: Recipe,
+    base_recipe: Recipe,
+    steps_override: int | None,
+    tokens: Mapping[str, int],
+    log: Sequence[Mapping[str, Any]],
+    last_loss: float,
+    seconds: float,
+    final_eval: Mapping[str, Any] | None,
+    parent_meta: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    import transformers
+
+    from entitylens import __version__
+    from entitylens.testbed.tokenizer import tokenizer_json
+
+    return _no_nan(
+        {
+            "stage": rec.stage,
+            "recipe": rec.to_dict(),
+            "recipe_hash": rec.recipe_hash,
+            "code_recipe_hash": base_recipe.recipe_hash,
+            "steps_override": steps_override,
+            "parent": None
+            if parent_meta is None
+            else {"stage": parent_meta["stage"], "recipe_hash": parent_meta["recipe_hash"]},
+            "tokens": {**tokens, "total": sum(tokens.values())},
+            "final": {
+                "loss": log[-1]["loss"],
+                "boxes_loss": log[-1]["boxes_loss"],
+                "filler_loss": log[-1]["filler_loss"],
+                "last_step_loss": last_loss,
+                "val_acc_numops0": log[-1]["val_acc_numops0"],
+                "val_acc": log[-1]["val_acc"],
+            },
+            "eval": final_eval,
+            "tokenizer_sha256": sha256_json(tokenizer_json()),
+            "versions": {
+                "entitylens": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "wall_time_s": round(seconds, 1),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(),
+                "torch_threads": rec.threads,
+            },
+        }
+    )
+
+
+def _no_nan(obj: Any) -> Any:
+    """``obj`` with every NaN float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
+
+
+def _write_log_csv(path: Path, log: Sequence[Mapping[str, Any]]) -> None:
+    with atomic_write(path) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(LOG_COLUMNS)
+        for row in log:
+            w.writerow([_fmt(row[c]) for c in LOG_COLUMNS])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def plot_log(log: Sequence[Mapping[str, Any]], out: str | os.PathLike[str], title: str = "") -> Path:
+    """Plot a training log (losses and validation accuracy against steps) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot(steps, [r["loss"] for r in log], label="loss")
+    ax1.plot(steps, [r["boxes_loss"] for r in log], label="boxes rows")
+    if any(not math.isnan(r["filler_loss"]) for r in log):
+        ax1.plot(steps, [r["filler_loss"] for r in log], label="filler")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend()
+    ax2.plot(steps, [r["val_acc_numops0"] for r in log], label="numops 0")
+    ax2.plot(steps, [r["val_acc"] for r in log], label="all rows")
+    ax2.set_ylim(0, 1)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("validation accuracy")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return out
+
+
+def _write_checkpoint(
+    model: Any, out: Path, meta: Mapping[str, Any], log: Sequence[Mapping[str, Any]]
+) -> None:
+    from entitylens.testbed.checkpoints import save_hf_checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_hf_checkpoint(model, tmp)
+        write_json(tmp / "meta.json", meta)
+        _write_log_csv(tmp / "train_log.csv", log)
+        plot_log(log, tmp / "train_log.png", title=f"testbed {meta['stage']} ({meta['recipe_hash'][:12]})")
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
