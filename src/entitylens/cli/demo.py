@@ -1,8 +1,4 @@
-"""``entitylens demo``: the README's main job.
-
-Until the embedded base/code testbed pair exists (issue 7), the demo runs the most complete pipeline
-that exists: it generates the paper-profile test set (716 states, 5,012 rows) and prints its statistics.
-"""
+"""``entitylens demo``: the README's main job — the whole pipeline on the embedded testbed pair."""
 
 from __future__ import annotations
 
@@ -12,20 +8,24 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
-    p = sub.add_parser("demo", help="run the main pipeline end to end (see README)")
+    p = sub.add_parser(
+        "demo",
+        help="run eval, probes and patching on the shipped testbed base/code pair and write report.md",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-states", type=int, default=720, help="states in the behavioural evaluation")
+    p.add_argument("--probe-states", type=int, default=240, help="states cached for the probes")
+    p.add_argument("--patch-pairs", type=int, default=24, help="clean/corrupted pairs for patching")
+    p.add_argument("--stages", default="eval,probe,patch", help="comma-separated subset of eval,probe,patch")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate the paper-profile dataset into ``args.out`` and print its statistics."""
-    from entitylens.cli.data import print_stats
-    from entitylens.task.generate import GeneratorConfig, generate_dataset
+    """Run the demo and print where the report is."""
+    from entitylens.demo import DemoConfig, run_demo
 
-    out = Path(args.out) / "test-paper-profile.jsonl"
-    config = GeneratorConfig(seed=args.seed, profile="paper")
-    generate_dataset(config, out)
-    print(f"wrote {out}")
-    print_stats(out)
+    config = DemoConfig(eval_states=args.eval_states, probe_states=args.probe_states, patch_pairs=args.patch_pairs)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    report = run_demo(args.out, config, stages=stages)
+    print(f"wrote {report}")
     return 0
