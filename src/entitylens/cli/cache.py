@@ -15,20 +15,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from entitylens.cli._args import csv_list, kst24_prefix, layer_list, read_prefix  # noqa: F401 (re-export)
 from entitylens.errors import EntitylensError
 
 _FORMATS = ("auto", "ks", "p24", "text")
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _layers(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {value!r} must be comma-separated integers") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,18 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="cache directory (e.g. runs/cache/M)")
     p.add_argument(
         "--hooks",
-        type=_csv,
+        type=csv_list,
         default=("resid_post",),
         help="comma-separated hook aliases (resid_pre, resid_mid, resid_post, attn_out, mlp_out), "
         "'{layer}' patterns or TransformerLens hook names (default resid_post)",
     )
     p.add_argument(
         "--roles",
-        type=_csv,
+        type=csv_list,
         default=("query_box", "last"),
         help="comma-separated token roles (see --list-roles)",
     )
-    p.add_argument("--layers", type=_layers, default=None, help="comma-separated layers (default: all)")
+    p.add_argument("--layers", type=layer_list, default=None, help="comma-separated layers (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=256, help="rows per shard file (default 256)")
     p.add_argument("--dtype", default="float32", help="storage dtype: float32, float16 or bfloat16")
@@ -139,15 +133,6 @@ def load_rows(path: Path, fmt: str = "auto", limit: int | None = None) -> list[A
     return rows
 
 
-def kst24_prefix() -> str:
-    """Return the KST24 2-shot prompt up to (and including) the test's ``Description: ``."""
-    from entitylens.task.prompts import kst24_prompt
-
-    marker = "Box 0 contains nothing."
-    full = kst24_prompt(marker)
-    if not full.endswith(marker):  # pragma: no cover - guards a change in the prompt layout
-        raise EntitylensError("the KST24 prompt no longer ends with the test description; use --prefix-file")
-    return full[: -len(marker)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,14 +151,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise EntitylensError(f"missing {', '.join(missing)}; pass --model, --data and --out")
-    if args.prefix_file is not None:
-        if not args.prefix_file.is_file():
-            raise EntitylensError(f"prefix file {args.prefix_file} does not exist; pass an existing --prefix-file")
-        prefix = args.prefix_file.read_text(encoding="utf-8")
-    elif args.kst24_prefix:
-        prefix = kst24_prefix()
-    else:
-        prefix = ""
+    prefix = read_prefix(args)
     config = CacheConfig(
         hooks=tuple(args.hooks),
         roles=tuple(args.roles),

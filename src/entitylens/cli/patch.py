@@ -20,22 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from entitylens.cli._args import csv_list, layer_list, read_prefix
 from entitylens.errors import EntitylensError
 
 _STEMS = {"patch": "result", "attribution": "attribution", "cross": "cross"}
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _layers(value: str) -> tuple[int, ...] | None:
-    if value.strip() == "all":
-        return None
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {value!r} must be 'all' or comma-separated integers") from None
 
 
 def _vmax(value: str) -> float | None:
@@ -112,9 +104,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("a", type=Path, help="first run directory (e.g. the base model)")
     c.add_argument("b", type=Path, help="second run directory (e.g. the variant)")
     c.add_argument("--out", type=Path, required=True, help="output directory")
-    c.add_argument("--component", type=_csv, default=None, help="components to compare (default: all in both)")
+    c.add_argument("--component", type=csv_list, default=None, help="components to compare (default: all in both)")
     c.add_argument("--kind", default="patch", help="patch (default), attribution or cross")
-    c.add_argument("--labels", type=_csv, default=None, help="two labels, e.g. base,code (default: the run's models)")
+    c.add_argument(
+        "--labels", type=csv_list, default=None, help="two labels, e.g. base,code (default: the run's models)"
+    )
     c.add_argument("--vmax", type=_vmax, default=1.0, help=_VMAX_HELP)
     _quiet_arg(c)
     c.set_defaults(func=run_compare)
@@ -152,12 +146,12 @@ def _grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=None, help="layer_role (default) or layer_head (default for head_z)")
     p.add_argument(
         "--roles",
-        type=_csv,
+        type=csv_list,
         default=None,
         help="comma-separated roles (columns of layer_role / positions patched by layer_head), or 'all' for every "
         "role all pairs share; default: query_box_desc, changed_*, query_box, query_contains, last as present",
     )
-    p.add_argument("--layers", type=_layers, default=None, help="comma-separated layers or 'all' (default all)")
+    p.add_argument("--layers", type=layer_list, default=None, help="comma-separated layers or 'all' (default all)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,16 +167,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         raise EntitylensError(f"unknown pair kind {args.kind!r}; use one of {', '.join(PAIR_KINDS)}")
     if args.out.is_dir():
         raise EntitylensError(f"--out {args.out} is a directory; give a file path such as {args.out}/pairs.jsonl")
-    if args.prefix_file is not None:
-        if not args.prefix_file.is_file():
-            raise EntitylensError(f"prefix file {args.prefix_file} does not exist; pass an existing --prefix-file")
-        prefix = args.prefix_file.read_text(encoding="utf-8")
-    elif args.kst24_prefix:
-        from entitylens.cli.cache import kst24_prefix
-
-        prefix = kst24_prefix()
-    else:
-        prefix = ""
+    prefix = read_prefix(args)
     data: Any = None
     if args.data is not None:
         if not args.data.is_file():

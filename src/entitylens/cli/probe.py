@@ -15,25 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from entitylens.cli._args import csv_list, float_list, layer_list
 from entitylens.errors import EntitylensError
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def _layers(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {value!r} must be comma-separated integers") from None
-
-
-def _floats(value: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in _csv(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--Cs {value!r} must be comma-separated numbers") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,15 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", type=Path, help="activation cache directory (from `entitylens cache --out`)")
     p.add_argument("--target", choices=("box_contents", "object_in_box"), default="box_contents",
                    help="box_contents: the queried box's object set; object_in_box: every (box, object) pair")
-    p.add_argument("--roles", type=_csv, default=("query_box", "last"), help="comma-separated cached roles")
+    p.add_argument("--roles", type=csv_list, default=("query_box", "last"), help="comma-separated cached roles")
     p.add_argument("--hook", default="resid_post", help="cached hook key (default resid_post)")
-    p.add_argument("--layers", type=_layers, default=None, help="comma-separated cached layers (default: all)")
+    p.add_argument("--layers", type=layer_list, default=None, help="comma-separated cached layers (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and control labels")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of states in the test split")
     p.add_argument("--disjoint-objects", type=float, nargs="?", const=0.1, default=0.0, metavar="FRACTION",
                    help="hold this fraction of the objects out of training (default when given: 0.1)")
     p.add_argument("--min-count", type=int, default=1, help="keep labels true in at least this many rows")
-    p.add_argument("--Cs", type=_floats, default=(0.01, 0.1, 1.0, 10.0), help="inverse L2 strengths to choose from")
+    p.add_argument("--Cs", type=float_list, default=(0.01, 0.1, 1.0, 10.0), help="inverse L2 strengths to choose from")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (by state)")
     p.add_argument("--bootstrap", type=int, default=200, help="state resamples for intervals (0: none)")
     p.add_argument("--no-control", action="store_true", help="skip the shuffled-label control task")
