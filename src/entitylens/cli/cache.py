@@ -55,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="rows per shard file (default 256)")
     p.add_argument("--dtype", default="float32", help="storage dtype: float32, float16 or bfloat16")
     p.add_argument("--model-dtype", default="float32", help="dtype the model runs in (default float32)")
+    p.add_argument(
+        "--random-init", type=int, metavar="SEED", default=None,
+        help="re-initialise the model's weights (seeded) before caching: the random-model control for "
+        "`entitylens probe --random-cache`",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     prefix = p.add_mutually_exclusive_group()
     prefix.add_argument("--prefix-file", type=Path, help="text file put verbatim before every row's prompt")
@@ -166,9 +171,17 @@ def run(args: argparse.Namespace) -> int:
     from entitylens.models import load_model
 
     model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    spec = args.model
+    if args.random_init is not None:
+        # Random-model control: same architecture and tokenizer, trained weights discarded. The spec
+        # recorded in meta.json says so, so this cache can never be mistaken for the trained model's.
+        from entitylens.probing.run import reinitialize_weights
+
+        reinitialize_weights(model, seed=args.random_init)
+        spec = f"{args.model}#random-init-{args.random_init}"
     source = {"path": str(args.data), "sha256": sha256_file(args.data), "limit": args.limit}
     index = cache_activations(
-        model, rows, config, args.out, model_spec=args.model, dataset_source=source, overwrite=args.overwrite
+        model, rows, config, args.out, model_spec=spec, dataset_source=source, overwrite=args.overwrite
     )
     print(
         f"cached {index.n_rows} rows in {len(index.shards)} shards to {index.directory} "
