@@ -319,22 +319,6 @@ class _Encoded:
     tokens_sha256: str
 
 
-def _find_row_roles(text: str, offsets: Any, config: CacheConfig, row: str) -> dict[str, int | None]:
-    """Role positions of one prompt (the testbed's compact prompts have their own finder, same role names).
-
-    K&S / P24 text goes through :func:`find_roles`; compact prompts through
-    :func:`entitylens.testbed.protocol.find_compact_roles`.
-    """
-    from entitylens.testbed.protocol import find_compact_roles, is_compact_prompt
-
-    if is_compact_prompt(text):
-        try:
-            return find_compact_roles(text, offsets, config.roles, allow_missing=config.allow_missing_roles)
-        except EntitylensError as e:
-            raise EntitylensError(f"row {row}: {e}") from None
-    return find_roles(text, offsets, config.roles, allow_missing=config.allow_missing_roles, row=row)
-
-
 def _encode_all(model: Any, prompts: Sequence[CachePrompt], config: CacheConfig) -> _Encoded:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -353,7 +337,7 @@ def _encode_all(model: Any, prompts: Sequence[CachePrompt], config: CacheConfig)
                 f"row {p.row_id}: prompt has {len(ids)} tokens, more than the model's context of {n_ctx}; "
                 "shorten the prompt (drop the few-shot prefix) or use a model with a longer context"
             )
-        found = _find_row_roles(p.text, offsets, config, p.row_id)
+        found = find_roles(p.text, offsets, config.roles, allow_missing=config.allow_missing_roles, row=p.row_id)
         for j, role in enumerate(config.roles):
             idx = found[role]
             positions[r, j] = -1 if idx is None else idx

@@ -212,9 +212,15 @@ def parse_prompt(text: str) -> PromptStructure:
         text: The prompt text.
 
     Returns:
-        The spans found; parts that are absent are ``None`` / empty.
+        The spans found; parts that are absent are ``None`` / empty. The testbed's compact prompts
+        (``"B0 car ; ... | B3"``) are parsed by :func:`entitylens.testbed.protocol.compact_structure`, so
+        every role means the same tokens in both forms.
 
     """
+    from entitylens.testbed.protocol import compact_structure, is_compact_prompt
+
+    if is_compact_prompt(text):
+        return compact_structure(text)
     m = _QUERY_RE.search(text)
     if m is not None:
         label = m.group("label")

@@ -385,23 +385,10 @@ def find_compact_roles(
     Returns:
         Role -> token index.
     """
-    from entitylens.activations.roles import role_span, span_to_token, tokenize_with_offsets, validate_roles
+    from entitylens.activations.roles import find_roles
 
-    roles = validate_roles(roles)
-    if not isinstance(offsets, Sequence):
-        _, offsets = tokenize_with_offsets(offsets, text)
-    structure = compact_structure(text)
-    out: dict[str, int | None] = {}
-    for role in roles:
-        if role == "last":
-            idx: int | None = len(offsets) - 1 if len(offsets) else None
-        else:
-            found = role_span(structure, role, len(text))
-            idx = None if found is None else span_to_token(offsets, found[0], found[1])
-        if idx is None and not allow_missing:
-            raise EntitylensError(f"role {role!r} is not present in the compact prompt; choose roles it has")
-        out[role] = idx
-    return out
+    # parse_prompt recognises compact prompts, so the shared role finder serves them unchanged.
+    return find_roles(text, offsets, roles, allow_missing=allow_missing)
 
 
 def cache_prompts(states: Sequence[State], protocol: CompactProtocol = COMPACT) -> list[Any]:
