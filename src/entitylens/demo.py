@@ -17,7 +17,6 @@ files the pipelines wrote, so the report and ``summary.csv`` cannot disagree).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from typing import Any
 
 from entitylens._io import atomic_write
 from entitylens.errors import EntitylensError
+from entitylens.table import read_csv
 
 ARMS = ("base", "code")
 EVAL_MODELS = ("random", "nothing", "initial", "testbed:stem", "testbed:base", "testbed:code")
@@ -50,11 +50,6 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if min(self.eval_states, self.probe_states, self.patch_pairs) < 1:
             raise EntitylensError("demo sizes must be >= 1; pass positive --eval-states/--probe-states/--patch-pairs")
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def _pct(x: str | float | None) -> str:
@@ -192,8 +187,8 @@ def run_patch_stage(out: Path, config: DemoConfig) -> dict[str, Path]:
 
 def write_report(out: Path, have_probes: bool, have_patch: bool) -> Path:
     """Write ``report.md`` from the CSV files the stages wrote."""
-    summary = _read_csv(out / "eval" / "summary.csv")
-    comparison = _read_csv(out / "eval" / "comparison.csv")
+    summary = read_csv(out / "eval" / "summary.csv").rows
+    comparison = read_csv(out / "eval" / "comparison.csv").rows
     models = [m for m in dict.fromkeys(r["model"] for r in summary)]
     buckets = [r["bucket"] for r in summary if r["model"] == models[0]]
     lines = [
@@ -243,7 +238,7 @@ def write_report(out: Path, have_probes: bool, have_patch: bool) -> Path:
     if have_probes:
         lines += ["## Probes by layer (queried box's object set, residual stream after each block)", ""]
         for arm in ARMS:
-            table = _read_csv(out / "probe" / arm / "probe.csv")
+            table = read_csv(out / "probe" / arm / "probe.csv").rows
             best = [r for r in table if r.get("metric") in ("exact_match", "selectivity")]
             lines.append(f"**{arm}**")
             lines.append("")
