@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +111,15 @@ def test_cli_end_to_end_matches_direct_fit(caches: tuple[Path, Path], tmp_path: 
     assert not ({groups[i] for i in split.train.tolist()} & {groups[i] for i in te.tolist()})
     y_te = t.labels[te]
     cols = (y_te.sum(0) > 0) & (y_te.sum(0) < len(te))
-    boxes = torch.tensor([r["box"] for r in cache.rows])
+    # Control type = the queried box's initial object set, recomputed from the rows (not from build_target).
+    obj_types = ["+".join(sorted(r["initial"])) for r in cache.rows]
+    assert len(set(obj_types)) > 7  # object types, not the 7 boxes
     for role in ("query_box", "last"):
         feats = cache.features("resid_post", role)
         res = fit_probes(feats, t.labels, groups, cfg, split=split)
-        ctl = fit_probes(feats, control_labels(t.labels, boxes, 2), groups, cfg, split=split)
+        ctl = fit_probes(feats, control_labels(t.labels, obj_types, 2), groups, cfg, split=split)
         m, cm = res.metrics(), ctl.metrics()
-        y_c = control_labels(t.labels, boxes, 2)[te]
+        y_c = control_labels(t.labels, obj_types, 2)[te]
         ccols = (y_c.sum(0) > 0) & (y_c.sum(0) < len(te))
         numops = torch.tensor([r["numops"] for r in cache.rows])
         strat = res.stratified(numops)
@@ -234,3 +237,15 @@ def test_reinitialize_weights_is_a_seeded_random_model_of_the_same_architecture(
     assert model_fingerprint(a) != model_fingerprint(trained)
     with pytest.raises(EntitylensError, match="cannot re-initialise a str"):
         reinitialize_weights("not a model")
+
+
+def test_control_needs_initial_contents_in_the_rows(caches: tuple[Path, Path]) -> None:
+    """A cache whose rows lack 'initial' (older format) still probes without the control, and says how to fix it."""
+    cache = load_cache(caches[0])
+    cache.rows = [{k: v for k, v in r.items() if k != "initial"} for r in cache.rows]
+    cfg = ProbeRunConfig(roles=("query_box",), bootstrap=0, probe=ProbeConfig(Cs=(1.0,), folds=2, seed=0))
+    with pytest.raises(EntitylensError, match="rebuild the cache .* or pass --no-control") as err:
+        run_probes(cache, cfg)
+    assert "\n" not in str(err.value)
+    run = run_probes(cache, replace(cfg, control=False))
+    assert "selectivity" not in set(run.table.column("metric"))

@@ -41,11 +41,28 @@ def test_box_contents_labels_by_hand() -> None:
     assert torch.equal(t.labels, expected)
     assert t.groups == ("s1", "s1", "s1", "s2", "s2", "s2", "s3")
     assert t.numops.tolist() == [0, 1, 2, 3, 0, 1, 2]
-    assert t.types.tolist() == [0, 1, 2, 0, 1, 2, 1]  # control type = the queried box
+    assert t.types.tolist() == [-1] * 7  # rows without initial contents: no control type
     assert t.rows.tolist() == list(range(7))
     # Disjoint-object involvement for box_contents = the row's own label set.
     assert torch.equal(t.objects, expected)
     assert t.vocabulary == ("apple", "bottle", "car", "map")
+
+
+INITIAL = {("s1", 0): ["car", "apple"], ("s1", 1): ["bottle"], ("s1", 2): [], ("s2", 0): ["bottle"],
+           ("s2", 1): ["map"], ("s2", 2): [], ("s3", 1): ["car", "apple"]}
+
+
+def test_control_type_is_the_queried_box_initial_object_set() -> None:
+    rows = [{**r, "initial": INITIAL[(r["state_id"], r["box"])]} for r in _rows()]
+    for target in ("box_contents", "object_in_box"):
+        t = build_target(rows, target)
+        assert t.type_names == ("", "apple+car", "bottle", "map")  # sorted within a type, "" = empty box
+        names = [t.type_names[k] for k in t.types.tolist()]
+        expected = ["+".join(sorted(INITIAL[(rows[i]["state_id"], rows[i]["box"])])) for i in t.rows.tolist()]
+        assert names == expected
+    # Same object type in different boxes and states shares one code (s1 box1 and s2 box0 both held a bottle).
+    t = build_target(rows, "box_contents")
+    assert t.types[1] == t.types[3] and t.types[0] == t.types[6] and t.types[2] == t.types[5]
 
 
 def test_box_contents_min_count_drops_rare_objects() -> None:

@@ -10,7 +10,7 @@ every requested hook has fired (no unembedding when only residuals are wanted).
 On disk (``out_dir``)::
 
     meta.json              model / dataset / config identity, per-shard sha256, progress
-    rows.json              one metadata record per row (row id, state id, box, numops, gold, objects)
+    rows.json              one metadata record per row (row id, state id, box, numops, gold, initial, objects)
     shard_00000.safetensors
     shard_00001.safetensors ...
 
@@ -190,6 +190,7 @@ def _row_meta(row: Any) -> dict[str, Any]:
         "numops": row.numops,
         "numops_by_op": dict(sorted(row.numops_by_op.items())),
         "gold": list(row.gold),
+        "initial": list(state.initial[row.box]),
         "variant": state.variant,
         "objects": sorted(objects),
     }
@@ -227,6 +228,7 @@ def build_prompts(data: Sequence[Any], prefix: str = "") -> list[CachePrompt]:
                 "sample_id": item.sample_id,
                 "box": item.query_box,
                 "gold": [item.answer],
+                "initial": [item.answer],
                 "objects": sorted(o for o, _ in item.assignments),
             }
             text = f"{prefix}{item.prompt}"

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "probe",
         help="train linear probes on every cached layer (box contents, object in box) with controls",
         description="Train one linear probe per layer and role on an activation cache (`entitylens cache`), "
-        "split by state, with a shuffled-label control task; write probe.csv, probe_by_layer.png and "
+        "split by state, with a control task (random labels per object type); write probe.csv, probe_by_layer.png and "
         "meta.json. With --compare A B, draw two probe runs on one figure.",
     )
     p.add_argument("--cache", type=Path, help="activation cache directory (from `entitylens cache --out`)")
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--Cs", type=float_list, default=(0.01, 0.1, 1.0, 10.0), help="inverse L2 strengths to choose from")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (by state)")
     p.add_argument("--bootstrap", type=int, default=200, help="state resamples for intervals (0: none)")
-    p.add_argument("--no-control", action="store_true", help="skip the shuffled-label control task")
+    p.add_argument("--no-control", action="store_true", help="skip the control task (random labels per object type)")
     p.add_argument("--random-cache", type=Path, default=None,
                    help="cache of the same rows from a randomly initialised model of the same architecture")
     p.add_argument("--device", default="cpu", help="device the probes are fitted on (cpu, cuda, ...)")

@@ -55,7 +55,8 @@ class ProbeRunConfig:
         min_count: Keep label columns true in at least this many rows.
         heldout_object_fraction: Hold out this fraction of the objects from training (disjoint objects;
             0 = off). Metrics are then also reported on test rows with / without a held-out object.
-        control: Also fit the control task (labels redrawn per type) and report selectivity.
+        control: Also fit the control task (one random label set per object type: the queried box's initial
+            contents) and report selectivity.
         bootstrap: Resamples of the test states for the intervals of averaged metrics (0 = none).
         probe: The :class:`~entitylens.probing.linear.ProbeConfig` (seed, test fraction, Cs, ...).
     """
@@ -350,7 +351,12 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
         split = split_by_group(list(target.groups), pc.test_fraction, pc.seed)
     test_groups = [target.groups[i] for i in split.test.tolist()]
     weights = _bootstrap_weights(test_groups, cfg.bootstrap, pc.seed) if cfg.bootstrap else None
-    ctl_labels = control_labels(target.labels, target.types, pc.seed) if cfg.control else None
+    ctl_labels = None
+    if cfg.control:
+        if bool((target.types < 0).any()):
+            raise EntitylensError("the cache rows carry no 'initial' contents, which the control task types rows "
+                                  "by; rebuild the cache with this entitylens version or pass --no-control")
+        ctl_labels = control_labels(target.labels, target.types, pc.seed)
     rows: list[dict[str, Any]] = []
     results: dict[str, ProbeResult] = {}
     controls: dict[str, ProbeResult] = {}

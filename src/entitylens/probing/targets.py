@@ -11,9 +11,15 @@ state queried at one box): ``state_id``, ``box``, ``numops``, ``gold`` (the quer
   boxes come from the state's other rows; states not cached at every box are left out.
 
 Every target also carries the groups (state ids, so no state is split across train and test), numops
-per row (for numops-stratified accuracy, target c), the control-task type of each row (the queried box,
-i.e. the token at the ``query_box`` role) and the objects each row's labels involve (for disjoint-object
-splits).
+per row (for numops-stratified accuracy, target c), the control-task type of each row and the objects each
+row's labels involve (for disjoint-object splits).
+
+The control-task *type* of a row is its **object type**: the object(s) the queried box holds in the
+state's initial description (``"bottle"``, ``"apple+bottle"``, or ``""`` for an empty box). A Hewitt &
+Liang (2019) control task gives every type one random label set (:func:`entitylens.probing.controls.control_labels`),
+so a probe can only solve it by memorising object identity; ``selectivity = task - control`` is what the
+probe gets beyond that. (Typing rows by the queried box instead would make the control trivially easy --
+the box number is the token under the ``query_box`` role -- and selectivity negative everywhere.)
 """
 
 from __future__ import annotations
@@ -45,12 +51,14 @@ class ProbeTarget:
         target_names: One name per label column (``"bottle"`` or ``"box3:bottle"``).
         groups: ``[n]`` state id per row (split key).
         numops: ``[n]`` numops of the queried box per row (``-1`` where the cache has none).
-        types: ``[n]`` control-task type per row (the queried box).
+        types: ``[n]`` control-task type code per row: the queried box's initial contents, an index into
+            ``type_names`` (``-1`` for every row of a cache without ``initial`` metadata).
         vocabulary: Objects indexing the columns of ``objects``.
         objects: ``[n, len(vocabulary)]`` objects each row's labels involve (the queried box's contents
             for ``box_contents``; every box's contents for ``object_in_box``), for disjoint-object splits.
         column_objects: The object of each label column.
         dropped_states: States left out (``object_in_box`` only: not cached at every box).
+        type_names: Name of each control-task type (objects joined by ``+``; ``""`` = empty box).
     """
 
     name: str
@@ -64,6 +72,7 @@ class ProbeTarget:
     objects: Bool[Tensor, "n num_objects"]
     column_objects: tuple[str, ...] = ()
     dropped_states: tuple[str, ...] = ()
+    type_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.rows)
@@ -177,6 +186,14 @@ def build_target(
             objects[r, vcol[o]] = True
     numops = torch.tensor([int(meta_rows[i].get("numops", -1) if meta_rows[i].get("numops") is not None else -1)
                            for i in keep], dtype=torch.int64)
+    if all(meta_rows[i].get("initial") is not None for i in keep):
+        type_of = ["+".join(sorted(str(o) for o in meta_rows[i]["initial"])) for i in keep]
+        type_names = tuple(sorted(set(type_of)))
+        tcode = {t: j for j, t in enumerate(type_names)}
+        types = torch.tensor([tcode[t] for t in type_of], dtype=torch.int64)
+    else:  # caches written before rows carried their initial contents
+        type_names = ()
+        types = torch.full((len(keep),), -1, dtype=torch.int64)
     return ProbeTarget(
         name=target,
         rows=torch.tensor(keep, dtype=torch.int64),
@@ -184,9 +201,10 @@ def build_target(
         target_names=target_names,
         groups=tuple(groups[i] for i in keep),
         numops=numops,
-        types=torch.tensor([boxes[i] for i in keep], dtype=torch.int64),
+        types=types,
         vocabulary=vocabulary,
         objects=objects,
         column_objects=column_objects,
         dropped_states=dropped,
+        type_names=type_names,
     )
