@@ -1,8 +1,10 @@
 """Pseudo-models that need no weights: the paper's random baseline and two trivial references.
 
-* ``random`` — KST24's random baseline: for each box, a number of objects k ~ Uniform{0..3} (capped by
-  the candidates) sampled without replacement from the objects *mentioned with that box* in the prompt
-  (its initial description and every operation that names it).
+* ``random`` — KST24's random baseline: for each box, k ~ Uniform{0..3} draws *with replacement* from the
+  objects *mentioned with that box* in the prompt (its initial description and every operation that names
+  it), duplicates dropped (what ``numpy.random.choice(candidates, k)`` does by default). Drawing with
+  replacement reproduces the paper's numops-0 accuracy (41.8 % on our paper-profile set vs the paper's
+  41.1 %); drawing ``min(k, candidates)`` objects without replacement gives 53.7 %.
 * ``nothing`` — every box "contains nothing".
 * ``initial`` — copy the initial description, ignoring every operation.
 
@@ -51,7 +53,8 @@ def random_contents(state: State, seed: int = 0, max_objects: int = 3) -> tuple[
     Args:
         state: The state.
         seed: Seed of the draw.
-        max_objects: Largest number of objects drawn for a box (the paper: 3).
+        max_objects: Largest number of draws for a box (the paper: 3); draws are with replacement, so a
+            box gets at most this many distinct objects.
 
     Returns:
         Predicted contents per box, alphabetical.
@@ -61,8 +64,8 @@ def random_contents(state: State, seed: int = 0, max_objects: int = 3) -> tuple[
     out = []
     for candidates in mentioned_objects(state):
         k = rng.randint(0, max_objects)
-        k = min(k, len(candidates))
-        out.append(tuple(sorted(rng.sample(list(candidates), k))))
+        drawn = {rng.choice(candidates) for _ in range(k)} if candidates else set()
+        out.append(tuple(sorted(drawn)))
     return tuple(out)
 
 
