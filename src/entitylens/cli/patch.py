@@ -23,12 +23,6 @@ from typing import Any
 from entitylens.cli._args import csv_list, layer_list, read_prefix
 from entitylens.errors import EntitylensError
 
-_STEMS = {"patch": "result", "attribution": "attribution", "cross": "cross"}
-
-
-
-
-
 
 def _vmax(value: str) -> float | None:
     if value.strip() == "auto":
@@ -234,22 +228,6 @@ def _tokenised(model: Any, pairs: list[Any], roles: list[str] | None) -> list[An
     return pairs
 
 
-def _summary(result: Any, top: int = 5) -> str:
-    import torch
-
-    mean = result.mean()
-    flat = torch.where(torch.isfinite(mean), mean, torch.full_like(mean, float("-inf"))).flatten()
-    k = min(top, int(torch.isfinite(mean).sum()))
-    if k == 0:
-        return "  no finite cells (the two baselines coincide for every pair)"
-    idx = flat.topk(k).indices.tolist()
-    n_cells = len(result.cells)
-    lines = [
-        f"  layer {result.layers[i // n_cells]:>3}  {result.cells[i % n_cells]:<20} {float(flat[i]):+.3f}" for i in idx
-    ]
-    return "\n".join(lines)
-
-
 def run_run(args: argparse.Namespace) -> int:
     """Exact (and optionally attribution) patching of a pairs file; writes the run directory."""
     from entitylens._io import sha256_file
@@ -263,6 +241,7 @@ def run_run(args: argparse.Namespace) -> int:
         prepare_pairs,
         run_attribution,
         run_patching,
+        top_cells_summary,
         write_patch_outputs,
     )
 
@@ -314,7 +293,7 @@ def run_run(args: argparse.Namespace) -> int:
         f"({result.n_forward_cells} cells ran, {result.n_noop_cells} exact no-ops)"
     )
     print("strongest cells (mean normalised, 1 = clean behaviour restored):")
-    print(_summary(result))
+    print(top_cells_summary(result))
     if attribution is not None:
         import json
 
@@ -346,7 +325,14 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
     from entitylens.models import load_model
     from entitylens.patching.cross_model import check_compatible
     from entitylens.patching.exact import tokenizer_fingerprint
-    from entitylens.patching.run import check_run_dir, default_grid, prepare_pairs, run_cross, write_patch_outputs
+    from entitylens.patching.run import (
+        check_run_dir,
+        default_grid,
+        prepare_pairs,
+        run_cross,
+        top_cells_summary,
+        write_patch_outputs,
+    )
 
     grid = args.grid or default_grid(args.component)
     _check_grid(args.component, grid, args.method)
@@ -392,7 +378,7 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
         f"{len(result.cells)} cells ({args.component}) with {result.path} in {seconds:.1f} s"
     )
     print("cells transferring most of A's behaviour (1 = B behaves like A):")
-    print(_summary(result))
+    print(top_cells_summary(result))
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 
@@ -402,85 +388,11 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _run_label(run_dir: Path) -> str:
-    import json
-
-    path = run_dir / "run.json"
-    if path.is_file():
-        try:
-            results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
-        except (OSError, ValueError):
-            results = {}
-        for entry in results.values():
-            if entry.get("model"):
-                return str(entry["model"])
-            if entry.get("source"):
-                return f"{entry['source']} -> {entry['target']}"
-    return run_dir.name
-
-
-def _components(run_dir: Path, stem: str) -> set[str]:
-    return {p.name[len(stem) + 1 : -len(".safetensors")] for p in run_dir.glob(f"{stem}_*.safetensors")}
-
-
 def run_compare(args: argparse.Namespace) -> int:
     """Draw the heatmaps of two run directories side by side on one colour scale."""
-    from entitylens.patching.exact import PatchResult
-    from entitylens.plots import patch_color_limit, plot_patch_comparison
-    from entitylens.table import Table
+    from entitylens.patching.run import compare_patch_runs
 
-    if args.kind not in _STEMS:
-        raise EntitylensError(f"unknown --kind {args.kind!r}; use patch, attribution or cross")
-    stem = _STEMS[args.kind]
-    for d in (args.a, args.b):
-        if not d.is_dir():
-            raise EntitylensError(f"run directory {d} does not exist; pass the --out of `entitylens patch run`")
-    if args.out.exists() and not args.out.is_dir():
-        raise EntitylensError(f"--out {args.out} is a file; give a directory")
-    labels = list(args.labels) if args.labels else [_run_label(args.a), _run_label(args.b)]
-    if len(labels) != 2:
-        raise EntitylensError(f"--labels needs two labels (got {len(labels)}), e.g. --labels base,code")
-    if labels[0] == labels[1]:
-        labels = [f"{labels[0]} (A)", f"{labels[1]} (B)"]
-    both = _components(args.a, stem) & _components(args.b, stem)
-    comps = list(args.component) if args.component else sorted(both)
-    if not comps:
-        raise EntitylensError(
-            f"{args.a} and {args.b} have no {args.kind} result for a common component; run the same "
-            f"--component into both first"
-        )
-    rows = []
-    written = []
-    for comp in comps:
-        ra = PatchResult.load(_result_path(args.a, stem, comp))
-        rb = PatchResult.load(_result_path(args.b, stem, comp))
-        ma, mb = ra.mean(), rb.mean()
-        vmax = patch_color_limit(ma, mb) if args.vmax is None else args.vmax
-        cbar = "transfer (1 = behaves like A)" if args.kind == "cross" else "normalised (1 = clean, 0 = corrupted)"
-        written += plot_patch_comparison(
-            [(labels[0], ma.numpy(), ra.layers, ra.cells), (labels[1], mb.numpy(), rb.layers, rb.cells)],
-            args.out / f"compare_{comp}",
-            title=f"{args.kind} {comp}: {labels[0]} vs {labels[1]}",
-            vmax=vmax,
-            colorbar_label=cbar,
-        )
-        b_index = {(layer, cell): (li, ci) for li, layer in enumerate(rb.layers) for ci, cell in enumerate(rb.cells)}
-        for li, layer in enumerate(ra.layers):
-            for ci, cell in enumerate(ra.cells):
-                va = float(ma[li, ci])
-                j = b_index.get((layer, cell))
-                vb = float(mb[j]) if j is not None else float("nan")
-                rows.append({"kind": args.kind, "component": comp, "layer": layer, "cell": cell,
-                             "a": va, "b": vb, "b_minus_a": vb - va})  # fmt: skip
-    table = Table(("kind", "component", "layer", "cell", "a", "b", "b_minus_a"), tuple(rows))
-    table.to_csv(args.out / "compare.csv")
-    print(f"compared {len(comps)} component(s): {labels[0]} (a) vs {labels[1]} (b)")
-    print("wrote " + ", ".join(str(p) for p in [*written, args.out / "compare.csv"]))
+    written, _ = compare_patch_runs(args.a, args.b, args.out, kind=args.kind, components=args.component,
+                                    labels=args.labels, vmax=args.vmax, say=print)
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def _result_path(run_dir: Path, stem: str, comp: str) -> Path:
-    p = run_dir / f"{stem}_{comp}.safetensors"
-    if not p.is_file():
-        raise EntitylensError(f"{p} does not exist; run this component into {run_dir} first")
-    return p

@@ -37,7 +37,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import torch
@@ -62,6 +62,7 @@ __all__ = [
     "PAIR_KINDS",
     "TextPair",
     "build_pairs",
+    "compact_pairs",
     "default_roles",
     "read_any_pairs",
     "read_pairs",
@@ -936,3 +937,63 @@ def validate_role_names(roles: Sequence[str]) -> tuple[str, ...]:
         except EntitylensError as e:
             raise EntitylensError(f"{e} (or a pair alias: {', '.join(ALIAS_ROLES)})") from None
     return roles
+
+
+def compact_pairs(pairs: Sequence[TextPair]) -> list[TextPair]:
+    """Render K&S text pairs (``build_pairs``) in the testbed's compact protocol.
+
+    Each side's context is parsed back (:func:`entitylens.task.text.parse_context`) and written as a compact
+    prompt (``"B0 car ; ... put coat B3 . | B3"``); the answers are the queried box's contents in list
+    order (``" car coat ;"``); roles are found in the compact text by name (the same catalogue and the same
+    ``changed_object`` / ``changed_box`` aliases as the K&S pairs). A pair whose compact answers share no
+    distinguishing word is dropped.
+
+    Args:
+        pairs: :class:`~entitylens.patching.pairs.TextPair` s of the kinds ``op_object``, ``op_box``,
+            ``init_object`` or ``drop_op``, built without a prefix.
+
+    Returns:
+        The compact pairs (same kind, state id, queried box and changed operation).
+
+    Raises:
+        EntitylensError: A ``p24`` pair, or a prompt that is not ``<context> Box N contains``.
+    """
+    from entitylens.activations.roles import parse_prompt
+    from entitylens.task.text import box_name, parse_context
+    from entitylens.testbed.data import context_words, ordered_contents, query_words
+    from entitylens.testbed.protocol import COMPACT
+
+    out = []
+    for tp in pairs:
+        if tp.kind == "p24":
+            raise EntitylensError(
+                "p24 pairs have no compact form; use --kind op_object, op_box, init_object or drop_op"
+            )
+        variant = str(tp.meta.get("variant", "base"))
+        query = f" {box_name(int(tp.query_box), variant)} contains"
+        sides = []
+        for text in (tp.clean_prompt, tp.corrupted_prompt):
+            if not text.endswith(query):
+                raise EntitylensError(f"pair {tp.name}: prompt does not end with {query.strip()!r}; build pairs "
+                                      "without a prefix or query suffix")
+            ctx = parse_context(text[: -len(query)])
+            prompt = " ".join([*context_words(ctx.initial, ctx.operations), "|", *query_words(int(tp.query_box))])
+            answer = COMPACT.answer_text(ordered_contents(ctx.initial, ctx.operations)[int(tp.query_box)])
+            sides.append((ctx, prompt, answer))
+        (cctx, clean, cans), (xctx, corr, xans) = sides
+        if not _distinguishable(cans, xans):
+            continue
+        cs, xs = parse_prompt(clean), parse_prompt(corr)
+        edit = _Edit(xctx.initial, xctx.operations, tp.changed_op, tp.description)
+        aliases = _alias_spans(tp.kind, cs, xs, clean, corr, edit, SimpleNamespace(operations=cctx.operations))
+        n_ops = len(cctx.operations) if tp.kind != "drop_op" else int(tp.changed_op or 0)
+        candidates = [f"box{lab}_desc" for lab in cs.desc_boxes] + ["query_box_desc"]
+        candidates += [f"op{j}_{part}" for j in range(n_ops) for part in ("object", "box", "dest")]
+        roles = _shared_roles(clean, corr, cs, xs, candidates)
+        roles += list(aliases) + _shared_roles(clean, corr, cs, xs, ["query_box", "query_contains", "last"])
+        out.append(TextPair(
+            kind=tp.kind, state_id=tp.state_id, query_box=tp.query_box, clean_prompt=clean, corrupted_prompt=corr,
+            clean_answer=cans, corrupted_answer=xans, changed_op=tp.changed_op, roles=tuple(roles),
+            role_spans=aliases, description=tp.description, meta={**dict(tp.meta), "protocol": "compact"},
+        ))  # fmt: skip
+    return out

@@ -45,14 +45,21 @@ from entitylens.table import Table, read_csv
 __all__ = [
     "CSV_COLUMNS",
     "check_run_dir",
+    "compare_patch_runs",
     "default_grid",
     "prepare_pairs",
+    "read_manifest",
     "result_table",
     "run_attribution",
     "run_cross",
+    "run_label",
     "run_patching",
+    "top_cells_summary",
     "write_patch_outputs",
 ]
+
+RESULT_STEMS: dict[str, str] = {"patch": "result", "attribution": "attribution", "cross": "cross"}
+"""File stem of each result kind in a run directory (``result_<component>.safetensors`` ...)."""
 
 CSV_COLUMNS: tuple[str, ...] = (
     "kind",
@@ -283,8 +290,19 @@ def result_table(result: PatchResult) -> Table:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    path = out / "run.json"
+def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A patch run directory's ``run.json`` (``None`` when there is none yet).
+
+    Args:
+        out: The run directory.
+
+    Returns:
+        The parsed manifest, or ``None``.
+
+    Raises:
+        EntitylensError: The file exists but is not valid JSON.
+    """
+    path = Path(out) / "run.json"
     if not path.is_file():
         return None
     try:
@@ -310,7 +328,7 @@ def check_run_dir(out: str | os.PathLike[str], identity: Mapping[str, Any], over
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EntitylensError(f"--out {out} is a file; give a directory such as runs/patch/MODEL")
-    old = _read_manifest(out)
+    old = read_manifest(out)
     if old is None:
         return
     if dict(old.get("identity", {})) == json.loads(json.dumps(dict(identity))):
@@ -460,7 +478,7 @@ def write_patch_outputs(
         files["agreement"] = agree_path
         entry["agreement"] = _json_safe(agree["pair_mean"])
     entry["files"] = sorted({p.name for p in files.values()})
-    manifest = _read_manifest(out) or {"identity": identity, "results": {}}
+    manifest = read_manifest(out) or {"identity": identity, "results": {}}
     manifest["identity"] = identity
     manifest.setdefault("results", {})[f"{stem}/{c}"] = _json_safe(entry)
     write_json(out / "run.json", manifest)
@@ -476,3 +494,139 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+# --------------------------------------------------------------------------------------------- comparing runs
+
+
+def top_cells_summary(result: PatchResult, top: int = 5) -> str:
+    """The ``top`` cells of a result's pair-averaged metric, one indented line each (for terminal output).
+
+    Args:
+        result: A :class:`~entitylens.patching.exact.PatchResult`.
+        top: How many cells.
+
+    Returns:
+        Lines ``"  layer   L  cell  +0.123"``, best first, or a note when no cell is finite.
+    """
+    mean = result.mean()
+    flat = torch.where(torch.isfinite(mean), mean, torch.full_like(mean, float("-inf"))).flatten()
+    k = min(top, int(torch.isfinite(mean).sum()))
+    if k == 0:
+        return "  no finite cells (the two baselines coincide for every pair)"
+    idx = flat.topk(k).indices.tolist()
+    n_cells = len(result.cells)
+    lines = [
+        f"  layer {result.layers[i // n_cells]:>3}  {result.cells[i % n_cells]:<20} {float(flat[i]):+.3f}" for i in idx
+    ]
+    return "\n".join(lines)
+
+
+def run_label(run_dir: str | os.PathLike[str]) -> str:
+    """A run directory's model label from its ``run.json`` (``"A -> B"`` for cross-model; else its name)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "run.json"
+    if path.is_file():
+        try:
+            results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
+        except (OSError, ValueError):
+            results = {}
+        for entry in results.values():
+            if entry.get("model"):
+                return str(entry["model"])
+            if entry.get("source"):
+                return f"{entry['source']} -> {entry['target']}"
+    return run_dir.name
+
+
+def _components(run_dir: Path, stem: str) -> set[str]:
+    return {p.name[len(stem) + 1 : -len(".safetensors")] for p in run_dir.glob(f"{stem}_*.safetensors")}
+
+
+def _result_path(run_dir: Path, stem: str, comp: str) -> Path:
+    p = run_dir / f"{stem}_{comp}.safetensors"
+    if not p.is_file():
+        raise EntitylensError(f"{p} does not exist; run this component into {run_dir} first")
+    return p
+
+
+def compare_patch_runs(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    kind: str = "patch",
+    components: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    vmax: float | None = 1.0,
+    say: Any = None,
+) -> tuple[list[Path], Table]:
+    """Draw two run directories' heatmaps side by side on one colour scale, and tabulate both.
+
+    Args:
+        a: First run directory (e.g. the base model's ``entitylens patch run --out``).
+        b: Second run directory (e.g. the code model's).
+        out: Output directory: ``compare_<component>.png``/``.pdf`` and ``compare.csv`` (columns ``kind``,
+            ``component``, ``layer``, ``cell``, ``a``, ``b``, ``b_minus_a``; pair-averaged metrics).
+        kind: ``"patch"`` (exact), ``"attribution"`` or ``"cross"``.
+        components: Components to compare (default: every one both runs have).
+        labels: Two panel labels (default: the runs' model labels).
+        vmax: Colour-scale limit (``None``: from both results).
+        say: Optional callable for one progress line.
+
+    Returns:
+        The files written (figures, then ``compare.csv``) and the table.
+
+    Raises:
+        EntitylensError: Unknown kind, missing run directories or results, or bad labels.
+    """
+    from entitylens.plots import patch_color_limit, plot_patch_comparison
+
+    a, b, out = Path(a), Path(b), Path(out)
+    if kind not in RESULT_STEMS:
+        raise EntitylensError(f"unknown --kind {kind!r}; use patch, attribution or cross")
+    stem = RESULT_STEMS[kind]
+    for d in (a, b):
+        if not d.is_dir():
+            raise EntitylensError(f"run directory {d} does not exist; pass the --out of `entitylens patch run`")
+    if out.exists() and not out.is_dir():
+        raise EntitylensError(f"--out {out} is a file; give a directory")
+    names = list(labels) if labels else [run_label(a), run_label(b)]
+    if len(names) != 2:
+        raise EntitylensError(f"--labels needs two labels (got {len(names)}), e.g. --labels base,code")
+    if names[0] == names[1]:
+        names = [f"{names[0]} (A)", f"{names[1]} (B)"]
+    comps = list(components) if components else sorted(_components(a, stem) & _components(b, stem))
+    if not comps:
+        raise EntitylensError(
+            f"{a} and {b} have no {kind} result for a common component; run the same --component into both first"
+        )
+    rows = []
+    written: list[Path] = []
+    for comp in comps:
+        ra = PatchResult.load(_result_path(a, stem, comp))
+        rb = PatchResult.load(_result_path(b, stem, comp))
+        ma, mb = ra.mean(), rb.mean()
+        limit = patch_color_limit(ma, mb) if vmax is None else vmax
+        cbar = "transfer (1 = behaves like A)" if kind == "cross" else "normalised (1 = clean, 0 = corrupted)"
+        written += plot_patch_comparison(
+            [(names[0], ma.numpy(), ra.layers, ra.cells), (names[1], mb.numpy(), rb.layers, rb.cells)],
+            out / f"compare_{comp}",
+            title=f"{kind} {comp}: {names[0]} vs {names[1]}",
+            vmax=limit,
+            colorbar_label=cbar,
+        )
+        b_index = {(layer, cell): (li, ci) for li, layer in enumerate(rb.layers) for ci, cell in enumerate(rb.cells)}
+        for li, layer in enumerate(ra.layers):
+            for ci, cell in enumerate(ra.cells):
+                va = float(ma[li, ci])
+                j = b_index.get((layer, cell))
+                vb = float(mb[j]) if j is not None else float("nan")
+                rows.append({"kind": kind, "component": comp, "layer": layer, "cell": cell,
+                             "a": va, "b": vb, "b_minus_a": vb - va})  # fmt: skip
+    table = Table(("kind", "component", "layer", "cell", "a", "b", "b_minus_a"), tuple(rows))
+    table.to_csv(out / "compare.csv")
+    if say is not None:
+        say(f"compared {len(comps)} component(s): {names[0]} (a) vs {names[1]} (b)")
+    return [*written, out / "compare.csv"], table
+
