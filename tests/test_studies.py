@@ -120,7 +120,7 @@ def test_probe_estimate_by_hand(probe_study):
     """Tokens: compact prompts are one token per word plus BOS; params: the checkpoint's tensors."""
     from safetensors import safe_open
 
-    from entitylens.studies import estimate_gpu_seconds
+    from entitylens.estimate import estimate_gpu_seconds
     from entitylens.testbed import cache_prompts, eval_states
     from entitylens.testbed.checkpoints import checkpoint_dir
 
@@ -302,7 +302,7 @@ def test_compact_pairs_render_the_same_worlds():
 
 
 def test_estimate_rejects_bad_numbers():
-    from entitylens.studies import estimate_gpu_seconds
+    from entitylens.estimate import estimate_gpu_seconds
 
     assert estimate_gpu_seconds(1e9, 1e6, utilization=1.0, peak_flops=2e15) == pytest.approx(1.0)
     for bad in ({"params": -1, "tokens": 1}, {"params": 1, "tokens": float("nan")}):

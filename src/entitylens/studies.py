@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -47,13 +46,19 @@ from typing import Any
 
 from entitylens._io import sha256_file, write_json
 from entitylens.errors import EntitylensError
+from entitylens.estimate import (
+    ASSUMED_UTILIZATION,
+    H100_BF16_PEAK_FLOPS,
+    LARGE_PARAMS,
+    ask_to_proceed,
+    estimate_gpu_seconds,
+    format_seconds,
+    spec_params,
+)
 from entitylens.table import Table
 
 __all__ = [
     "ARMS",
-    "DEFAULT_UTILIZATION",
-    "H100_BF16_DENSE_FLOPS",
-    "LARGE_PARAMS",
     "PROTOCOLS",
     "GpuEstimate",
     "PatchStudyConfig",
@@ -61,7 +66,6 @@ __all__ = [
     "ProbeStudyConfig",
     "ProbeStudyResult",
     "default_model_pair",
-    "estimate_gpu_seconds",
     "patch_tokens",
     "probe_diff_table",
     "resolve_protocol",
@@ -77,15 +81,6 @@ ARMS: tuple[str, str] = ("base", "variant")
 PROTOCOLS: tuple[str, ...] = ("auto", "ks", "compact")
 """Prompt protocols a study accepts."""
 
-H100_BF16_DENSE_FLOPS = 989e12
-"""Peak dense bf16 throughput of one NVIDIA H100 SXM (FLOP/s), the reference of :func:`estimate_gpu_seconds`."""
-
-DEFAULT_UTILIZATION = 0.4
-"""Fraction of :data:`H100_BF16_DENSE_FLOPS` assumed to be reached."""
-
-LARGE_PARAMS = 1_000_000_000
-"""Models with at least this many parameters get the GPU-time estimate (and the question) before a study."""
-
 SUMMARY_COLUMNS = ("arm", "model", "role", "best_layer", "exact_match", "ci_low", "ci_high", "selectivity")
 DIFF_COLUMNS = ("layer", "role", "metric", "base", "variant", "variant_minus_base")
 
@@ -95,44 +90,6 @@ Confirm = Callable[[str], bool]
 # --------------------------------------------------------------------------------------------------
 # GPU-time estimate
 # --------------------------------------------------------------------------------------------------
-
-
-def estimate_gpu_seconds(
-    params: float,
-    tokens: float,
-    passes: float = 1.0,
-    *,
-    utilization: float = DEFAULT_UTILIZATION,
-    peak_flops: float = H100_BF16_DENSE_FLOPS,
-) -> float:
-    """Seconds of GPU time for ``passes`` forward-equivalents over ``tokens`` tokens of a ``params`` model.
-
-    A forward costs about ``2 * params`` FLOPs per token (one multiply-add per weight); a backward about
-    twice a forward, so a forward + backward is ``passes=3``. The throughput is ``utilization *
-    peak_flops`` (default 40% of an H100's 989 TFLOP/s bf16 dense peak).
-
-    Args:
-        params: Parameter count.
-        tokens: Tokens processed per pass.
-        passes: Forward-equivalent passes over those tokens.
-        utilization: Fraction of the peak reached, in (0, 1].
-        peak_flops: Peak FLOP/s of the device.
-
-    Returns:
-        ``2 * params * tokens * passes / (utilization * peak_flops)``.
-
-    Raises:
-        EntitylensError: A negative count, or a utilization / peak outside its range.
-    """
-    if min(params, tokens, passes) < 0 or not all(math.isfinite(x) for x in (params, tokens, passes)):
-        raise EntitylensError(
-            f"params={params}, tokens={tokens}, passes={passes} must be finite and >= 0; pass real counts"
-        )
-    if not 0 < utilization <= 1 or not peak_flops > 0:
-        raise EntitylensError(
-            f"utilization={utilization} must be in (0, 1] and peak_flops={peak_flops} positive; use e.g. 0.4, 989e12"
-        )
-    return 2.0 * params * tokens * passes / (utilization * peak_flops)
 
 
 @dataclass(frozen=True)
@@ -154,36 +111,28 @@ class GpuEstimate:
 
     def lines(self) -> list[str]:
         """Human-readable lines, starting with the assumption."""
-        tput = DEFAULT_UTILIZATION * H100_BF16_DENSE_FLOPS / 1e12
+        tput = ASSUMED_UTILIZATION * H100_BF16_PEAK_FLOPS / 1e12
         out = [
             f"GPU-time estimate (forward ~ 2 x params x tokens FLOPs, backward ~ 2 x forward; assumed throughput "
-            f"{DEFAULT_UTILIZATION:.0%} of an H100's {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16 dense peak "
+            f"{ASSUMED_UTILIZATION:.0%} of an H100's {H100_BF16_PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense peak "
             f"= {tput:.0f} TFLOP/s):"
         ]
         for arm, a in self.arms.items():
             out.append(
                 f"  {arm} {a['model']}: {_fmt_params(a['params'])} params ({a['params_source']}), "
-                f"{a['tokens']:.3g} token-passes -> {_fmt_seconds(a['seconds'])}"
+                f"{a['tokens']:.3g} token-passes -> {format_seconds(a['seconds'])}"
             )
-        out.append(f"  total {_fmt_seconds(self.seconds)}; {self.note}")
+        out.append(f"  total {format_seconds(self.seconds)}; {self.note}")
         return out
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (recorded in ``study.json``)."""
         return {"arms": {k: dict(v) for k, v in self.arms.items()}, "seconds": self.seconds, "note": self.note,
-                "utilization": DEFAULT_UTILIZATION, "peak_flops": H100_BF16_DENSE_FLOPS}
+                "utilization": ASSUMED_UTILIZATION, "peak_flops": H100_BF16_PEAK_FLOPS}
 
 
 def _fmt_params(n: float) -> str:
     return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
-
-
-def _fmt_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.3g} s"
-    if s < 7200:
-        return f"{s / 60:.3g} min"
-    return f"{s / 3600:.3g} h"
 
 
 def _count_params(model: Any) -> int:
@@ -194,13 +143,6 @@ def _count_params(model: Any) -> int:
             seen.add(id(p))
             n += p.numel()
     return n
-
-
-def _registry_params(spec: str) -> int | None:
-    from entitylens.models.loading import resolve_spec
-
-    entry = resolve_spec(spec).entry
-    return None if entry is None else int(entry.params_b * 1e9)
 
 
 def _token_count(tokenizer: Any, text: str) -> int:
@@ -217,8 +159,8 @@ def _estimate_and_confirm(
         if arm == "base":
             params, source = loaded_params, "counted"
         else:
-            reg = _registry_params(spec)
-            params, source = (reg, "registry") if reg is not None else (loaded_params, "assumed = base")
+            known, how = spec_params(spec)
+            params, source = (known, how) if known else (loaded_params, "assumed = base")
         arms[arm] = {"model": spec, "params": int(params), "params_source": source, "tokens": float(tokens[arm]),
                      "seconds": estimate_gpu_seconds(params, tokens[arm])}
     if max(a["params"] for a in arms.values()) < estimate_above:
@@ -226,20 +168,9 @@ def _estimate_and_confirm(
     est = GpuEstimate(arms, note)
     for line in est.lines():
         say(line)
-    if confirm is not None and not confirm(f"estimated {_fmt_seconds(est.seconds)} of GPU time; proceed?"):
+    if confirm is not None and not confirm(f"estimated {format_seconds(est.seconds)} of GPU time; proceed?"):
         raise EntitylensError("stopped at the GPU-time estimate; rerun with --yes to proceed")
     return est
-
-
-def ask_to_proceed(question: str) -> bool:
-    """Ask ``question`` on the terminal (``y``/``yes`` proceeds); proceeds silently when stdin is no TTY."""
-    if not sys.stdin.isatty():
-        return True
-    try:
-        answer = input(f"{question} [y/N] ")
-    except EOFError:
-        return False
-    return answer.strip().lower() in ("y", "yes")
 
 
 # --------------------------------------------------------------------------------------------------

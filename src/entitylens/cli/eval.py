@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from entitylens.errors import EntitylensError
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` and ``merge`` subcommands."""
@@ -49,38 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _models_and_pairs(args: argparse.Namespace) -> tuple[list, list[tuple[str, str]] | None]:
-    from entitylens.behavior.runs import ModelRun, default_label
-    from entitylens.models import EXPERIMENTS
+    from entitylens.experiments import models_and_pairs
 
-    if args.experiment:
-        pairs = [tuple(p) for p in EXPERIMENTS[args.experiment]]
-        specs: list[str] = []
-        for base, variant in pairs:
-            for s in (base, variant):
-                if s not in specs:
-                    specs.append(s)
-    else:
-        specs = list(args.models)
-        pairs = None
-    models = [ModelRun(spec=s, label=default_label(s)) for s in specs]
-    if args.pairs:
-        pairs = []
-        for item in args.pairs:
-            if ":" not in item:
-                raise EntitylensError(
-                    f"--pairs {item!r} is not BASE:VARIANT (model labels, e.g. llama2-7b:codellama-7b)"
-                )
-            base, variant = item.split(":", 1)
-            pairs.append((base, variant))
-    return models, pairs  # type: ignore[return-value]
+    return models_and_pairs(args.experiment, args.models, args.pairs)
 
 
 def run_eval_cmd(args: argparse.Namespace) -> int:
     """Run ``entitylens eval``."""
     from entitylens.behavior.evaluate import EvalConfig
     from entitylens.behavior.runs import run_eval, summary_table
+    from entitylens.experiments import parse_batch_size
 
-    batch = args.batch_size if args.batch_size == "auto" else _positive_int(args.batch_size, "--batch-size")
+    batch = parse_batch_size(args.batch_size)
     config = EvalConfig(
         chat=args.chat, decoding=args.decoding, forced=args.forced, batch_size=batch, score_mode=args.score,
         seed=args.seed,
@@ -103,13 +81,3 @@ def run_merge_cmd(args: argparse.Namespace) -> int:
     results = merge_runs(args.dirs, args.out)
     print(f"merged {len(args.dirs)} shards of {len(results)} model(s) into {args.out}")
     return 0
-
-
-def _positive_int(value: str, flag: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise EntitylensError(f"{flag} {value!r} is not an integer; pass e.g. 8 or 'auto'") from None
-    if n < 1:
-        raise EntitylensError(f"{flag} must be >= 1, got {n}")
-    return n
