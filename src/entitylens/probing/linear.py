@@ -17,8 +17,12 @@ How (see ``docs/probing.md``):
   problems are dropped from the batch. The line search needs no extra matrix product: along a direction
   ``d`` the logits move as ``A + t * (Z d)``, so the 1-D objective, slope and curvature are elementwise
   sums, evaluated in float64 (safeguarded Newton to a strong-Wolfe step).
-* **Mixed precision.** The feature matrix in the two products is ``config.dtype`` (float32 by default);
-  weights, logits, losses, gradients and the L-BFGS state are float64.
+* **Mixed precision.** The feature matrix in the two products, the per-example elementwise work (logits,
+  probabilities, residuals: the ``n x problems`` arrays) and the L-BFGS memory are ``config.dtype``
+  (float32 by default); every sum over examples (losses, slopes, curvatures) accumulates in float64, and
+  weights, gradients, the stopping test and the line-search scalars are float64. The binary loss is
+  evaluated as ``-log sigmoid(s * logit)`` with ``s = 2y - 1``: one ``sigmoid`` and one ``log`` per element.
+  The line search's approximate-Wolfe tolerance follows the rounding level of ``config.dtype``.
 * **Stopping** as scikit-learn's lbfgs: max-abs gradient of the *mean* loss (objective / n), in the
   standardised feature basis, <= ``tol``.
 * **Cross-validation.** Folds split by group (state); all folds x Cs x targets are one batch; C is chosen
@@ -53,9 +57,13 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _MASKED = -1e30  # logit bias of a class absent from a fold's training rows
 
 
-def _bce(a: Tensor, y: Tensor, w: Tensor) -> Tensor:
-    """``sum_i w_i (softplus(a_i) - y_i a_i)`` over examples (dim 1), one fused kernel."""
-    return F.binary_cross_entropy_with_logits(a, y.expand_as(a), weight=w.expand_as(a), reduction="none").sum(1)
+def _neg_log_sigmoid_sum(sa: Tensor, q: Tensor, w: Tensor) -> Tensor:
+    """``sum_i w_i * -log(sigmoid(sa_i))`` over examples (dim 1), given ``q = sigmoid(sa)``.
+
+    One ``log`` per element instead of ``softplus``'s ``exp`` + ``log1p``; below ``sa = -30`` (where ``q``
+    would lose relative precision) ``-log(sigmoid(sa)) = -sa`` to within ``1e-13``.
+    """
+    return -(torch.where(sa > -30.0, torch.log(q), sa).mul_(w)).sum(1, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,7 @@ class _Problems:
                  lam: Tensor, K: int, class_present: Tensor | None, V: Tensor | None, r: int, d: int) -> None:
         self.Z, self.kind, self.y, self.fold_w, self.K, self.V, self.r, self.d = Z, kind, y, fold_w, K, V, r, d
         self.Z2 = Z * Z
+        self.edt = Z.dtype  # dtype of the [B, n, Q, K] elementwise work (sums accumulate in float64)
         self.Vw = None if V is None else V.to(Z.dtype)
         self.B, self.n, self.r1 = Z.shape
         self.class_present = class_present
@@ -158,12 +167,17 @@ class _Problems:
     def set_cols(self, col_fold: Tensor, col_target: Tensor, lam: Tensor) -> None:
         self.col_fold, self.col_target, self.lam = col_fold, col_target, lam
         self.Mw = self.fold_w[:, col_fold]  # [n, Q]
+        self.Mwe = self.Mw.to(self.edt)
         self.nvec = self.Mw.sum(0)
         if self.kind == "binary":
             self.Yq = self.y[:, col_target]  # [n, Q]
+            # with s = 2y - 1 and q = sigmoid(s * logit): loss = -log q, residual p - y = s (q - 1),
+            # curvature p (1 - p) = q (1 - q)
+            self.Sg = (2.0 * self.Yq - 1.0).to(self.edt)
+            self.SMw = self.Sg * self.Mwe
         else:
             present = self.class_present[col_fold]  # [Q, K]
-            self.bias = torch.where(present, 0.0, _MASKED).to(torch.float64)
+            self.bias = torch.where(present, 0.0, _MASKED).to(self.edt)
             self.idx = self.y.view(1, self.n, 1, 1).expand(self.B, self.n, len(col_fold), 1)
 
     def subset(self, keep_b: Tensor, keep_q: Tensor) -> _Problems:
@@ -179,7 +193,7 @@ class _Problems:
     # -- matrix products (the only O(n r Q K) work) --
     def fwd(self, W: Tensor) -> Tensor:
         B, r1, Q, K = W.shape
-        out = torch.bmm(self.Z, W.reshape(B, r1, Q * K).to(self.Z.dtype)).view(B, self.n, Q, K).double()
+        out = torch.bmm(self.Z, W.reshape(B, r1, Q * K).to(self.Z.dtype)).view(B, self.n, Q, K)
         if self.kind != "binary":
             out = out + self.bias
         return out
@@ -191,16 +205,16 @@ class _Problems:
     def grad(self, R: Tensor, W: Tensor) -> Tensor:
         return self.bwd(R) + self.lam[:, None, :, None] * self.pen * W
 
-    # -- elementwise parts, float64 --
+    # -- elementwise parts, in the work dtype; every sum over examples accumulates in float64 --
     def loss_resid(self, A: Tensor) -> tuple[Tensor, Tensor]:
         """Data loss ``[B, Q]`` and residual ``dloss/dlogit`` ``[B, n, Q, K]`` at logits ``A``."""
-        Mw = self.Mw
+        Mw = self.Mwe
         if self.kind == "binary":
-            a = A[..., 0]
-            loss = _bce(a, self.Yq, Mw)
-            return loss, torch.sigmoid(a).sub_(self.Yq).mul_(Mw).unsqueeze(-1)
+            sa = A[..., 0] * self.Sg
+            q = torch.sigmoid(sa)
+            return _neg_log_sigmoid_sum(sa, q, Mw), (q - 1.0).mul_(self.SMw).unsqueeze(-1)
         lse = torch.logsumexp(A, -1)
-        loss = (Mw * (lse - A.gather(3, self.idx)[..., 0])).sum(1)
+        loss = (Mw * (lse - A.gather(3, self.idx)[..., 0])).sum(1, dtype=torch.float64)
         P = torch.exp(A - lse.unsqueeze(-1))
         P.scatter_add_(3, self.idx, torch.full_like(self.idx, -1, dtype=P.dtype))
         return loss, Mw.unsqueeze(-1) * P
@@ -209,34 +223,53 @@ class _Problems:
         """Per-sample diagonal Hessian weights ``[B, n, Q, K]`` (for the Jacobi preconditioner)."""
         if self.kind == "binary":
             p = torch.sigmoid(A[..., 0])
-            return (self.Mw * p * (1 - p)).unsqueeze(-1)
+            return (self.Mwe * p * (1 - p)).unsqueeze(-1)
         P = torch.softmax(A, -1)
-        return self.Mw.unsqueeze(-1) * P * (1 - P)
+        return self.Mwe.unsqueeze(-1) * P * (1 - P)
 
-    def line(self, A: Tensor, Bd: Tensor, t: Tensor, second: bool = True
+    def line_setup(self, A: Tensor, Bd: Tensor) -> tuple[Tensor, ...]:
+        """Per-direction precomputation for :meth:`line` along ``A + t Bd``."""
+        if self.kind != "binary":
+            return (A, Bd)
+        sA = A[..., 0] * self.Sg
+        sb = Bd[..., 0] * self.Sg
+        wb = self.Mwe * sb  # slope = sum (q - 1) wb
+        return (sA, sb, wb, wb.sum(1, dtype=torch.float64), wb * sb)  # last: Mw b^2, for the curvature
+
+    def line(self, ctx: tuple[Tensor, ...], t: Tensor, second: bool = True
              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """Along ``A + t Bd``: data loss, slope, curvature (if ``second``) and the residual, per problem."""
-        Mw = self.Mw
-        tt = t[:, None, :]
+        """Data loss, slope, curvature (if ``second``) and a state for :meth:`resid`, per problem, at ``A + t Bd``.
+
+        ``ctx`` comes from :meth:`line_setup`.
+        """
+        Mw = self.Mwe
+        f64 = torch.float64
+        tt = t[:, None, :].to(self.edt)
         if self.kind == "binary":
-            b = Bd[..., 0]
-            a = torch.addcmul(A[..., 0], tt, b)
-            loss = _bce(a, self.Yq, Mw)
-            p = torch.sigmoid(a)
-            d2 = (Mw * (p * (1 - p)) * b * b).sum(1) if second else None
-            R = p.sub_(self.Yq).mul_(Mw)
-            return loss, (R * b).sum(1), d2, R.unsqueeze(-1)
+            sA, sb, wb, swb, wbb = ctx
+            sa = torch.addcmul(sA, tt, sb)
+            q = torch.sigmoid(sa)
+            loss = _neg_log_sigmoid_sum(sa, q, Mw)
+            d2 = (q - q * q).mul_(wbb).sum(1, dtype=f64) if second else None
+            return loss, (q * wb).sum(1, dtype=f64) - swb, d2, q
+        A, Bd = ctx
         At = A + tt.unsqueeze(-1) * Bd
         lse = torch.logsumexp(At, -1)
-        loss = (Mw * (lse - At.gather(3, self.idx)[..., 0])).sum(1)
+        loss = (Mw * (lse - At.gather(3, self.idx)[..., 0])).sum(1, dtype=f64)
         P = torch.exp(At - lse.unsqueeze(-1))
         d2 = None
         if second:
             pb = (P * Bd).sum(-1)
-            d2 = (Mw * ((P * Bd * Bd).sum(-1) - pb * pb)).sum(1)
+            d2 = (Mw * ((P * Bd * Bd).sum(-1) - pb * pb)).sum(1, dtype=f64)
         P.scatter_add_(3, self.idx, torch.full_like(self.idx, -1, dtype=P.dtype))
         R = Mw.unsqueeze(-1) * P
-        return loss, (R * Bd).sum((1, 3)), d2, R
+        return loss, (R * Bd).sum((1, 3), dtype=f64), d2, R
+
+    def resid(self, state: Tensor) -> Tensor:
+        """The residual ``dloss/dlogit`` ``[B, n, Q, K]`` from :meth:`line`'s state."""
+        if self.kind == "binary":
+            return (state - 1.0).mul_(self.SMw).unsqueeze(-1)
+        return state
 
     def grad_ok(self, g: Tensor, tol: float) -> Tensor:
         """Whether max |grad of the mean loss| in the standardised basis is <= tol, ``[B, Q]``."""
@@ -280,6 +313,15 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
     def dot(a: Tensor, b: Tensor) -> Tensor:
         return (a * b).sum((1, 3))
 
+    # The L-BFGS memory is kept per problem, contiguous: [B, Q, r1 * K], in the work dtype (the direction
+    # only has to be a descent direction -- the line search, gradients and stopping test stay float64), so
+    # the two-loop recursion is a few streaming passes with no temporaries.
+    hdt = P.Z.dtype
+
+    def per_problem(x: Tensor) -> Tensor:
+        y = x.permute(0, 2, 1, 3).to(hdt, memory_format=torch.contiguous_format, copy=True)  # a fresh tensor
+        return y.view(x.shape[0], x.shape[2], -1)
+
     A = P.fwd(W)
     fdat, R = P.loss_resid(A)
     g = P.grad(R, W)
@@ -287,6 +329,7 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
                 + P.lam[:, None, :, None] * P.pen).clamp_min(1e-12)
     if P.kind != "binary":
         H0 = H0 * (P.bias == 0)[None, None]
+    H0t = per_problem(H0)
     conv = P.grad_ok(g, tol)
     active = ~frozen & ~conv
     conv_out |= conv
@@ -296,6 +339,7 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
     gamma = torch.ones(B, Q, dtype=torch.float64, device=dev)
     its = torch.zeros(B, Q, dtype=torch.int64, device=dev)
     c1, c2 = 1e-4, 0.9
+    fe = max(1e-10, 16 * torch.finfo(P.edt).eps)  # rounding level of the objective's elementwise terms
 
     for _ in range(max_iter):
         if not bool(active.any()):
@@ -311,33 +355,34 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
             def sub(x: Tensor, qdim: int, kb: Tensor = kb, kq: Tensor = kq) -> Tensor:
                 return x[kb].index_select(qdim, kq)
 
-            W, A, g, H0 = sub(W, 2), sub(A, 2), sub(g, 2), sub(H0, 2)
+            W, A, g, H0, H0t = sub(W, 2), sub(A, 2), sub(g, 2), sub(H0, 2), sub(H0t, 1)
             fdat, gamma, active, its = sub(fdat, 1), sub(gamma, 1), sub(active, 1), sub(its, 1)
-            S = [sub(x, 2) for x in S]
-            Yh = [sub(x, 2) for x in Yh]
+            S = [sub(x, 1) for x in S]
+            Yh = [sub(x, 1) for x in Yh]
             rho = [sub(x, 1) for x in rho]
             P = P.subset(kb, kq)
             B = len(rows)
         am = active[:, None, :, None]
-        # two-loop recursion with diagonal H0
-        q = g.clone()
+        # two-loop recursion with diagonal H0, per problem [B, Q, r1 * K]
+        q = per_problem(g)
         alphas = []
         for s, y, rh in zip(reversed(S), reversed(Yh), reversed(rho)):
-            a = rh * dot(s, q)
+            a = rh * torch.linalg.vecdot(s, q).double()
             alphas.append(a)
-            q -= a[:, None, :, None] * y
-        dvec = gamma[:, None, :, None] * H0 * q
+            q.addcmul_(y, (-a).to(hdt)[..., None])
+        dt = q.mul_(H0t).mul_(gamma.to(hdt)[..., None])
         for s, y, rh, a in zip(S, Yh, rho, reversed(alphas)):
-            bcoef = rh * dot(y, dvec)
-            dvec += (a - bcoef)[:, None, :, None] * s
-        dvec = -dvec * am
+            bcoef = rh * torch.linalg.vecdot(y, dt).double()
+            dt.addcmul_(s, (a - bcoef).to(hdt)[..., None])
+        dvec = dt.view(B, len(cols), r1, K).permute(0, 2, 1, 3).double().mul_(am).neg_()
         gd = dot(g, dvec)
         bad = active & ~(gd < 0)
         if bool(bad.any()):  # not a descent direction: restart those problems from the preconditioned gradient
             bm = bad[:, None, :, None]
             dvec = torch.where(bm, -H0 * g, dvec)
-            S = [s * ~bm for s in S]
-            Yh = [y * ~bm for y in Yh]
+            bt = ~bad[..., None]
+            S = [s * bt for s in S]
+            Yh = [y * bt for y in Yh]
             rho = [r * ~bad for r in rho]
             gamma = torch.where(bad, 1.0, gamma)
             gd = dot(g, dvec)
@@ -345,7 +390,7 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
         lam = P.lam
         wd = dot(P.pen * W, dvec)
         dd = dot(P.pen * dvec, dvec)
-        feps = 1e-10 * (fdat.abs() + 0.5 * lam * dot(P.pen * W, W))
+        feps = fe * (fdat.abs() + 0.5 * lam * dot(P.pen * W, W))
         # 1-D line search per problem, elementwise only: t = 1 is accepted on the Armijo test (the usual
         # case); otherwise quadratic interpolation, then safeguarded Newton steps to a strong-Wolfe step.
         done = ~active | ~(gd < 0)
@@ -354,8 +399,9 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
         hi = torch.full_like(t, math.inf)
         acc_t = torch.zeros_like(t)
         R = torch.empty(0)
+        ctx = P.line_setup(A, Bd)
         for ls in range(30):
-            ldat, d1, d2, R = P.line(A, Bd, t, second=ls > 0)
+            ldat, d1, d2, R = P.line(ctx, t, second=ls > 0)
             dphi = ldat - fdat + lam * (t * wd + 0.5 * t * t * dd)
             p1 = d1 + lam * (wd + t * dd)
             # Armijo, or -- where the decrease is below float64 resolution of the objective -- Hager & Zhang's
@@ -385,9 +431,11 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
         acc_t = torch.where(active, acc_t, 0.0)
         t4 = acc_t[:, None, :, None]
         W_new = W + t4 * dvec
-        A = A + t4 * Bd
+        A = A + t4.to(A.dtype) * Bd
+        del ctx
         if reuse:
             fdat = fdat + torch.where(active, ldat - fdat, 0.0)
+            R = P.resid(R)
         else:
             fdat, R = P.loss_resid(A)
         g_new = P.grad(R, W_new)
@@ -395,9 +443,9 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
         y_k = g_new - g
         sy = dot(s_k, y_k)
         upd = active & (sy > 1e-10 * dot(s_k, s_k).sqrt() * dot(y_k, y_k).sqrt()) & (sy > 0)
-        um = upd[:, None, :, None]
-        S.append(s_k * um)
-        Yh.append(y_k * um)
+        ut = upd[..., None].to(hdt)
+        S.append(per_problem(s_k).mul_(ut))
+        Yh.append(per_problem(y_k).mul_(ut))
         rho.append(torch.where(upd, 1.0 / sy.clamp_min(1e-300), 0.0))
         gamma = torch.where(upd, sy / dot(y_k, H0 * y_k).clamp_min(1e-300), gamma)
         if len(S) > history:
@@ -432,17 +480,19 @@ def _prepare(X: Tensor, standardize: bool, work: torch.dtype, rotate: bool) -> _
     """Standardise on these (training) rows and (optionally) rotate to the Gram eigenbasis minus its null space.
 
     The eigendecomposition runs in the work dtype: the fitted logits are ``Z w = Xc (V w)`` whatever V is, so
-    V's own rounding only perturbs the penalty at the working precision.
+    V's own rounding only perturbs the penalty at the working precision. Centring and scaling run in X's
+    dtype (statistics accumulate in float64); the returned mean and scale are exactly the values applied.
     """
     B, n, d = X.shape
-    mean = X.mean(1)
+    mean = X.mean(1, dtype=torch.float64).to(X.dtype)
     Xc = X - mean[:, None]
     if standardize:
-        sd = Xc.square().mean(1).sqrt()
+        sd = Xc.square().mean(1, dtype=torch.float64).sqrt().to(X.dtype)
         scale = torch.where(sd > 0, sd, torch.ones_like(sd))
         Xc = Xc / scale[:, None]
     else:
         scale = torch.ones_like(mean)
+    mean, scale = mean.double(), scale.double()
     ones = torch.ones(B, n, 1, dtype=work, device=X.device)
     if not rotate:
         return _Prepared(mean=mean, scale=scale, V=None, Z=torch.cat([Xc.to(work), ones], 2).contiguous(), r=d)
@@ -829,7 +879,8 @@ def fit_probes(
     for l0 in range(0, L, lb):
         l1 = min(L, l0 + lb)
         Bsz = l1 - l0
-        Xb = X[l0:l1].to(device=dev, dtype=torch.float64)
+        # centre and scale in the work dtype, unless the features are more precise than that
+        Xb = X[l0:l1].to(device=dev, dtype=torch.promote_types(X.dtype, work))
         prep = _prepare(Xb[:, tr.to(dev)], cfg.standardize, work, rotate)
         r = prep.r
         W0 = None
@@ -852,7 +903,7 @@ def fit_probes(
             col_c = torch.arange(nC, device=dev).repeat_interleave(q_fit).repeat(Fn)
             col_t = torch.arange(q_fit, device=dev).repeat(Fn * nC)
             P.set_cols(col_fold, col_t, lam_C[col_c].expand(Bsz, -1).clone())
-            logits = P.fwd(Wcv)
+            logits = P.fwd(Wcv).double()
             held = (fold_w.to(dev) == 0)[:, col_fold]
             yv = P.Yq if lab.kind == "binary" else y_dev
             sc = _cv_scores(logits, lab.kind, yv, held, cfg.cv_metric).view(Bsz, Fn, nC, q_fit).mean(1)  # [B,nC,q]
@@ -876,7 +927,7 @@ def fit_probes(
         if W0 is not None:
             Wi = torch.where(frozen[:, None, :, None], Wi, W0)
         Wf, its, cv_ok = _lbfgs(P, Wi, frozen, cfg.max_iter, cfg.tol, cfg.history)
-        lg = P.fwd(Wf)
+        lg = P.fwd(Wf).double()
         n_iter[l0:l1] = its.cpu()
         conv[l0:l1] = cv_ok.cpu()
         # back to the standardised feature basis: coef = V w
@@ -892,7 +943,7 @@ def fit_probes(
         scales[l0:l1] = prep.scale.cpu()
         train_logits[l0:l1] = lg.reshape(Bsz, n_tr, out).cpu()
         if len(te):
-            Xt = (Xb[:, te.to(dev)] - prep.mean[:, None]) / prep.scale[:, None]
+            Xt = (Xb[:, te.to(dev)].double() - prep.mean[:, None]) / prep.scale[:, None]
             test_logits[l0:l1] = (Xt @ cb + b[:, None]).cpu()
         bar.update(Bsz)
         del prep, P, Xb
