@@ -39,7 +39,7 @@ def test_local_dir_loads_offline_with_sockets_blocked(tmp_path: Path, tiny_model
 
 def test_hub_id_not_cached_offline_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, network_guard) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
-    with pytest.raises(EntitylensError, match=r"huggingface-cli download meta-llama/Llama-2-7b-hf.*HF_HOME") as exc:
+    with pytest.raises(EntitylensError, match=r"hf download meta-llama/Llama-2-7b-hf.*HF_HOME") as exc:
         load_model("llama2-7b")
     assert "\n" not in str(exc.value)
     with pytest.raises(EntitylensError, match="not in the local Hugging Face cache"):

@@ -20,6 +20,8 @@ and the evaluation layer on top of it:
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _LAZY = {
@@ -51,3 +53,22 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'entitylens.behavior' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+class _Package(types.ModuleType):
+    """Keeps ``entitylens.behavior.evaluate`` the *function* once its submodule is imported.
+
+    Importing a submodule sets it as an attribute of its package, which would shadow the lazily exported
+    function of the same name (``from entitylens.behavior import evaluate`` would give the module). The
+    submodule stays importable as ``entitylens.behavior.evaluate`` through ``from ... import`` and
+    ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}"
+                and _LAZY.get(name) == value.__name__ and hasattr(value, name)):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -397,7 +397,8 @@ def evaluate(
         states: The states (one generation each).
         config: Evaluation config (default :class:`EvalConfig`).
         label: Model label in the outputs (default: the spec it was loaded from, or the baseline name).
-        run_dir: If given, append rows to ``run_dir/predictions.jsonl`` per batch and resume from it.
+        run_dir: If given, append rows to ``run_dir/predictions.jsonl`` per batch and resume from it
+            (created when missing).
         predictor: Override how statements are produced (advanced; used by tests and the testbed).
 
     Returns:
@@ -424,6 +425,10 @@ def evaluate(
         raise EntitylensError("the dataset lists a state twice (same sample_id and prefix); deduplicate it")
 
     log = Path(run_dir) / PREDICTIONS_FILE if run_dir is not None else None
+    if log is not None:
+        if log.parent.exists() and not log.parent.is_dir():
+            raise EntitylensError(f"run_dir {log.parent} is a file; give a directory such as runs/eval")
+        log.parent.mkdir(parents=True, exist_ok=True)
     done = load_finished(log, label, states_by_id) if log is not None else {}
     todo = [s for s in states if s.state_id not in done]
     # One predictor call per batch; its rows are appended to the log as soon as it returns. With

@@ -344,7 +344,7 @@ def _check_hub_available(hub_id: str) -> None:
     if hub_cached_config(hub_id) is None and _hub_offline():
         raise EntitylensError(
             f"{hub_id} is not in the local Hugging Face cache ({_hf_cache_dir()}) and the hub is offline "
-            f"(HF_HUB_OFFLINE=1); run `huggingface-cli download {hub_id}` on a machine with access and copy "
+            f"(HF_HUB_OFFLINE=1); run `hf download {hub_id}` on a machine with access and copy "
             "the cache here, or set HF_HOME to a cache that has it"
         )
 
