@@ -631,6 +631,7 @@ def run_experiment(
     batch_size: int | Literal["auto"] = "auto",
     shard: str | None = None,
     limit: int | None = None,
+    device_map: str | None = None,
     forced: Literal["jump", "step"] = "jump",
     score: Literal["set", "strict"] = "set",
     chat: Literal["auto", "always", "never"] = "auto",
@@ -652,6 +653,8 @@ def run_experiment(
         batch_size: States per batch, or ``"auto"``.
         shard: ``"i/n"``: evaluate one shard (merge with ``entitylens merge`` or ``--merge``).
         limit: Only the first N states (after sharding).
+        device_map: Hugging Face ``device_map`` for the models (``"auto"``: spread a 70B model over the
+            visible GPUs); overrides ``device``.
         forced: Grammar-forced text appended (``jump``) or decoded token by token (``step``).
         score: ``set`` (order-insensitive) or ``strict``.
         chat: Chat template use (``auto``: registry / name).
@@ -726,7 +729,8 @@ def run_experiment(
         and not confirm(f"estimated {format_seconds(estimate.gpu_seconds)} of GPU time; proceed?")
     ):
         raise EntitylensError("stopped at the GPU-time estimate; rerun with --yes to proceed")
-    run_eval(models, data_path, out, config, pairs=pair_list, device=device, dtype=dtype, shard=shard, limit=limit)
+    run_eval(models, data_path, out, config, pairs=pair_list, device=device, dtype=dtype, shard=shard, limit=limit,
+             device_map=device_map)
     table = write_paper_table(out, _title(experiment, shard))
     return ExperimentResult(out, data_path, table, estimate)
 
@@ -766,6 +770,8 @@ def build_parser(experiment: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset and the random baseline (0)")
     p.add_argument("--out", type=Path, default=Path("runs") / script, help=f"run directory (default runs/{script})")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu or mps (default cuda)")
+    p.add_argument("--device-map", default=None,
+                   help="Hugging Face device_map, e.g. auto to spread 70B models over the GPUs (overrides --device)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 (default bfloat16)")
     p.add_argument("--batch-size", default="auto", help="states per batch, or 'auto' (default; GPU free memory)")
     p.add_argument("--shard", metavar="I/N", help="evaluate shard I of N (0-based); combine with --merge")
@@ -817,7 +823,8 @@ def main(argv: Sequence[str] | None = None, experiment: str = "code") -> int:
             result = run_experiment(
                 experiment, args.out, specs=args.models, pairs=args.pairs, data=args.data, seed=args.seed,
                 device=args.device, dtype=args.dtype, batch_size=parse_batch_size(args.batch_size),
-                shard=args.shard, limit=args.limit, forced=args.forced, score=args.score, chat=args.chat,
+                shard=args.shard, limit=args.limit, device_map=args.device_map,
+                forced=args.forced, score=args.score, chat=args.chat,
                 estimate_only=args.estimate_only, confirm=None if args.yes else ask_to_proceed, quiet=args.quiet,
             )  # fmt: skip
             table = result.table

@@ -44,3 +44,31 @@ def test_eval_cli_bad_input_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "does not exist" in err and "entitylens data generate" in err
     rc = main(["eval", "--models", "llama2-7bb", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
     assert rc == 2
+
+
+@pytest.mark.parametrize("script", ["eval", "exp1"])
+def test_device_map_reaches_load_model(tmp_path, monkeypatch, script):
+    """--device-map (70B models over several GPUs) is passed to load_model by `entitylens eval` and exp1."""
+    import entitylens.models as models_pkg
+
+    original = models_pkg.load_model
+    seen = []
+
+    def recording_load_model(spec, **kwargs):
+        seen.append((spec, kwargs.get("device_map")))
+        kwargs.pop("device_map", None)  # tiny models run on one device
+        return original(spec, **kwargs)
+
+    monkeypatch.setattr(models_pkg, "load_model", recording_load_model)
+    data = tmp_path / "d.jsonl"
+    generate_dataset(GeneratorConfig(seed=2, num_states=1, num_operations=1), data)
+    if script == "eval":
+        rc = main(["--quiet", "eval", "--models", "tiny:llama", "--data", str(data), "--out", str(tmp_path / "run"),
+                   "--device-map", "auto"])
+    else:
+        from entitylens.experiments import main as exp_main
+
+        rc = exp_main(["--models", "tiny:llama", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cpu",
+                       "--dtype", "float32", "--device-map", "auto", "--yes", "--quiet"], experiment="code")
+    assert rc == 0
+    assert seen == [("tiny:llama", "auto")]

@@ -282,6 +282,7 @@ def run_eval(
     dtype: str = "float32",
     shard: str | None = None,
     limit: int | None = None,
+    device_map: str | None = None,
 ) -> list[EvalResult]:
     """Evaluate several models on a dataset file into a run directory (resumable).
 
@@ -295,6 +296,9 @@ def run_eval(
         dtype: Weight dtype for loaded models.
         shard: ``"i/n"`` to evaluate one shard.
         limit: Evaluate only the first ``limit`` states (after sharding) — for smoke tests.
+        device_map: Hugging Face ``device_map`` for loaded models (e.g. ``"auto"`` to spread a 70B model
+            over several GPUs); overrides ``device``. Placement does not change predictions, so it is not
+            part of the run's identity.
 
     Returns:
         One result per model.
@@ -326,14 +330,15 @@ def run_eval(
     check_or_write_config(out, record)
     results = []
     for m in models:
-        predictor = None if m.spec in BASELINES else _lazy_model_predictor(m.spec, device, dtype, config)
+        predictor = None if m.spec in BASELINES else _lazy_model_predictor(m.spec, device, dtype, config,
+                                                                                  device_map=device_map)
         model = m.spec if m.spec in BASELINES else None
         results.append(evaluate(model, states, config, label=m.label, run_dir=out, predictor=predictor))
     write_outputs(out, results, pairs, {m.label: m.spec for m in models})
     return results
 
 
-def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig) -> Any:
+def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig, device_map: str | None = None) -> Any:
     """A predictor that loads the model on first use, so a resumed, finished model is never loaded."""
     from entitylens.behavior.evaluate import model_predictor
     from entitylens.models import load_model
@@ -342,7 +347,8 @@ def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig
 
     def predict(batch: Sequence[State]) -> list[tuple[str, bool]]:
         if "predictor" not in cache:
-            cache["predictor"] = model_predictor(load_model(spec, device=device, dtype=dtype), config)
+            cache["predictor"] = model_predictor(load_model(spec, device=device, dtype=dtype, device_map=device_map),
+                                                 config)
         return cache["predictor"](batch)
 
     return predict

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--pairs", nargs="+", metavar="BASE:VARIANT", help="explicit comparison pairs (model labels)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--device-map", default=None,
+                   help="Hugging Face device_map for loaded models, e.g. auto to spread a 70B model over GPUs "
+                   "(overrides --device)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--batch-size", default="8", help="states per batch, or 'auto' (GPU: from free memory)")
     p.add_argument("--chat", choices=("auto", "always", "never"), default="auto", help="use the chat template")
@@ -66,7 +69,7 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     models, pairs = _models_and_pairs(args)
     results = run_eval(
         models, args.data, args.out, config, pairs=pairs, device=args.device, dtype=args.dtype, shard=args.shard,
-        limit=args.limit,
+        limit=args.limit, device_map=args.device_map,
     )  # fmt: skip
     table = summary_table(results, {m.label: m.spec for m in models})
     print(table.to_markdown(("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated", "paper_accuracy")))
