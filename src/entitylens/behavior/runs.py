@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from typing import Any
 from entitylens import __version__
 from entitylens._io import atomic_write, sha256_file, sha256_json, write_json
 from entitylens.behavior.baselines import BASELINES
-from entitylens.behavior.evaluate import PREDICTIONS_FILE, EvalConfig, EvalResult, Prediction, evaluate
+from entitylens.behavior.evaluate import PREDICTIONS_FILE, EvalConfig, EvalResult, Prediction, Predictor, evaluate
 from entitylens.behavior.stats import exact_mcnemar
 from entitylens.errors import EntitylensError
 from entitylens.plots import CurvePoint, plot_accuracy_by_numops
@@ -105,6 +105,38 @@ def _paper_curve(spec: str) -> tuple[float | None, tuple[float, ...] | None]:
 # ----------------------------------------------------------------------------------------------- config
 
 
+def run_record(
+    dataset: Mapping[str, Any],
+    models: Sequence[Mapping[str, Any]],
+    eval_fields: Mapping[str, Any],
+    dtype: str,
+    shard: tuple[int, int] | None,
+    pairs: Sequence[tuple[str, str]],
+) -> dict[str, Any]:
+    """The ``run.json`` record of a run from its parts (shared by ``entitylens eval`` and the testbed).
+
+    Args:
+        dataset: What was evaluated (``path``, ``sha256``, ``num_states``, ...).
+        models: One record per model (``spec``, ``label``, ...).
+        eval_fields: The prediction-relevant evaluation settings.
+        dtype: Weight dtype.
+        shard: ``(i, n)`` or None.
+        pairs: Compared (base, variant) label pairs.
+
+    Returns:
+        The record (everything that must match to resume into a directory).
+    """
+    return {
+        "entitylens_version": __version__,
+        "dataset": dict(dataset),
+        "models": [dict(m) for m in models],
+        "dtype": dtype,
+        "eval": dict(eval_fields),
+        "shard": None if shard is None else list(shard),
+        "pairs": [list(p) for p in pairs],
+    }
+
+
 def run_config(
     dataset: str | os.PathLike[str],
     models: Sequence[ModelRun],
@@ -114,17 +146,13 @@ def run_config(
     pairs: Sequence[tuple[str, str]],
     state_ids: Sequence[str],
 ) -> dict[str, Any]:
-    """The ``run.json`` record of a run (everything that must match to resume into a directory)."""
-    return {
-        "entitylens_version": __version__,
-        "dataset": {"path": str(dataset), "sha256": sha256_file(dataset), "states_sha256": sha256_json(list(state_ids)),
-                    "num_states": len(state_ids)},
-        "models": [{"spec": m.spec, "label": m.label} for m in models],
-        "dtype": dtype,
-        "eval": config.prediction_fields(),
-        "shard": None if shard is None else list(shard),
-        "pairs": [list(p) for p in pairs],
-    }
+    """The ``run.json`` record of an evaluation of a dataset file (see :func:`run_record`)."""
+    return run_record(
+        {"path": str(dataset), "sha256": sha256_file(dataset), "states_sha256": sha256_json(list(state_ids)),
+         "num_states": len(state_ids)},
+        [{"spec": m.spec, "label": m.label} for m in models],
+        config.prediction_fields(), dtype, shard, pairs,
+    )  # fmt: skip
 
 
 _MATCH_KEYS = ("entitylens_version", "models", "dtype", "eval", "shard")
@@ -338,20 +366,33 @@ def run_eval(
     return results
 
 
-def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig, device_map: str | None = None) -> Any:
-    """A predictor that loads the model on first use, so a resumed, finished model is never loaded."""
-    from entitylens.behavior.evaluate import model_predictor
-    from entitylens.models import load_model
+def lazy_predictor(make: Callable[[], Predictor]) -> Predictor:
+    """A predictor that builds the real one on first use, so a resumed, finished model is never loaded.
 
-    cache: dict[str, Any] = {}
+    Args:
+        make: Builds the real predictor (loads the model).
+
+    Returns:
+        The lazy predictor.
+    """
+    cache: dict[str, Predictor] = {}
 
     def predict(batch: Sequence[State]) -> list[tuple[str, bool]]:
         if "predictor" not in cache:
-            cache["predictor"] = model_predictor(load_model(spec, device=device, dtype=dtype, device_map=device_map),
-                                                 config)
+            cache["predictor"] = make()
         return cache["predictor"](batch)
 
     return predict
+
+
+def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig, device_map: str | None = None) -> Any:
+    """A lazy predictor for a model spec (see :func:`lazy_predictor`)."""
+    from entitylens.behavior.evaluate import model_predictor
+    from entitylens.models import load_model
+
+    return lazy_predictor(
+        lambda: model_predictor(load_model(spec, device=device, dtype=dtype, device_map=device_map), config)
+    )
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], list[EvalResult]]:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from entitylens import __version__
 from entitylens._io import sha256_json
 from entitylens.behavior.baselines import BASELINES
 from entitylens.behavior.evaluate import EvalConfig, EvalResult, evaluate
-from entitylens.behavior.runs import check_or_write_config, write_outputs
+from entitylens.behavior.runs import check_or_write_config, lazy_predictor, run_record, write_outputs
 from entitylens.errors import EntitylensError
 from entitylens.task.io import state_records
 from entitylens.testbed.evalset import DEFAULT_EVAL_STATES, EVAL_SEED, eval_states
@@ -91,34 +89,27 @@ def run_testbed_eval(
         m: read_meta(resolve_testbed_spec(m)).get("recipe_hash") for m in models if m.startswith("testbed:")
     }
     pairs = default_pairs(labels)
-    record = {
-        "entitylens_version": __version__,
-        "dataset": {
+    record = run_record(
+        {
             "path": f"testbed eval_states(seed={seed}, num_states={num_states})",
             "sha256": sha256_json([state_records(s) for s in states]),
             "num_states": len(states),
         },
-        "models": [{"spec": m, "label": lab, "recipe_hash": hashes.get(m)} for m, lab in zip(models, labels)],
-        "dtype": "float32",
-        "eval": {**config.prediction_fields(), "protocol": protocol},
-        "shard": None,
-        "pairs": [list(p) for p in pairs],
-    }
+        [{"spec": m, "label": lab, "recipe_hash": hashes.get(m)} for m, lab in zip(models, labels)],
+        {**config.prediction_fields(), "protocol": protocol},
+        "float32",
+        None,
+        pairs,
+    )
     check_or_write_config(out, record)
     results = []
     for m, lab in zip(models, labels):
         if m in BASELINES:
             results.append(evaluate(m, states, config, label=lab, run_dir=out))
             continue
-        cache: dict[str, Any] = {}
-
-        def predict(
-            batch: Sequence[Any], spec: str = m, cache: dict[str, Any] = cache
-        ) -> list[tuple[str, bool]]:
-            if "p" not in cache:
-                cache["p"] = testbed_predictor(load_testbed(spec, device=device), protocol, config)
-            return cache["p"](batch)
-
+        predict = lazy_predictor(
+            lambda spec=m: testbed_predictor(load_testbed(spec, device=device), protocol, config)
+        )
         results.append(evaluate(None, states, config, label=lab, run_dir=out, predictor=predict))
     write_outputs(out, results, pairs, {lab: m for m, lab in zip(models, labels)})
     return results
