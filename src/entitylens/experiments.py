@@ -808,11 +808,13 @@ def main(argv: Sequence[str] | None = None, experiment: str = "code") -> int:
         The exit status: 0, 2 on bad input (``error: ...`` on stderr), 130 when interrupted.
 
     """
+    from entitylens.cli import guarded
     from entitylens.progress import set_quiet
 
     args = build_parser(experiment).parse_args(argv)
     set_quiet(bool(args.quiet))
-    try:
+
+    def body() -> int:
         if args.merge:
             from entitylens.behavior.runs import merge_runs
 
@@ -833,10 +835,6 @@ def main(argv: Sequence[str] | None = None, experiment: str = "code") -> int:
                 return 0
         print(paper_table_markdown(table, _title(experiment, None if args.merge else args.shard)))
         print(f"wrote {args.out}/paper_table.csv, paper_table.md, summary.csv, comparison.csv, predictions.jsonl")
-    except EntitylensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return guarded(body)

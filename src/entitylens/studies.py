@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -925,14 +924,11 @@ def script_main(build: Callable[[argparse.Namespace], Any], run: Callable[..., A
 
     args = parser.parse_args(argv)
     set_quiet(bool(args.quiet))
-    try:
-        config = build(args)
-        run(config, confirm=None if args.yes else ask_to_proceed)
-    except EntitylensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    from entitylens.cli import guarded
+
+    def body() -> int:
+        run(build(args), confirm=None if args.yes else ask_to_proceed)
+        return 0
+
+    return guarded(body)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from entitylens.errors import EntitylensError
 from entitylens.progress import set_quiet
@@ -36,20 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    set_quiet(bool(getattr(args, "quiet", False)))
+def guarded(run: Callable[[], int | None]) -> int:
+    """Call ``run`` the way every entitylens command line does: bad input -> one line, exit status 2.
+
+    Args:
+        run: The command's body; returns its exit status (``None`` = 0).
+
+    Returns:
+        ``run()``'s status, 2 after an :class:`~entitylens.errors.EntitylensError` (printed as
+        ``error: ...`` on stderr) or 130 when interrupted.
+    """
     try:
-        rc = args.func(args)
+        return int(run() or 0)
     except EntitylensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return int(rc or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    set_quiet(bool(getattr(args, "quiet", False)))
+    return guarded(lambda: args.func(args))
 
 
 if __name__ == "__main__":  # pragma: no cover
