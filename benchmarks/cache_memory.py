@@ -4,19 +4,25 @@ Both methods run the same model over the same boxes-task prompts (``<context> Bo
 keep, for every prompt, the all-layer ``resid_post`` activations a probe needs:
 
 - ours: ``entitylens.activations.cache_activations`` with roles ``query_box`` and ``last`` (the gather
-  happens inside the hook; shards go to a temp dir), then ``load_cache(...).features(...)`` for both
-  roles, held in memory as a user would;
+  happens inside the hook; the forward stops after the last block, so no unembedding; free heap memory
+  goes back to the OS between layers, ``CacheConfig.release_memory``; shards go to a temp dir), then
+  ``load_cache(...).features(...)`` for both roles, held in memory as a user would;
+- ours without trimming (``release_memory=False``), to show what the heap trimming contributes;
 - baseline: ``bridge.run_with_cache(batch_of_prompts, names_filter=<all resid_post hooks>)`` per batch,
   keeping every batch's cache (full sequences) as a user would.
 
 Method: each method runs in its own fresh subprocess (so one cannot inherit the other's heap). After
-the model is loaded, the prompts are built and one plain forward has warmed the model up, the worker
-resets the kernel's peak-RSS counter
+the model is loaded, the prompts are built, one plain forward has warmed the model up and one role
+lookup has done its lazy imports, the worker resets the kernel's peak-RSS counter
 (``echo 5 > /proc/self/clear_refs`` resets ``VmHWM``) and reads ``VmRSS``; after the method it reads
 ``VmHWM``. "Peak increase" = VmHWM - VmRSS-at-reset: the most extra resident memory the method needed
 at any moment, torch allocations included (``tracemalloc`` cannot see those). "Retained" = exact bytes
 of the result tensors kept at the end. Both are printed with their ratios. The workers also check that
 the baseline's full-sequence caches, read at the role positions, equal ours (max abs difference).
+
+Allocator: the headline rows use glibc's defaults (no ``MALLOC_*`` variables). glibc raises its mmap
+threshold after large frees, so freed forward-pass intermediates stay resident; ``mmap-64k``
+(``MALLOC_MMAP_THRESHOLD_=65536``) makes RSS track live memory instead and is shown as a second view.
 
 Usage::
 
@@ -36,6 +42,11 @@ import time
 from pathlib import Path
 
 MODELS = {"smollm2": "smollm2-135m-instruct", "tiny": "tiny:llama"}
+METHODS = {
+    "baseline": "run_with_cache (full sequences)",
+    "ours": "entitylens cache (2 roles)",
+    "ours-keep": "entitylens cache, release_memory=False",
+}
 ROLES = ("query_box", "last")
 
 
@@ -107,22 +118,34 @@ def worker(args: argparse.Namespace) -> None:
     names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
     lengths = [len(tokenize_with_offsets(model.tokenizer, p.text, model.cfg.default_prepend_bos)[0]) for p in prompts]
     out_dir = Path(args.tmp)
-    # Warm up (one plain forward of the first batch) so one-time allocator/kernel set-up costs are paid
-    # before measuring, identically for both methods.
+    # Warm up (one plain forward of the first batch, one role lookup) so one-time allocator/kernel set-up
+    # and lazy imports are paid before measuring, identically for every method. (find_roles imports
+    # entitylens.testbed on first use, which currently pulls in matplotlib: ~25 MiB once per process.)
     model([p.text for p in prompts[: args.batch_size]], return_type=None)
+    find_roles(
+        prompts[0].text,
+        tokenize_with_offsets(model.tokenizer, prompts[0].text, model.cfg.default_prepend_bos)[1],
+        ROLES,
+    )
     base = _reset_peak()
     t0 = time.perf_counter()
-    if args.worker == "ours":
-        cfg = CacheConfig(hooks=("resid_post",), roles=ROLES, batch_size=args.batch_size, shard_size=args.n_prompts)
-        cache_activations(model, rows, cfg, out_dir / "ours")
-        cache = load_cache(out_dir / "ours")
+    if args.worker in ("ours", "ours-keep"):
+        cfg = CacheConfig(
+            hooks=("resid_post",),
+            roles=ROLES,
+            batch_size=args.batch_size,
+            shard_size=args.n_prompts,
+            release_memory=args.worker == "ours",
+        )
+        cache_activations(model, rows, cfg, out_dir / args.worker)  # one directory per method: no resume
+        cache = load_cache(out_dir / args.worker)
         kept = {role: cache.features("resid_post", role) for role in ROLES}
         seconds = time.perf_counter() - t0
         peak = _peak()
         retained = sum(t.numel() * t.element_size() for t in kept.values())
         from safetensors.torch import save_file
 
-        save_file({r: t.contiguous() for r, t in kept.items()}, str(out_dir / "ours.safetensors"))
+        save_file({r: t.contiguous() for r, t in kept.items()}, str(out_dir / f"{args.worker}.safetensors"))
     else:
         kept_batches = []
         for b0 in range(0, len(prompts), args.batch_size):
@@ -187,7 +210,7 @@ def main() -> None:
         default=",".join(ALLOCATORS),
         help=f"comma-separated malloc settings to measure under: {', '.join(ALLOCATORS)} (default both)",
     )
-    p.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -203,7 +226,7 @@ def main() -> None:
         for alloc in allocators:
             run_dir = Path(tmp) / alloc
             run_dir.mkdir()
-            for method in ("baseline", "ours"):
+            for method in METHODS:
                 cmd = [sys.executable, __file__, "--worker", method, "--tmp", str(run_dir), "--model", args.model]
                 cmd += ["--n-prompts", str(args.n_prompts), "--batch-size", str(args.batch_size)]
                 cmd += ["--ops", str(args.ops), "--seed", str(args.seed)]
@@ -215,9 +238,10 @@ def main() -> None:
                 results[(alloc, method)] = json.loads(line[0][len("RESULT ") :])
             from safetensors.torch import load_file
 
-            ours_vals = load_file(str(run_dir / "ours.safetensors"))
             base_vals = load_file(str(run_dir / "baseline.safetensors"))
-            max_diff = max(max_diff, *(float((ours_vals[r] - base_vals[r]).abs().max()) for r in ROLES))
+            for method in list(METHODS)[1:]:
+                ours_vals = load_file(str(run_dir / f"{method}.safetensors"))
+                max_diff = max(max_diff, *(float((ours_vals[r] - base_vals[r]).abs().max()) for r in ROLES))
     o = results[(allocators[0], "ours")]
     mib = 1 << 20
     print(
@@ -228,20 +252,23 @@ def main() -> None:
     print("method: each run in a fresh subprocess; peak increase = VmHWM - VmRSS after loading and one warm-up")
     print("        forward (VmHWM reset via /proc/self/clear_refs), so torch allocations count; retained = bytes")
     print("        of the result tensors kept; mmap-64k = MALLOC_MMAP_THRESHOLD_=65536 (RSS tracks live memory)")
-    print(f"{'allocator':<15}{'method':<34}{'peak increase':>16}{'retained':>14}{'time':>10}")
+    print(f"{'allocator':<15}{'method':<40}{'peak increase':>16}{'retained':>14}{'time':>10}")
     for alloc in allocators:
-        for method, label in (("baseline", "run_with_cache (full sequences)"), ("ours", "entitylens cache (2 roles)")):
+        for method in METHODS:
             r = results[(alloc, method)]
             print(
-                f"{alloc:<15}{label:<34}{r['peak_increase'] / mib:>12.1f} MiB"
+                f"{alloc:<15}{METHODS[method]:<40}{r['peak_increase'] / mib:>12.1f} MiB"
                 f"{r['retained'] / mib:>10.1f} MiB{r['seconds']:>9.1f}s"
             )
     for alloc in allocators:
-        b, o = results[(alloc, "baseline")], results[(alloc, "ours")]
-        print(
-            f"ratio baseline/ours [{alloc}]: peak increase {b['peak_increase'] / max(o['peak_increase'], 1):.1f}x, "
-            f"retained {b['retained'] / max(o['retained'], 1):.1f}x"
-        )
+        b = results[(alloc, "baseline")]
+        for method in list(METHODS)[1:]:
+            o = results[(alloc, method)]
+            print(
+                f"ratio baseline/{method} [{alloc}]: peak increase "
+                f"{b['peak_increase'] / max(o['peak_increase'], 1):.1f}x, "
+                f"retained {b['retained'] / max(o['retained'], 1):.1f}x"
+            )
     print(f"values at the role positions: max |ours - baseline| = {max_diff:.2e}")
 
 

@@ -130,6 +130,45 @@ def test_storage_dtype_and_stop_early(tiny_model: Any, rows: list[BoxRow], clean
     assert files(tmp_path / "s") == files(clean_small)
 
 
+def test_release_memory_trims_inside_the_forward_and_keeps_bytes(
+    tiny_model: Any, rows: list[BoxRow], clean_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heap trimming runs between layers (4 points per block) and leaves the shards byte-identical."""
+    calls: list[int] = []
+    monkeypatch.setattr(cache_mod, "release_free_memory", lambda: calls.append(1) or False)
+    run(tiny_model, rows, SMALL, tmp_path / "trim")  # release_memory=True is the default
+    n_layers, n_batches = tiny_model.cfg.n_layers, len(rows) // SMALL.batch_size
+    # Every block's 4 trim points fire except the last block's resid_post (the forward stops there);
+    # one more trim after each forward.
+    assert len(calls) == n_batches * (4 * n_layers - 1 + 1)
+    assert files(tmp_path / "trim") == files(clean_small)
+    calls.clear()
+    run(tiny_model, rows, replace(SMALL, release_memory=False), tmp_path / "keep")
+    assert calls == [] and files(tmp_path / "keep") == files(clean_small)
+
+
+@pytest.mark.skipif(cache_mod._MALLOC_TRIM is None, reason="needs glibc malloc_trim")
+@pytest.mark.skipif(any(k.startswith("MALLOC_") for k in os.environ), reason="glibc tuned by MALLOC_* variables")
+def test_release_free_memory_returns_freed_heap_to_the_os() -> None:
+    """Freed heap blocks stay resident under glibc's dynamic mmap threshold until release_free_memory()."""
+
+    def rss_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    big = torch.ones(30 << 18)  # 30 MiB: mmapped, and freeing it raises glibc's mmap threshold to 30 MiB
+    del big
+    blocks = [torch.ones(1 << 18) for _ in range(120)]  # 120 x 1 MiB, now carved from the heap
+    keep = blocks.pop()  # the topmost block stays alive, so free() cannot shrink the heap from its top
+    del blocks
+    before = rss_mib()
+    assert cache_mod.release_free_memory() is True
+    assert before - rss_mib() > 60, "the freed 119 MiB should leave the resident set"
+    del keep
+
+
 # ---------------------------------------------------------------------------------------- resume
 
 
@@ -293,3 +332,31 @@ def test_bad_input_errors(tiny_model: Any, rows: list[BoxRow], tmp_path: Path) -
         build_prompts([rows[0], rows[0]])
     with pytest.raises(EntitylensError, match="pass BoxRow, State, str or CachePrompt"):
         build_prompts([1.5])
+
+
+def test_build_prompts_records_each_rows_initial_contents() -> None:
+    """The probe control task types rows by the queried box's initial contents (K&S rows and P24 items)."""
+    from entitylens.task import GeneratorConfig, generate_states
+    from entitylens.task.io import P24Item
+
+    state = generate_states(GeneratorConfig(seed=4, num_states=3, num_operations=2))[2]
+    prompts = build_prompts([BoxRow(state, b) for b in range(state.num_boxes)])
+    assert [p.meta["initial"] for p in prompts] == [list(state.initial[b]) for b in range(state.num_boxes)]
+    # P24: a box can hold two objects (labels are drawn with replacement); the queried one is the answer.
+    item = P24Item("The boot is in Box X, the hematite is in Box M, the bag is in Box M.", "M", "bag", 9,
+                   (("boot", "X"), ("hematite", "M"), ("bag", "M")))
+    (p24,) = build_prompts([item])
+    assert p24.meta["initial"] == ["bag", "hematite"] and p24.meta["gold"] == ["bag"]
+
+
+def test_role_lookup_does_not_import_the_figure_layer() -> None:
+    """Caching pays for no matplotlib import (it used to come in through entitylens.testbed's run layer)."""
+    code = (
+        "import sys\n"
+        "from entitylens.activations import find_roles\n"
+        "import entitylens.testbed.protocol\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported by role lookup'\n"
+        "from entitylens.testbed import run_testbed_eval\n"
+        "assert callable(run_testbed_eval)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

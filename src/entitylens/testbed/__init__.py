@@ -48,7 +48,6 @@ from entitylens.testbed.protocol import (
     find_compact_roles,
     testbed_predictor,
 )
-from entitylens.testbed.run import run_testbed_eval
 from entitylens.testbed.tokenizer import build_tokenizer, get_tokenizer, tokenizer_json
 from entitylens.testbed.train import RECIPES, STAGES, ModelDims, Recipe, get_recipe, token_budget, train_stage
 
@@ -90,3 +89,17 @@ __all__ = [
     "tokenizer_json",
     "train_stage",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import :func:`run_testbed_eval` on first use.
+
+    It pulls in the run/figure layer (matplotlib), which role lookups and caching (``find_roles`` uses
+    the compact protocol) should not pay for.
+    """
+    if name == "run_testbed_eval":
+        from entitylens.testbed.run import run_testbed_eval
+
+        return run_testbed_eval
+    raise AttributeError(f"module 'entitylens.testbed' has no attribute {name!r}")
+
