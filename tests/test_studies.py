@@ -340,3 +340,17 @@ def test_bad_input_is_one_line_error(script, args, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_device_and_dtype_defaults_follow_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study on the default (7B) pair runs on the GPU in bf16 when one is visible, else on the CPU in fp32."""
+    import argparse
+
+    import entitylens.studies as st
+
+    for gpu, device, dtype in ((True, "cuda", "bfloat16"), (False, "cpu", "float32")):
+        monkeypatch.setattr(st, "_cuda_available", lambda gpu=gpu: gpu)
+        parser = argparse.ArgumentParser()
+        st.add_common_args(parser, "runs/study")
+        args = parser.parse_args([])
+        assert (args.device, args.dtype) == (device, dtype)

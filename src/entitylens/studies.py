@@ -891,6 +891,12 @@ def run_patch_study(
 # --------------------------------------------------------------------------------------------------
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def add_common_args(p: argparse.ArgumentParser, out_default: str) -> None:
     """Options both study scripts take: the model pair, data, protocol, device, output, estimate, quiet."""
     base, variant = default_model_pair()
@@ -907,8 +913,11 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str) -> None:
                         help="put KST24's instruction and two demonstrations before every ks prompt")
     prefix.add_argument("--prefix-file", type=Path, default=None, help="text file put before every ks prompt")
     p.add_argument("--out", type=Path, default=Path(out_default), help=f"output directory (default {out_default})")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16 or float16 (default float32)")
+    gpu = _cuda_available()
+    p.add_argument("--device", default="cuda" if gpu else "cpu",
+                   help="cpu, cuda, cuda:N or mps (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", default="bfloat16" if gpu else "float32",
+                   help="model dtype: float32, bfloat16 or float16 (default: bfloat16 on a GPU, else float32)")
     p.add_argument("--yes", action="store_true", help="do not ask before a large run (the estimate is still printed)")
     p.add_argument("--estimate-above", type=float, default=LARGE_PARAMS, metavar="PARAMS",
                    help=f"print the GPU-time estimate for models with at least PARAMS parameters "
