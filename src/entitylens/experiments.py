@@ -675,11 +675,11 @@ def run_experiment(
         RUN_FILE,
         check_or_write_config,
         parse_shard,
+        read_dataset,
         run_config,
         run_eval,
         shard_states,
     )
-    from entitylens.task.io import read_ks_jsonl
 
     if experiment not in EXPERIMENT_SCRIPTS:
         raise EntitylensError(f"unknown experiment {experiment!r}; use one of {', '.join(EXPERIMENT_SCRIPTS)}")
@@ -699,11 +699,7 @@ def run_experiment(
         say(f"data: paper-profile test set, seed {seed} -> {data_path}")
     else:
         data_path = Path(data)
-        if not data_path.is_file():
-            raise EntitylensError(f"dataset {data_path} does not exist; create one with `entitylens data generate`")
-    states = read_ks_jsonl(data_path)
-    if not states:
-        raise EntitylensError(f"dataset {data_path} has no rows; generate one with `entitylens data generate`")
+    states = read_dataset(data_path)
     selected = shard_states(states, shard_t)[:limit]
     # Refuse a directory holding another run before anything else is written into it (run_eval writes run.json).
     if (out / RUN_FILE).exists():

@@ -299,6 +299,29 @@ def write_outputs(
 # ------------------------------------------------------------------------------------------------ runs
 
 
+def read_dataset(path: str | os.PathLike[str]) -> list[State]:
+    """Read a K&S T5 JSONL dataset to evaluate, refusing a missing or empty file with a one-line fix.
+
+    Args:
+        path: The dataset file.
+
+    Returns:
+        Its states, in file order.
+
+    Raises:
+        EntitylensError: The file does not exist, has no rows, or a malformed row.
+    """
+    from entitylens.task.io import read_ks_jsonl
+
+    dataset = Path(path)
+    if not dataset.is_file():
+        raise EntitylensError(f"dataset {dataset} does not exist; create one with `entitylens data generate`")
+    states = read_ks_jsonl(dataset)
+    if not states:
+        raise EntitylensError(f"dataset {dataset} has no rows; generate one with `entitylens data generate`")
+    return states
+
+
 def run_eval(
     models: Sequence[ModelRun],
     dataset: str | os.PathLike[str],
@@ -332,16 +355,10 @@ def run_eval(
         One result per model.
 
     """
-    from entitylens.task.io import read_ks_jsonl
-
     config = config or EvalConfig()
     out = Path(out)
     dataset = Path(dataset)
-    if not dataset.is_file():
-        raise EntitylensError(f"dataset {dataset} does not exist; create one with `entitylens data generate`")
-    states = read_ks_jsonl(dataset)
-    if not states:
-        raise EntitylensError(f"dataset {dataset} has no rows; generate one with `entitylens data generate`")
+    states = read_dataset(dataset)
     shard_t = parse_shard(shard)
     states = shard_states(states, shard_t)
     if limit is not None:
