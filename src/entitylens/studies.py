@@ -64,6 +64,7 @@ __all__ = [
     "PatchStudyResult",
     "ProbeStudyConfig",
     "ProbeStudyResult",
+    "StudyConfig",
     "default_model_pair",
     "patch_tokens",
     "probe_diff_table",
@@ -309,33 +310,22 @@ def _label(arm: str, spec: str) -> str:
 
 
 @dataclass(frozen=True)
-class ProbeStudyConfig:
-    """What :func:`run_probe_study` runs.
+class StudyConfig:
+    """What both studies share: the model pair, the data, the prompt form, where and how models run.
 
     Attributes:
         base: Model spec of the base model.
         variant: Model spec of the variant (e.g. the code model).
         out: Output directory.
         data: K&S JSONL file (``None``: generate ``states`` states from ``seed``).
-        seed: Seed of generated states.
-        states: States to generate (or keep from ``data``); ``None``: 240 generated / all of the file.
+        seed: Seed of generated states (and of the patch study's pair choices).
+        states: States to generate, or to keep from ``data`` (``None``: the study's default).
         protocol: ``auto``, ``ks`` or ``compact`` (see :func:`resolve_protocol`).
-        hooks: Cached hooks (the probes read ``hooks[0]``).
-        roles: Token roles cached and probed (``None``: ``query_box,last`` for ``ks`` prompts; for ``compact``
-            prompts, whose last token is the query box, ``query_box,query_box_desc``).
-        target: Probe target (``box_contents`` or ``object_in_box``).
-        limit: Cache only the first ``limit`` rows.
         prefix: Text put before every ``ks`` prompt (e.g. KST24's instruction and demonstrations).
         device: Device the models run on.
         dtype: Dtype the models run in.
-        batch_size: Prompts per forward while caching.
-        cache_dtype: Storage dtype of the caches.
-        random_control: Also cache a randomly re-initialised copy of each model and report ``over_random``.
-        probe_seed: Seed of the probes' split, folds and control labels.
-        folds: Cross-validation folds of the probes.
-        bootstrap: State resamples for the probes' intervals (0: none).
         estimate_above: Print the GPU-time estimate when a model has at least this many parameters.
-        overwrite: Replace caches / outputs of another model or dataset in ``out``.
+        overwrite: Replace another model's / dataset's / pairs file's results in ``out``.
     """
 
     base: str
@@ -345,21 +335,43 @@ class ProbeStudyConfig:
     seed: int = 0
     states: int | None = None
     protocol: str = "auto"
+    prefix: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    estimate_above: float = LARGE_PARAMS
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class ProbeStudyConfig(StudyConfig):
+    """What :func:`run_probe_study` runs (the :class:`StudyConfig` fields, then these).
+
+    ``states=None`` means 240 generated states, or all of ``data``.
+
+    Attributes:
+        hooks: Cached hooks (the probes read ``hooks[0]``).
+        roles: Token roles cached and probed (``None``: ``query_box,last`` for ``ks`` prompts; for ``compact``
+            prompts, whose last token is the query box, ``query_box,query_box_desc``).
+        target: Probe target (``box_contents`` or ``object_in_box``).
+        limit: Cache only the first ``limit`` rows.
+        batch_size: Prompts per forward while caching.
+        cache_dtype: Storage dtype of the caches.
+        random_control: Also cache a randomly re-initialised copy of each model and report ``over_random``.
+        probe_seed: Seed of the probes' split, folds and control labels.
+        folds: Cross-validation folds of the probes.
+        bootstrap: State resamples for the probes' intervals (0: none).
+    """
+
     hooks: tuple[str, ...] = ("resid_post",)
     roles: tuple[str, ...] | None = None
     target: str = "box_contents"
     limit: int | None = None
-    prefix: str = ""
-    device: str = "cpu"
-    dtype: str = "float32"
     batch_size: int = 8
     cache_dtype: str = "float32"
     random_control: bool = False
     probe_seed: int = 0
     folds: int = 5
     bootstrap: int = 200
-    estimate_above: float = LARGE_PARAMS
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -587,19 +599,14 @@ def run_probe_study(
 
 
 @dataclass(frozen=True)
-class PatchStudyConfig:
-    """What :func:`run_patch_study` runs.
+class PatchStudyConfig(StudyConfig):
+    """What :func:`run_patch_study` runs (the :class:`StudyConfig` fields, then these).
+
+    ``states=None`` means ``4 * pairs`` states to draw pairs from; ``prefix`` goes before both prompts of
+    every ``ks`` pair.
 
     Attributes:
-        base: Model spec of the base model.
-        variant: Model spec of the variant.
-        out: Output directory.
-        data: K&S JSONL file (``None``: generate ``states`` states from ``seed``).
-        seed: Seed of generated states and of the pairs' random choices.
-        states: States to draw pairs from (``None``: ``4 * pairs``).
-        protocol: ``auto``, ``ks`` or ``compact``.
         kind: Corruption kind (``op_object``, ``op_box``, ``init_object``, ``drop_op``).
-        prefix: Text put before both prompts of every ``ks`` pair (e.g. KST24's few-shot prefix).
         pairs: Most pairs.
         component: Patched activation (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``,
             ``head_z``).
@@ -610,21 +617,9 @@ class PatchStudyConfig:
         batch_cells: Most cells per forward.
         attribution: Also run attribution patching and report its agreement with exact patching.
         k: Top-k size of the agreement.
-        device: Device the models run on.
-        dtype: Dtype the models run in.
-        estimate_above: Print the GPU-time estimate when a model has at least this many parameters.
-        overwrite: Replace another model's / pairs file's results in ``out``.
     """
 
-    base: str
-    variant: str
-    out: Path
-    data: Path | None = None
-    seed: int = 0
-    states: int | None = None
-    protocol: str = "auto"
     kind: str = "op_object"
-    prefix: str = ""
     pairs: int = 24
     component: str = "resid_pre"
     grid: str | None = None
@@ -634,10 +629,6 @@ class PatchStudyConfig:
     batch_cells: int = 32
     attribution: bool = False
     k: int = 10
-    device: str = "cpu"
-    dtype: str = "float32"
-    estimate_above: float = LARGE_PARAMS
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
         from entitylens.patching.exact import COMPONENTS
