@@ -213,6 +213,25 @@ def _rows_for(role: str, layers: Sequence[int], metric: str, value: Tensor, low:
              "n": int(n)} for i, layer in enumerate(layers)]
 
 
+def _reference_rows(role: str, layers: Sequence[int], n: int, met: dict[str, Tensor],
+                    boot_t: dict[str, Tensor] | None, reference: ProbeResult, y: Bool[Tensor, "n target"],
+                    cols: Bool[Tensor, " target"], weights: Tensor | None, accuracy_name: str,
+                    difference_name: str) -> list[dict[str, Any]]:
+    """A reference probe's (control task, random model) balanced accuracy and the task's margin over it.
+
+    The margin's interval comes from paired resamples of the same test states as the task's.
+    """
+    ref = _column_means(reference, cols)["balanced_accuracy"]
+    boot_r = (_weighted_binary(reference.predictions("test").bool(), y, weights, cols)
+              if weights is not None else None)
+    lo, hi = _interval(ref, None if boot_r is None else boot_r["balanced_accuracy"], 0.0, 1.0)
+    rows = _rows_for(role, layers, accuracy_name, ref, lo, hi, n)
+    diff = met["balanced_accuracy"] - ref
+    dlo, dhi = _interval(diff, None if boot_t is None or boot_r is None
+                         else boot_t["balanced_accuracy"] - boot_r["balanced_accuracy"], -1.0, 1.0)
+    return rows + _rows_for(role, layers, difference_name, diff, dlo, dhi, n)
+
+
 def _role_rows(role: str, layers: Sequence[int], task: ProbeResult, control: ProbeResult | None,
                y_control: Tensor | None, random: ProbeResult | None, target: ProbeTarget, split: Split,
                weights: Tensor | None) -> list[dict[str, Any]]:
@@ -238,27 +257,11 @@ def _role_rows(role: str, layers: Sequence[int], task: ProbeResult, control: Pro
         y_c = y_control[te].bool()
         ccols = _evaluable(y_c)
         if bool(ccols.any()):
-            cmet = _column_means(control, ccols)
-            boot_c = (_weighted_binary(control.predictions("test").bool(), y_c, weights, ccols)
-                      if weights is not None else None)
-            cb = cmet["balanced_accuracy"]
-            blo, bhi = _interval(cb, None if boot_c is None else boot_c["balanced_accuracy"], 0.0, 1.0)
-            out += _rows_for(role, layers, "control_balanced_accuracy", cb, blo, bhi, n)
-            sel = met["balanced_accuracy"] - cb
-            slo, shi = _interval(sel, None if boot_t is None or boot_c is None
-                                 else boot_t["balanced_accuracy"] - boot_c["balanced_accuracy"], -1.0, 1.0)
-            out += _rows_for(role, layers, "selectivity", sel, slo, shi, n)
+            out += _reference_rows(role, layers, n, met, boot_t, control, y_c, ccols, weights,
+                                   "control_balanced_accuracy", "selectivity")
     if random is not None:
-        rmet = _column_means(random, cols)
-        boot_r = (_weighted_binary(random.predictions("test").bool(), y, weights, cols)
-                  if weights is not None else None)
-        rb = rmet["balanced_accuracy"]
-        rlo, rhi = _interval(rb, None if boot_r is None else boot_r["balanced_accuracy"], 0.0, 1.0)
-        out += _rows_for(role, layers, "random_model_balanced_accuracy", rb, rlo, rhi, n)
-        over = met["balanced_accuracy"] - rb
-        olo, ohi = _interval(over, None if boot_t is None or boot_r is None
-                             else boot_t["balanced_accuracy"] - boot_r["balanced_accuracy"], -1.0, 1.0)
-        out += _rows_for(role, layers, "over_random", over, olo, ohi, n)
+        out += _reference_rows(role, layers, n, met, boot_t, random, y, cols, weights,
+                               "random_model_balanced_accuracy", "over_random")
         rk = random.correct("test").sum(-1)
         rlo2, rhi2 = M.wilson_interval(rk, torch.tensor(n))
         out += _rows_for(role, layers, "random_model_exact_match", random.metrics("test")["exact_match"], rlo2, rhi2,
