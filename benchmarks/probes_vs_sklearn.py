@@ -62,15 +62,33 @@ def boxes_like_features(layers: int, n: int, d: int, n_objects: int, seed: int):
 
 
 def sklearn_fit(X, y, tr, te, C, tol, max_iter):
+    """Predictions on the test rows and L-BFGS iterations per target (one for a softmax)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     sc = StandardScaler().fit(X[tr])
     A, B = sc.transform(X[tr]), sc.transform(X[te])
     if y.ndim == 2:
-        return np.stack([LogisticRegression(C=C, tol=tol, max_iter=max_iter).fit(A, y[tr, t]).predict(B)
-                         for t in range(y.shape[1])], 1)
-    return LogisticRegression(C=C, tol=tol, max_iter=max_iter).fit(A, y[tr]).predict(B)
+        fits = [LogisticRegression(C=C, tol=tol, max_iter=max_iter).fit(A, y[tr, t]) for t in range(y.shape[1])]
+        return np.stack([m.predict(B) for m in fits], 1), np.array([int(m.n_iter_[0]) for m in fits])
+    m = LogisticRegression(C=C, tol=tol, max_iter=max_iter).fit(A, y[tr])
+    return m.predict(B), np.array([int(m.n_iter_[0])])
+
+
+def gradient_eval_seconds(n: int, d: int, outputs: int, reps: int = 20) -> float:
+    """Seconds per layer for one batched gradient evaluation: the two float32 products every first-order
+    step needs (logits ``Z @ W`` over all outputs, gradient ``Z.T @ R``), ``Z`` of ``[n, d + 1]``."""
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(n, d + 1, generator=g)
+    W = torch.randn(d + 1, outputs, generator=g)
+    R = torch.randn(n, outputs, generator=g)
+    times = []
+    for _ in range(reps + 3):
+        t = time.perf_counter()
+        Z @ W
+        Z.mT @ R
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[3:]))
 
 
 def sklearn_cv(X, y, tr, te, Cs, cv, tol, max_iter):
@@ -90,6 +108,22 @@ def sklearn_cv(X, y, tr, te, Cs, cv, tol, max_iter):
         return np.stack([o[0] for o in out], 1), np.array([o[1] for o in out])
     p, c = one(y[tr])
     return p, np.array([c])
+
+
+def report_budget(t_sk: float, t_ours: float, it_sk: np.ndarray, it_ours: np.ndarray, n: int, d: int,
+                  outputs: int, target: float = 20.0) -> None:
+    """Print what ``target``x would leave per layer, in batched gradient evaluations, next to the iterations
+    both solvers used (``it_*``: ``[layer, target]`` L-BFGS iterations)."""
+    layers = it_sk.shape[0]
+    t_eval = gradient_eval_seconds(n, d, outputs)
+    budget = t_sk / target / layers
+    print(f"  iterations per layer: scikit-learn {it_sk.mean():.1f} per target (max {it_sk.max(1).mean():.1f}); "
+          f"ours {it_ours.mean():.1f} per target (max {it_ours.max(1).mean():.1f}, every target batched)")
+    print(f"  one batched gradient evaluation (two float32 products, {n}x{d + 1} by {d + 1}x{outputs}): "
+          f"{t_eval * 1e3:.2f} ms per layer; ours spent {t_ours / layers * 1e3:.0f} ms per layer = "
+          f"{t_ours / layers / t_eval:.0f} of them")
+    print(f"  {target:.0f}x would leave {budget * 1e3:.1f} ms per layer = {budget / t_eval:.1f} gradient "
+          f"evaluations for every target together, standardising and preconditioning included")
 
 
 def main() -> None:
@@ -140,6 +174,7 @@ def main() -> None:
         acc_ours = np.zeros(args.layers)
         acc_sk = np.zeros(args.layers)
         worst_target = 0.0
+        it_ours, it_sk = [], []
         for k, l0 in enumerate(range(0, args.layers, args.chunk)):
             l1 = min(args.layers, l0 + args.chunk)
             for first in ((0, 1) if k % 2 == 0 else (1, 0)):
@@ -148,12 +183,15 @@ def main() -> None:
                     res = fit_probes(Xt[l0:l1], torch.from_numpy(y), groups, cfg, split=split)
                     t_ours += time.perf_counter() - t
                     pred_ours = res.predictions().numpy()
+                    it_ours.append(res.n_iter.numpy())
                 else:
                     t = time.perf_counter()
                     with threadpool_limits(limits=sk_limit), warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        pred_sk = np.stack([sklearn_fit(X[layer], y, tr, te, args.C, args.tol, args.max_iter)
-                                            for layer in range(l0, l1)])
+                        fits = [sklearn_fit(X[layer], y, tr, te, args.C, args.tol, args.max_iter)
+                                for layer in range(l0, l1)]
+                    pred_sk = np.stack([f[0] for f in fits])
+                    it_sk.append(np.stack([f[1] for f in fits]))
                     t_sk += time.perf_counter() - t
             yt = y[te]
             if y.ndim == 2:
@@ -171,6 +209,8 @@ def main() -> None:
               + (f" (worst single target: {worst_target * 100:.2f} points)" if y.ndim == 2 else ""))
         print(f"  time: ours {t_ours:.2f}s, sklearn {t_sk:.2f}s -> speed ratio {t_sk / t_ours:.1f}x "
               f"(fixed C={args.C}, tol={args.tol}, {args.layers} layers)")
+        report_budget(t_sk, t_ours, np.concatenate(it_sk), np.concatenate(it_ours), len(tr), args.d_model,
+                      y.shape[1] if y.ndim == 2 else len(np.unique(y[tr])))
 
         if args.cv:
             Cs = (0.01, 0.1, 1.0, 10.0)
