@@ -78,9 +78,10 @@ def split(data):
     return split_by_group(data["groups"], 0.25, seed=3)
 
 
-@pytest.mark.parametrize(("C", "rotate"), [(0.05, True), (1.0, True), (1.0, False)])
-def test_binary_targets_agree_with_sklearn_per_layer(data, split, C, rotate):
-    tight = ProbeConfig(Cs=(C,), tol=1e-9, dtype="float64", max_iter=5000, rotate=rotate)
+@pytest.mark.parametrize(("C", "preconditioner"),
+                         [(0.05, "cholesky"), (1.0, "cholesky"), (0.05, "eigen"), (1.0, "eigen"), (1.0, "diagonal")])
+def test_binary_targets_agree_with_sklearn_per_layer(data, split, C, preconditioner):
+    tight = ProbeConfig(Cs=(C,), tol=1e-9, dtype="float64", max_iter=5000, preconditioner=preconditioner)
     res = fit_probes(torch.tensor(data["X"]), torch.tensor(data["Y"]), data["groups"], tight, split=split)
     tr, te = split.train.numpy(), split.test.numpy()
     assert res.kind == "binary" and res.coef.shape == (4, 24, 5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from entitylens.probing.linear import _neg_log_sigmoid_sum, _Problems
+from entitylens.probing.linear import _neg_log_sigmoid_sum, _Prepared, _Problems
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -26,19 +26,19 @@ def _problem(kind: str, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     B, n, r, Q = 2, 40, 6, 3
     Z = torch.cat([torch.randn(B, n, r, generator=g), torch.ones(B, n, 1)], 2).to(dtype)
+    prep = _Prepared(mean=torch.zeros(B, r), scale=torch.ones(B, r), V=None, Z=Z, Zt=Z.mT.contiguous(), G=None, r=r)
     fold_w = (torch.rand(n, 2, generator=g) > 0.3).double()
     col_fold = torch.tensor([0, 1, 0])
     lam = torch.full((B, Q), 0.5, dtype=torch.float64)
     if kind == "binary":
         y = (torch.rand(n, Q, generator=g) < 0.3).double()
-        P = _Problems(Z, "binary", y, fold_w, col_fold, torch.arange(Q), lam, 1, None, None, r, r)
+        P = _Problems(prep, "binary", y, fold_w, col_fold, torch.arange(Q), lam, 1, None, r)
         K = 1
     else:
         K = 4
         y = torch.randint(0, K, (n,), generator=g)
         present = torch.stack([torch.bincount(y[fold_w[:, f] > 0], minlength=K) > 0 for f in range(2)])
-        P = _Problems(Z, "multiclass", y, fold_w, col_fold, torch.zeros(Q, dtype=torch.int64), lam, K, present,
-                      None, r, r)
+        P = _Problems(prep, "multiclass", y, fold_w, col_fold, torch.zeros(Q, dtype=torch.int64), lam, K, present, r)
     W = torch.randn(B, r + 1, Q, K, generator=g, dtype=torch.float64)
     D = torch.randn(B, r + 1, Q, K, generator=g, dtype=torch.float64)
     return P, W, D, y, fold_w[:, col_fold]
@@ -84,7 +84,7 @@ def test_line_search_terms_match_autograd(kind):
 
 
 @pytest.mark.parametrize("kind", ["binary", "multiclass"])
-def test_float32_elementwise_terms_are_float32_accurate_and_sum_in_float64(kind):
+def test_float32_elementwise_terms_are_float32_accurate_and_returned_as_float64(kind):
     P64, W, D, y, w = _problem(kind, torch.float64, seed=3)
     P32, *_ = _problem(kind, torch.float32, seed=3)
     t0 = torch.full((2, 3), 0.8, dtype=torch.float64)
