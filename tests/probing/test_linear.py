@@ -292,7 +292,8 @@ def test_predict_on_raw_features_reproduces_test_logits(data, split):
     ("kwargs", "match"),
     [({"Cs": ()}, "Cs"), ({"Cs": (1.0, -1.0)}, "Cs"), ({"folds": 1}, "folds"), ({"tol": 0}, "tol"),
      ({"dtype": "float16"}, "dtype"), ({"cv_metric": "auc"}, "cv_metric"), ({"device": "nope"}, "device"),
-     ({"test_fraction": 1.0}, "test_fraction"), ({"select": "x"}, "select")],
+     ({"test_fraction": 1.0}, "test_fraction"), ({"select": "x"}, "select"),
+     ({"preconditioner": "lu"}, "preconditioner"), ({"max_batch_bytes": 0}, "max_batch_bytes")],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(EntitylensError, match=match):
@@ -314,3 +315,62 @@ def test_bad_inputs_raise_one_line_errors(data):
         with pytest.raises(EntitylensError, match=match) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["binary", "multiclass", "cv_per_target", "cv_multiclass"])
+def test_every_preconditioner_reaches_the_same_probes(data, split, case):
+    """The preconditioner only changes the path: eigen (rotation), Cholesky (dense, one matrix per penalty --
+    several when C is chosen per target) and diagonal all stop at the same optimum, float64, tight tol."""
+    labels = data["cls"] if "multiclass" in case else data["Y"]
+    cv = case.startswith("cv")
+    base = {"Cs": (0.05, 0.5, 5.0) if cv else (0.5,), "folds": 3, "tol": 1e-10, "dtype": "float64",
+            "max_iter": 10_000, "select": "target" if case == "cv_per_target" else "layer"}
+    res = {p: fit_probes(torch.tensor(data["X"][1:3]), torch.tensor(labels), data["groups"],
+                         ProbeConfig(preconditioner=p, **base), split=split)
+           for p in ("cholesky", "eigen", "diagonal")}
+    ref = res["eigen"]
+    assert bool(ref.converged.all())
+    if case == "cv_per_target":
+        assert len(torch.unique(ref.C)) > 1  # the refit really mixes penalties (several Cholesky factors)
+    for p in ("cholesky", "diagonal"):
+        assert bool(res[p].converged.all()), p
+        assert torch.equal(res[p].C, ref.C), p
+        torch.testing.assert_close(res[p].coef, ref.coef, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(res[p].intercept, ref.intercept, rtol=1e-6, atol=1e-7)
+        if cv:
+            torch.testing.assert_close(res[p].cv_score, ref.cv_score, rtol=1e-7, atol=1e-9)
+
+
+def test_auto_preconditioner_follows_the_cost_of_each_route():
+    from entitylens.probing.linear import _auto_preconditioner
+
+    # SmolLM2-like residuals (d = 576) with 1,200 prompts: 48 targets at one C -> one Cholesky factor;
+    # a 4-C grid over 5 folds (240 problems per solve) -> the eigen rotation, whose per-iteration cost is nil
+    assert _auto_preconditioner(1200, 576, 48, 1) == "cholesky"
+    assert _auto_preconditioner(1200, 576, 240, 4) == "eigen"
+    # 7B residuals (d = 4096) with fewer prompts than dimensions: the rotation also shrinks d to n
+    assert _auto_preconditioner(1200, 4096, 48, 1) == "eigen"
+    assert ProbeConfig().preconditioner == "auto"
+
+
+def test_results_saved_with_the_old_rotate_option_still_load(tmp_path, data, split):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    res = fit_probes(torch.tensor(data["X"][:1]), torch.tensor(data["Y"]), data["groups"], ProbeConfig(Cs=(1.0,)),
+                     split=split)
+    save_probe_result(res, tmp_path / "new.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+    for rotate, expected in ((True, "eigen"), (False, "diagonal")):
+        cfg = json.loads(meta["config"])
+        del cfg["preconditioner"], cfg["max_batch_bytes"]
+        cfg.update(rotate=rotate, max_batch_bytes=512 * 2**20)  # as written before the option existed
+        old = tmp_path / f"old-{rotate}.safetensors"
+        save_file(load_file(tmp_path / "new.safetensors"), old, metadata={**meta, "config": json.dumps(cfg)})
+        back = load_probe_result(old)
+        assert back.config.preconditioner == expected
+        assert torch.equal(back.coef, res.coef)

@@ -1,4 +1,4 @@
-"""The batched solver's elementwise pieces against torch's own losses and autograd (an independent reference)."""
+"""The batched solver's pieces against torch's own losses, autograd and dense solves (independent references)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from entitylens.probing.linear import _neg_log_sigmoid_sum, _Prepared, _Problems
+from entitylens.probing.linear import _neg_log_sigmoid_sum, _Precond, _Prepared, _Problems
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -22,12 +22,15 @@ def test_neg_log_sigmoid_sum_matches_bce_including_extreme_logits(dtype):
     torch.testing.assert_close(ours, ref, rtol=rtol, atol=1e-6 if dtype == torch.float32 else 1e-12)
 
 
-def _problem(kind: str, dtype: torch.dtype, seed: int = 0):
+def _problem(kind: str, dtype: torch.dtype, seed: int = 0, unit: bool = False):
     g = torch.Generator().manual_seed(seed)
     B, n, r, Q = 2, 40, 6, 3
     Z = torch.cat([torch.randn(B, n, r, generator=g), torch.ones(B, n, 1)], 2).to(dtype)
-    prep = _Prepared(mean=torch.zeros(B, r), scale=torch.ones(B, r), V=None, Z=Z, Zt=Z.mT.contiguous(), G=None, r=r)
+    Zt = Z.mT.contiguous()
+    prep = _Prepared(mean=torch.zeros(B, r), scale=torch.ones(B, r), V=None, Z=Z, Zt=Zt, G=torch.bmm(Zt, Z), r=r)
     fold_w = (torch.rand(n, 2, generator=g) > 0.3).double()
+    if unit:  # no fold masks (a fit on the whole training split)
+        fold_w = torch.ones_like(fold_w)
     col_fold = torch.tensor([0, 1, 0])
     lam = torch.full((B, Q), 0.5, dtype=torch.float64)
     if kind == "binary":
@@ -95,3 +98,64 @@ def test_float32_elementwise_terms_are_float32_accurate_and_returned_as_float64(
     for a, b in zip(out64[:3], out32[:3], strict=True):
         assert b.dtype == torch.float64
         torch.testing.assert_close(b, a, rtol=2e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+def test_row_layout_logits_and_gradient_match_autograd(kind):
+    P, W, _, y, w = _problem(kind, torch.float64)
+    B, r1, Q, K = W.shape
+    Wv = W.clone().requires_grad_(True)
+    logits = torch.einsum("bnr,brqk->bnqk", P.Z, Wv)
+    penalty = 0.5 * (P.lam[:, None, :, None] * P.pen * Wv * Wv).sum()  # the intercept (last row) is free
+    (g_ref,) = torch.autograd.grad(_data_loss(P, logits, y, w).sum() + penalty, Wv)
+
+    rows = W.permute(0, 2, 1, 3).reshape(B, Q, r1 * K)  # one contiguous row per problem
+    A = P.fwd_rows(rows)
+    torch.testing.assert_close(A, P.fwd(W), rtol=1e-12, atol=1e-12)
+    _, R = P.loss_resid(A)
+    g = P.grad_rows(R, rows)
+    torch.testing.assert_close(g, g_ref.permute(0, 2, 1, 3).reshape(B, Q, r1 * K), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+def test_dense_preconditioner_solves_the_curvature_weighted_gram_system(kind):
+    """``H0 x = (c / c_qk) (c G + lam I_pen)^-1 x``: c the layer's geometric-mean start curvature, one factor per
+    distinct penalty (layer 0 mixes two), checked against ``torch.linalg.solve`` in float64."""
+    P, W, _, y, w = _problem(kind, torch.float64, seed=1)
+    B, r1, Q, K = W.shape
+    n = P.n
+    P.lam = torch.tensor([[0.5, 2.0, 0.5], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    A = P.fwd(W)
+    prec = _Precond.build(P, A)
+    assert prec.gidx is not None  # several penalties: the grouped application
+    x = torch.randn(B, Q, r1 * K, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = prec.per_problem(x.clone()).view(B, Q, r1, K)
+
+    cq = P.curvature(A).sum(1) / n  # [B, Q, K]: each problem's mean curvature at the start
+    live = cq > 1e-12
+    if kind != "binary":
+        live &= P.bias == 0
+    pen = torch.diag(P.pen.view(r1))
+    for b in range(B):
+        c = torch.exp(cq[b][live[b]].log().mean())
+        for q in range(Q):
+            M = c * P.G[b] + P.lam[b, q] * pen
+            sol = torch.linalg.solve(M, x[b, q].view(r1, K))
+            expected = torch.where(live[b, q], (c / cq[b, q]).clamp(1e-4, 1e4), 0.0) * sol
+            torch.testing.assert_close(out[b, q], expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+@pytest.mark.parametrize("unit", [False, True])
+def test_line_search_on_gathered_columns_equals_the_full_batch(kind, unit):
+    P, W, D, y, w = _problem(kind, torch.float32, seed=2, unit=unit)
+    A, Bd = P.fwd(W), P.fwd(D) - (P.bias if kind != "binary" else 0.0)
+    ctx = P.line_setup(A, Bd)
+    t = torch.tensor([[0.3, 0.7, 1.5], [0.2, 1.0, 2.5]], dtype=torch.float64)
+    full = P.line(ctx, t)
+    bi, qi = torch.tensor([1, 0, 1]), torch.tensor([2, 1, 0])
+    part = P.columns(bi, qi).line(P.line_columns(ctx, bi, qi), t[bi, qi][None])
+    for a, b in zip(full[:3], part[:3], strict=True):
+        torch.testing.assert_close(b[0], a[bi, qi], rtol=1e-6, atol=1e-6)
+    # the state (sigmoids, or the residual) of those columns, as the solver scatters it back into the batch
+    torch.testing.assert_close(part[3][0].movedim(1, 0), full[3][bi, :, qi], rtol=1e-6, atol=1e-7)
