@@ -4,19 +4,23 @@ Default shape follows DESIGN section 5: 31 layers, 1,200 training + 300 test exa
 synthetic but boxes-structured features (7 queried-box rows per state, 0-3 of 100 objects per box, a
 shared per-state nuisance, anisotropic residual-stream-like noise, signal growing with depth). Targets:
 
-* ``binary``: "object o is in the queried box" for 48 objects (independent sparse binary targets);
+* ``binary`` (default): "object o is in the queried box" for 48 objects (independent sparse binary targets);
 * ``multiclass``: which object is in the queried box (100 objects + "nothing": a 101-way softmax).
 
+Two comparisons, both on every layer by default:
+
+* **CV** -- what ``fit_probes`` / ``entitylens probe`` run by default: L2 strength chosen per target from a
+  C grid by group-fold cross-validation (held-out log loss), then a refit on the training split; against
+  ``LogisticRegressionCV`` with the same folds, grid and scoring, per target and layer.
+* **fixed C** -- one ``LogisticRegression(C)`` per target and layer against ``fit_probes`` with ``Cs=(C,)``.
+
 Per chunk of layers the two methods run back to back, alternating which goes first, so both see the same
-machine load (this machine's other core is shared); times are summed per method. Both get the same
-number of BLAS/OpenMP threads (``--threads``; scikit-learn via threadpoolctl) unless
-``--sklearn-threads default`` leaves scikit-learn at its own default (what DESIGN section 5 measured).
+machine load; times are summed per method. Both get the same number of BLAS/OpenMP threads
+(``--threads``; scikit-learn via threadpoolctl) unless ``--sklearn-threads default`` leaves scikit-learn
+at its own default.
 
-``--cv`` also compares the cross-validated pipeline: ``fit_probes`` over a C grid (group folds, held-out log
-loss, C per target) against ``LogisticRegressionCV`` with the same folds, grid and scoring, per target.
-
-Run: ``python benchmarks/probes_vs_sklearn.py`` (add ``--cv`` for the CV comparison; ``--layers 4`` for a
-quick look).
+Run: ``python benchmarks/probes_vs_sklearn.py`` (about 10 minutes, nearly all of it scikit-learn's CV);
+``--compare fixed`` or ``--compare cv`` for one of them, ``--layers 4`` for a quick look.
 """
 
 from __future__ import annotations
@@ -117,13 +121,38 @@ def report_budget(t_sk: float, t_ours: float, it_sk: np.ndarray, it_ours: np.nda
     layers = it_sk.shape[0]
     t_eval = gradient_eval_seconds(n, d, outputs)
     budget = t_sk / target / layers
-    print(f"  iterations per layer: scikit-learn {it_sk.mean():.1f} per target (max {it_sk.max(1).mean():.1f}); "
+    print(f"    iterations per layer: scikit-learn {it_sk.mean():.1f} per target (max {it_sk.max(1).mean():.1f}); "
           f"ours {it_ours.mean():.1f} per target (max {it_ours.max(1).mean():.1f}, every target batched)")
-    print(f"  one batched gradient evaluation (two float32 products, {n}x{d + 1} by {d + 1}x{outputs}): "
+    print(f"    one batched gradient evaluation (two float32 products, {n}x{d + 1} by {d + 1}x{outputs}): "
           f"{t_eval * 1e3:.2f} ms per layer; ours spent {t_ours / layers * 1e3:.0f} ms per layer = "
           f"{t_ours / layers / t_eval:.0f} of them")
-    print(f"  {target:.0f}x would leave {budget * 1e3:.1f} ms per layer = {budget / t_eval:.1f} gradient "
+    print(f"    {target:.0f}x would leave {budget * 1e3:.1f} ms per layer = {budget / t_eval:.1f} gradient "
           f"evaluations for every target together, standardising and preconditioning included")
+
+
+def interleaved(chunks, ours, theirs):
+    """Run ``ours(chunk)`` and ``theirs(chunk)`` for every chunk, alternating which goes first; summed times."""
+    t_ours = t_sk = 0.0
+    out_ours, out_sk = [], []
+    for k, chunk in enumerate(chunks):
+        for first in ((0, 1) if k % 2 == 0 else (1, 0)):
+            t = time.perf_counter()
+            if first == 0:
+                out_ours.append(ours(chunk))
+                t_ours += time.perf_counter() - t
+            else:
+                out_sk.append(theirs(chunk))
+                t_sk += time.perf_counter() - t
+        print(f"    layers {chunk[0]:2d}-{chunk[-1]:2d}: ours {t_ours:7.2f}s  sklearn {t_sk:7.2f}s (cumulative)",
+              flush=True)
+    return t_ours, t_sk, out_ours, out_sk
+
+
+def accuracy_rows(pred, y):
+    """Per-layer test accuracy (mean over targets) and per-(layer, target) accuracy of ``pred`` [layer, n(, T)]."""
+    hit = pred == y
+    per_t = hit.mean(1) if y.ndim == 2 else hit.mean(1)[:, None]
+    return per_t.mean(1), per_t
 
 
 def main() -> None:
@@ -133,16 +162,19 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--d-model", type=int, default=576)
     ap.add_argument("--targets", type=int, default=48, help="binary targets (objects) for --task binary")
-    ap.add_argument("--task", choices=["binary", "multiclass", "both"], default="both")
+    ap.add_argument("--task", choices=["binary", "multiclass", "both"], default="binary")
+    ap.add_argument("--compare", choices=["cv", "fixed", "both"], default="both")
     ap.add_argument("--C", type=float, default=1.0, help="C of the fixed-C comparison")
+    ap.add_argument("--Cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="C grid of the CV comparison")
+    ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--tol", type=float, default=1e-4, help="same stopping tolerance for both (sklearn's default)")
     ap.add_argument("--max-iter", type=int, default=1000)
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads for both methods")
     ap.add_argument("--sklearn-threads", choices=["same", "default"], default="same")
     ap.add_argument("--chunk", type=int, default=8, help="layers per interleaved timing chunk")
-    ap.add_argument("--cv", action="store_true", help="also compare the cross-validated pipelines")
-    ap.add_argument("--cv-layers", type=int, default=None, help="layers in the CV comparison (default: all)")
+    ap.add_argument("--cv-layers", type=int, default=None, help="layers in the CV comparison, evenly spaced "
+                    "(default: all)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -162,82 +194,89 @@ def main() -> None:
         tasks["multiclass"] = np.where(contents.any(1), contents.argmax(1), 100)
     print(f"data: {args.layers} layers x {n} examples ({len(tr)} train / {len(te)} test, split by state) x "
           f"{args.d_model} dims, built in {time.perf_counter() - t0:.1f}s")
+    import scipy
+    import sklearn
+
+    print(f"versions: torch {torch.__version__}, scikit-learn {sklearn.__version__}, scipy {scipy.__version__}")
     print(f"threads: torch {args.threads}, scikit-learn {sk_limit or 'default'}; load average at start "
-          f"{os.getloadavg()[0]:.1f} (2-core machine shared with other jobs: both methods interleaved per chunk)")
+          f"{os.getloadavg()[0]:.1f} (both methods interleaved per chunk of layers)")
     Xt = torch.from_numpy(X)
+    summary = []
+
+    def sk(fn, *a):
+        with threadpool_limits(limits=sk_limit), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*a)
 
     for name, y in tasks.items():
+        yt = y[te]
+        outputs = y.shape[1] if y.ndim == 2 else len(np.unique(y[tr]))
         print(f"\n=== {name}: " + (f"{y.shape[1]} binary targets (object in queried box)" if y.ndim == 2 else
-                                  f"{len(np.unique(y[tr]))}-class softmax (which object is in the queried box)"))
-        cfg = ProbeConfig(Cs=(args.C,), tol=args.tol, max_iter=args.max_iter, dtype=args.dtype, seed=args.seed)
-        t_ours = t_sk = 0.0
-        acc_ours = np.zeros(args.layers)
-        acc_sk = np.zeros(args.layers)
-        worst_target = 0.0
-        it_ours, it_sk = [], []
-        for k, l0 in enumerate(range(0, args.layers, args.chunk)):
-            l1 = min(args.layers, l0 + args.chunk)
-            for first in ((0, 1) if k % 2 == 0 else (1, 0)):
-                if first == 0:
-                    t = time.perf_counter()
-                    res = fit_probes(Xt[l0:l1], torch.from_numpy(y), groups, cfg, split=split)
-                    t_ours += time.perf_counter() - t
-                    pred_ours = res.predictions().numpy()
-                    it_ours.append(res.n_iter.numpy())
-                else:
-                    t = time.perf_counter()
-                    with threadpool_limits(limits=sk_limit), warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        fits = [sklearn_fit(X[layer], y, tr, te, args.C, args.tol, args.max_iter)
-                                for layer in range(l0, l1)]
-                    pred_sk = np.stack([f[0] for f in fits])
-                    it_sk.append(np.stack([f[1] for f in fits]))
-                    t_sk += time.perf_counter() - t
-            yt = y[te]
-            if y.ndim == 2:
-                per_t_ours, per_t_sk = (pred_ours == yt).mean(1), (pred_sk == yt).mean(1)
-                worst_target = max(worst_target, float(np.abs(per_t_ours - per_t_sk).max()))
-                acc_ours[l0:l1], acc_sk[l0:l1] = per_t_ours.mean(1), per_t_sk.mean(1)
-            else:
-                acc_ours[l0:l1], acc_sk[l0:l1] = (pred_ours == yt).mean(1), (pred_sk == yt).mean(1)
-            print(f"  layers {l0:2d}-{l1 - 1:2d}: ours {t_ours:7.2f}s  sklearn {t_sk:7.2f}s (cumulative)", flush=True)
-        print("  layer  acc_ours  acc_sklearn   diff")
-        for layer in range(args.layers):
-            diff = acc_ours[layer] - acc_sk[layer]
-            print(f"  {layer:5d}  {acc_ours[layer]:8.4f}  {acc_sk[layer]:11.4f}  {diff:+.4f}")
-        print(f"  max |accuracy difference| over layers: {np.abs(acc_ours - acc_sk).max() * 100:.2f} points"
-              + (f" (worst single target: {worst_target * 100:.2f} points)" if y.ndim == 2 else ""))
-        print(f"  time: ours {t_ours:.2f}s, sklearn {t_sk:.2f}s -> speed ratio {t_sk / t_ours:.1f}x "
-              f"(fixed C={args.C}, tol={args.tol}, {args.layers} layers)")
-        report_budget(t_sk, t_ours, np.concatenate(it_sk), np.concatenate(it_ours), len(tr), args.d_model,
-                      y.shape[1] if y.ndim == 2 else len(np.unique(y[tr])))
+                                  f"{outputs}-class softmax (which object is in the queried box)"))
+        if args.compare in ("fixed", "both"):
+            print(f"  -- fixed C = {args.C}: LogisticRegression per target and layer vs fit_probes(Cs=({args.C},))")
+            cfg = ProbeConfig(Cs=(args.C,), tol=args.tol, max_iter=args.max_iter, dtype=args.dtype, seed=args.seed)
+            chunks = [list(range(l0, min(args.layers, l0 + args.chunk))) for l0 in range(0, args.layers, args.chunk)]
 
-        if args.cv:
-            Cs = (0.01, 0.1, 1.0, 10.0)
+            def ours(layers, y=y, cfg=cfg):
+                res = fit_probes(Xt[layers], torch.from_numpy(y), groups, cfg, split=split)
+                return res.predictions().numpy(), res.n_iter.numpy()
+
+            def theirs(layers, y=y):
+                fits = sk(lambda: [sklearn_fit(X[layer], y, tr, te, args.C, args.tol, args.max_iter)
+                                   for layer in layers])
+                return np.stack([f[0] for f in fits]), np.stack([f[1] for f in fits])
+
+            t_ours, t_sk, o, s_ = interleaved(chunks, ours, theirs)
+            acc_o, pt_o = accuracy_rows(np.concatenate([p for p, _ in o]), yt)
+            acc_s, pt_s = accuracy_rows(np.concatenate([p for p, _ in s_]), yt)
+            print("    layer  acc_ours  acc_sklearn   diff")
+            for layer in range(args.layers):
+                print(f"    {layer:5d}  {acc_o[layer]:8.4f}  {acc_s[layer]:11.4f}  {acc_o[layer] - acc_s[layer]:+.4f}")
+            print(f"    max |accuracy difference| over layers: {np.abs(acc_o - acc_s).max() * 100:.2f} points"
+                  + (f" (worst single target: {np.abs(pt_o - pt_s).max() * 100:.2f} points)" if y.ndim == 2 else ""))
+            ratio = t_sk / t_ours
+            print(f"    time: ours {t_ours:.2f}s, sklearn {t_sk:.2f}s -> speed ratio {ratio:.1f}x "
+                  f"(fixed C={args.C}, tol={args.tol}, {args.layers} layers)")
+            report_budget(t_sk, t_ours, np.concatenate([i for _, i in s_]), np.concatenate([i for _, i in o]),
+                          len(tr), args.d_model, outputs)
+            summary.append((name, "fixed C", ratio, np.abs(acc_o - acc_s).max() * 100, None))
+
+        if args.compare in ("cv", "both"):
+            Cs = tuple(args.Cs)
             lc = args.cv_layers or args.layers
-            layers = np.linspace(0, args.layers - 1, lc).round().astype(int)
-            cfg_cv = ProbeConfig(Cs=Cs, folds=5, select="target", tol=args.tol, max_iter=args.max_iter,
+            layers = np.unique(np.linspace(0, args.layers - 1, lc).round().astype(int))
+            print(f"  -- CV: {len(Cs)} Cs x {args.folds} group folds (held-out log loss, C per target) + refit, "
+                  f"{len(layers)} layers: LogisticRegressionCV per target and layer vs fit_probes")
+            cfg_cv = ProbeConfig(Cs=Cs, folds=args.folds, select="target", tol=args.tol, max_iter=args.max_iter,
                                  dtype=args.dtype, seed=args.seed)
-            fold = group_folds(groups[tr], 5, args.seed).numpy()
-            cv = [(np.where(fold != f)[0], np.where(fold == f)[0]) for f in range(5)]
-            t = time.perf_counter()
-            res = fit_probes(Xt[layers], torch.from_numpy(y), groups, cfg_cv, split=split)
-            t_cv_ours = time.perf_counter() - t
-            t = time.perf_counter()
-            with threadpool_limits(limits=sk_limit), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = [sklearn_cv(X[layer], y, tr, te, Cs, cv, args.tol, args.max_iter) for layer in layers]
-            t_cv_sk = time.perf_counter() - t
-            pred_ours, yt = res.predictions().numpy(), y[te]
-            a_o = (pred_ours == (yt if y.ndim == 1 else yt)).reshape(len(layers), len(te), -1).mean((1, 2))
-            a_s = np.array([(o[0] == yt).mean() for o in out])
-            C_ours = res.C.numpy().reshape(len(layers), -1)
-            C_sk = np.stack([o[1] for o in out])
-            print(f"  CV ({len(Cs)} Cs x 5 group folds + refit, {lc} layers): ours {t_cv_ours:.2f}s, sklearn "
-                  f"LogisticRegressionCV {t_cv_sk:.2f}s -> speed ratio {t_cv_sk / t_cv_ours:.1f}x")
-            print(f"  CV: same C chosen for {np.mean(np.isclose(C_ours, C_sk)) * 100:.1f}% of (layer, target); max "
-                  f"|test accuracy difference| {np.abs(a_o - a_s).max() * 100:.2f} points")
+            fold = group_folds(groups[tr], args.folds, args.seed).numpy()
+            cv = [(np.where(fold != f)[0], np.where(fold == f)[0]) for f in range(args.folds)]
+            chunks = [list(layers[i:i + args.chunk]) for i in range(0, len(layers), args.chunk)]
+
+            def ours_cv(ls, y=y, cfg=cfg_cv):
+                res = fit_probes(Xt[ls], torch.from_numpy(y), groups, cfg, split=split)
+                return res.predictions().numpy(), res.C.numpy().reshape(len(ls), -1)
+
+            def theirs_cv(ls, y=y, Cs=Cs, cv=cv):
+                out = sk(lambda: [sklearn_cv(X[layer], y, tr, te, Cs, cv, args.tol, args.max_iter) for layer in ls])
+                return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+
+            t_ours, t_sk, o, s_ = interleaved(chunks, ours_cv, theirs_cv)
+            acc_o, _ = accuracy_rows(np.concatenate([p for p, _ in o]), yt)
+            acc_s, _ = accuracy_rows(np.concatenate([p for p, _ in s_]), yt)
+            same_C = np.mean(np.isclose(np.concatenate([c for _, c in o]), np.concatenate([c for _, c in s_])))
+            ratio = t_sk / t_ours
+            print(f"    CV: ours {t_ours:.2f}s, sklearn LogisticRegressionCV {t_sk:.2f}s -> speed ratio {ratio:.1f}x")
+            print(f"    CV: same C chosen for {same_C * 100:.1f}% of (layer, target); max |test accuracy difference| "
+                  f"{np.abs(acc_o - acc_s).max() * 100:.2f} points over {len(layers)} layers")
+            summary.append((name, "CV", ratio, np.abs(acc_o - acc_s).max() * 100, same_C))
+
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
+    print("summary (target: >= 20x with equal accuracy):")
+    for name, kind, ratio, diff, same_C in summary:
+        extra = f", same C {same_C * 100:.1f}%" if same_C is not None else ""
+        print(f"  {name:10s} {kind:8s} speed ratio {ratio:5.1f}x  max accuracy difference {diff:.2f} points{extra}")
 
 
 if __name__ == "__main__":

@@ -7,22 +7,25 @@ unpenalised intercept; binary targets use the logistic loss, a class-index targe
 
 How (see ``docs/probing.md``):
 
-* **Exact rotation.** Each layer's standardised training features are rotated into the eigenbasis of their
-  Gram matrix, dropping zero-variance directions. The L2 penalty is rotation invariant, so this is exact and
-  gives ``d -> rank`` (``min(n, d)``). In that basis the Gram matrix is diagonal, which makes a diagonal
-  (Jacobi) preconditioner good.
+* **Preconditioning** (``ProbeConfig.preconditioner``). L-BFGS's initial inverse Hessian is exact for the
+  quadratic model at the start: ``(c Gram + lam I)^-1`` per layer from one Cholesky factorisation
+  (``"cholesky"``), or the diagonal after an exact rotation into the Gram eigenbasis (``"eigen"``: the L2
+  penalty is rotation invariant; zero-variance directions are dropped, ``d -> rank <= min(n, d)``).
+  ``"auto"`` takes the cheaper for the problem at hand. See :class:`_Precond`.
 * **One batched L-BFGS, every problem on its own.** All (layer, fold, C, target) problems advance together,
-  so the work per iteration is two batched matrix products (features x directions, features^T x residuals);
-  but each problem has its own L-BFGS memory, its own step size and its own stopping test, and converged
-  problems are dropped from the batch. The line search needs no extra matrix product: along a direction
-  ``d`` the logits move as ``A + t * (Z d)``, so the 1-D objective, slope and curvature are elementwise
-  sums, evaluated in float64 (safeguarded Newton to a strong-Wolfe step).
-* **Mixed precision.** The feature matrix in the two products, the per-example elementwise work (logits,
-  probabilities, residuals: the ``n x problems`` arrays) and the L-BFGS memory are ``config.dtype``
-  (float32 by default); every sum over examples (losses, slopes, curvatures) accumulates in float64, and
-  weights, gradients, the stopping test and the line-search scalars are float64. The binary loss is
-  evaluated as ``-log sigmoid(s * logit)`` with ``s = 2y - 1``: one ``sigmoid`` and one ``log`` per element.
-  The line search's approximate-Wolfe tolerance follows the rounding level of ``config.dtype``.
+  so the work per iteration is two matrix products per layer (features x directions, features^T x
+  residuals); but each problem has its own L-BFGS memory, its own step size and its own stopping test, and
+  converged problems are dropped from the batch. The line search needs no extra matrix product: along a
+  direction ``d`` the logits move as ``A + t * (Z d)``, so the 1-D objective, slope and curvature are
+  elementwise sums (safeguarded Newton to a strong-Wolfe step); after the first trial only the problems
+  still searching are evaluated.
+* **Precision.** The feature matrix, the per-example elementwise work (logits, probabilities, residuals:
+  the ``n x problems`` arrays) and the weight-space vectors (weights, gradients, directions, L-BFGS memory:
+  one contiguous row per problem) are ``config.dtype`` (float32 by default); sums over examples are
+  torch's pairwise sums in that dtype, returned as float64, and the per-problem scalars (losses, slopes,
+  step sizes, the stopping test) are float64. The binary loss is evaluated as ``-log sigmoid(s * logit)``
+  with ``s = 2y - 1``: one ``sigmoid`` and one ``log`` per element. The line search's approximate-Wolfe
+  tolerance follows the rounding level of ``config.dtype``.
 * **Stopping** as scikit-learn's lbfgs: max-abs gradient of the *mean* loss (objective / n), in the
   standardised feature basis, <= ``tol``.
 * **Cross-validation.** Folds split by group (state); all folds x Cs x targets are one batch; C is chosen
@@ -248,15 +251,7 @@ class _Problems:
             out = out + self.bias
         return out
 
-    def bwd(self, R: Tensor) -> Tensor:
-        # a contiguous transposed copy: Z.mT as a strided view is ~3x slower in bmm once Z leaves the cache
-        B, n, Q, K = R.shape
-        return self._mm(self.Zt, R.reshape(B, n, Q * K).to(self.Z.dtype)).view(B, self.r1, Q, K).double()
-
-    def grad(self, R: Tensor, W: Tensor) -> Tensor:
-        return self.bwd(R) + self.lam[:, None, :, None] * self.pen * W
-
-    # -- the same in the solver's per-problem ("rows") layout: [B, Q, r1 * K], one contiguous row per problem --
+    # -- the solver's per-problem ("rows") layout: [B, Q, r1 * K], one contiguous row per problem --
     def fwd_rows(self, D: Tensor) -> Tensor:
         """Logits ``[B, n, Q, K]`` of the weights ``D`` in rows layout (plus the masking bias of multiclass)."""
         B, Q, rk = D.shape
@@ -268,6 +263,7 @@ class _Problems:
     def grad_rows(self, R: Tensor, W: Tensor) -> Tensor:
         """Gradient in rows layout from the residual ``R`` ``[B, n, Q, K]`` and the weights ``W`` (rows)."""
         B, n, Q, K = R.shape
+        # Zt: a contiguous transposed copy -- Z.mT as a strided operand is ~3x slower once Z is out of the cache
         T = self._mm(self.Zt, R.reshape(B, n, Q * K).to(self.Z.dtype))  # [B, r1, Q * K]
         g = W * self.lam[..., None].to(W.dtype)
         g[..., self.r1 * K - K:] = 0.0  # the intercept is not penalised
