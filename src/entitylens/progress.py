@@ -19,6 +19,11 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = quiet
 
 
+def bars_enabled() -> bool:
+    """Whether progress bars are shown: not ``--quiet`` and stderr is a terminal."""
+    return not _QUIET and sys.stderr.isatty()
+
+
 def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm:
     """A tqdm bar that is disabled when quiet or when stderr is not a terminal.
 
@@ -29,5 +34,4 @@ def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm:
     Returns:
         The tqdm object.
     """
-    disable = _QUIET or not sys.stderr.isatty()
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, disable=not bars_enabled(), dynamic_ncols=True, **kwargs)

@@ -112,3 +112,22 @@ def test_testbed_specs_delegate_to_testbed_package(monkeypatch: pytest.MonkeyPat
     assert calls == [("testbed:base", "cpu", torch.bfloat16)]
     with pytest.raises(EntitylensError, match="testbed: models take only device= and dtype="):
         load_model("testbed:base", device_map="auto")
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_transformers_loading_bars_follow_ours_and_are_restored(quiet, monkeypatch):
+    """transformers' "Loading weights" bar is silenced exactly where entitylens's bars are (--quiet, no TTY)."""
+    from transformers.utils import logging as hf_logging
+
+    from entitylens import progress
+    from entitylens.models.loading import _hf_progress_bars
+
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True)
+    progress.set_quiet(quiet)
+    try:
+        hf_logging.enable_progress_bar()
+        with _hf_progress_bars():
+            assert hf_logging.is_progress_bar_enabled() is (not quiet)
+        assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
+    finally:
+        progress.set_quiet(False)

@@ -553,6 +553,23 @@ def _boot(
     )
 
 
+@contextlib.contextmanager
+def _hf_progress_bars() -> Any:
+    """Silence transformers' own progress bars ("Loading weights") where ours are silent (``--quiet``, no TTY)."""
+    from transformers.utils import logging as hf_logging
+
+    from entitylens.progress import bars_enabled
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not bars_enabled():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     spec: str,
     device: str | torch.device = "cpu",
@@ -631,7 +648,9 @@ def load_model(
         tokenizer = _load_hf_tokenizer(location)
         prepends_bos = tokenizer_prepends_bos(tokenizer)
         _finish_tokenizer(tokenizer)
-        bridge = _boot(location, tokenizer=tokenizer, device=dev, dtype=torch_dtype, device_map=device_map, **kwargs)
+        with _hf_progress_bars():
+            bridge = _boot(location, tokenizer=tokenizer, device=dev, dtype=torch_dtype, device_map=device_map,
+                           **kwargs)
     _finish_bridge(bridge, prepends_bos)
 
     entry = resolved.entry
