@@ -271,11 +271,11 @@ class _Problems:
         return g
 
     def grad_ok_rows(self, g: Tensor, tol: float) -> Tensor:
-        """:meth:`grad_ok` for a gradient in rows layout."""
+        """Whether max |grad of the mean loss| in the standardised basis is <= tol, ``[B, Q]`` (``g`` in rows)."""
         if self.Vw is None:
             return torch.linalg.vector_norm(g, ord=math.inf, dim=-1).double() <= tol * self.nvec
         B, Q, _ = g.shape
-        return self.grad_ok(g.view(B, Q, self.r1, self.K).permute(0, 2, 1, 3).double(), tol)
+        return self._grad_ok_rotated(g.view(B, Q, self.r1, self.K).permute(0, 2, 1, 3).double(), tol)
 
     # -- elementwise parts in the work dtype; sums over examples are torch's pairwise sums, then float64 --
     def _wsum(self, x: Tensor) -> Tensor:
@@ -357,14 +357,12 @@ class _Problems:
             return (state - 1.0).mul_(self.SMw).unsqueeze(-1)
         return state
 
-    def grad_ok(self, g: Tensor, tol: float) -> Tensor:
-        """Whether max |grad of the mean loss| in the standardised basis is <= tol, ``[B, Q]``."""
+    def _grad_ok_rotated(self, g: Tensor, tol: float) -> Tensor:
+        """:meth:`grad_ok_rows` for features rotated by ``V``: ``g`` ``[B, r1, Q, K]`` in the rotated basis."""
         B, r1, Q, K = g.shape
         thr = tol * self.nvec  # [Q]
         gw = g[:, : self.r]
         bmax = g[:, self.r].abs().amax(-1)
-        if self.Vw is None:  # not rotated: already the standardised basis
-            return (gw.abs().amax((1, 3)) <= thr) & (bmax <= thr)
         two = gw.square().sum((1, 3)).sqrt()
         sure = (two <= thr) & (bmax <= thr)
         # ||x||_inf >= ||x||_2 / sqrt(dim) proves "not converged"; a gradient spread over many coordinates
@@ -395,9 +393,9 @@ class _Precond:
     """
 
     def __init__(self, K: int, diag: Tensor | None = None, dense: Tensor | None = None, gidx: Tensor | None = None,
-                 kscale: Tensor | None = None, c: Tensor | None = None, diag_pp: Tensor | None = None) -> None:
+                 kscale: Tensor | None = None, c: Tensor | None = None) -> None:
+        # diag: the diagonal in per-problem layout [B, Q, r1 * K], work dtype (None: dense)
         self.K, self.diag, self.dense, self.gidx, self.kscale, self.c = K, diag, dense, gidx, kscale, c
-        self.diag_pp = diag_pp  # the diagonal in per-problem layout [B, Q, r1 * K], work dtype
 
     @staticmethod
     def build(P: _Problems, A: Tensor) -> _Precond:
@@ -411,8 +409,7 @@ class _Precond:
             diag = 1.0 / (h + P.lam[:, None, :, None] * P.pen).clamp_min(1e-12)
             if P.kind != "binary":
                 diag = diag * (P.bias == 0)[None, None]
-            pp = diag.permute(0, 2, 1, 3).to(P.Z.dtype).contiguous().view(B, Q, -1)
-            return _Precond(K, diag=diag, diag_pp=pp)
+            return _Precond(K, diag=diag.permute(0, 2, 1, 3).to(P.Z.dtype).contiguous().view(B, Q, -1))
         cq = cur.sum(1).double() / n  # [B, Q, K], the fold's share of the rows included
         live = cq > 1e-12
         if P.kind != "binary":
@@ -438,8 +435,7 @@ class _Precond:
     def subset(self, kb: Tensor, kq: Tensor) -> _Precond:
         """The preconditioner of layers ``kb`` and problems ``kq``."""
         if self.diag is not None:
-            return _Precond(self.K, diag=self.diag[kb].index_select(2, kq),
-                            diag_pp=self.diag_pp[kb].index_select(1, kq))
+            return _Precond(self.K, diag=self.diag[kb].index_select(1, kq))
         return _Precond(self.K, dense=self.dense[kb], kscale=self.kscale[kb].index_select(1, kq), c=self.c[kb],
                         gidx=None if self.gidx is None else self.gidx[kb].index_select(1, kq))
 
@@ -447,8 +443,8 @@ class _Precond:
         """``H0 q`` for ``q`` in per-problem layout ``[B, Q, r1 * K]`` (work dtype; may be overwritten)."""
         B, Q, _ = q.shape
         K = self.K
-        if self.diag_pp is not None:
-            return q.mul_(self.diag_pp)
+        if self.diag is not None:
+            return q.mul_(self.diag)
         r1 = q.shape[2] // K
         x = q if K == 1 else q.view(B, Q, r1, K).transpose(2, 3).reshape(B, Q * K, r1)
         if self.gidx is None:
@@ -469,8 +465,8 @@ class _Precond:
         the other Barzilai-Borwein scale, which needs no product: ``s.M s = kscale^-1 (c |Z s|^2 +
         lam |s|^2)`` from ``zs2 = |Z s|^2`` per problem and class ``[B, Q, K]``; ``rK``: penalised entries.
         """
-        if self.diag_pp is not None:
-            return sy / torch.linalg.vecdot(y * self.diag_pp, y).double().clamp_min(1e-300)
+        if self.diag is not None:
+            return sy / torch.linalg.vecdot(y * self.diag, y).double().clamp_min(1e-300)
         B, Q, _ = s.shape
         ss = s[..., :rK].view(B, Q, -1, self.K).square().sum(2).double()  # [B, Q, K]
         inv = torch.where(self.kscale > 0, 1.0 / self.kscale.clamp_min(1e-300), 0.0)
@@ -657,7 +653,7 @@ def _lbfgs(P: _Problems, W: Tensor, frozen: Tensor, max_iter: int, tol: float, h
         S.append(s_k)
         Yh.append(y_k)
         rho.append(torch.where(upd, 1.0 / sy.clamp_min(1e-300), 0.0))
-        zs2 = None if prec.diag_pp is not None else Bd.square().sum(1).double() * acc_t.square()[..., None]
+        zs2 = None if prec.diag is not None else Bd.square().sum(1).double() * acc_t.square()[..., None]
         gamma = torch.where(upd, prec.scaling(s_k, y_k, sy, zs2, P.lam, rK), gamma)
         if len(S) > history:
             S.pop(0)
