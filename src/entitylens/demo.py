@@ -110,6 +110,7 @@ def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[li
         The pairs and the role names they share.
     """
     from entitylens.activations.roles import tokenize_with_offsets
+    from entitylens.models.tokens import model_prepends_bos
     from entitylens.patching import PatchPair
     from entitylens.task.types import Operation
     from entitylens.task.vocab import BNC_OBJECTS
@@ -126,7 +127,7 @@ def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[li
     roles = (f"op{n_ops - 2}_object", f"op{n_ops - 1}_object", f"op{n_ops - 1}_box", "query_box")
     tok = model.tokenizer
     # Role positions must index the same token sequence as the pair (BOS included when the model adds it).
-    bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+    bos = model_prepends_bos(model)
     pairs = []
     for s in candidates[n_ops]:
         last = s.operations[-1]
@@ -144,7 +145,7 @@ def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[li
                 tok, clean_p, corr_p, clean_ans, corr_ans,
                 clean_roles=find_compact_roles(clean_p, clean_offsets, roles),
                 corrupted_roles=find_compact_roles(corr_p, corr_offsets, roles),
-                name=s.state_id,
+                bos=bos, name=s.state_id,
             )  # fmt: skip
         except EntitylensError:
             continue  # no distinguishing token

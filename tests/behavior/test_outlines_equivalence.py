@@ -23,10 +23,16 @@ outlines = pytest.importorskip("outlines")
 
 
 def outlines_statements(model: Any, prompts: list[str], regex: str, max_new_tokens: int) -> list[str]:
-    """Greedy outlines generation, one prompt at a time (as KST24 ran it)."""
+    """Greedy outlines generation, one prompt at a time (as KST24 ran it).
+
+    outlines gets the model's *own* tokenizer (as loaded by transformers from the model's files), not
+    the bridge's, which TransformerLens rebuilt to always add BOS: SmolLM2's own adds none.
+    """
     from outlines.types import Regex
 
-    tok = model.tokenizer
+    from entitylens.models import load_tokenizer, model_info
+
+    tok = load_tokenizer(model_info(model).spec)
     side, pad = tok.padding_side, tok.pad_token_id
     try:
         with unwrapped_hf_model(model) as hf:
@@ -66,6 +72,25 @@ def test_step_mode_equals_outlines_tiny_truncated(
     ref, step, _ = _compare(tiny_model, kst24_prompts[:3], kst24_shared_prefix, 40, record_property)
     assert [g.text for g in step] == ref
     assert all(g.truncated and len(g.token_ids) == 40 for g in step)
+
+
+def test_default_protocol_on_fresh_states_equals_outlines_smollm2(smollm2: Any, record_property: Any) -> None:
+    """The paper's stack on fresh states, default protocol: step mode, jump mode and ``evaluate`` agree 100%."""
+    from entitylens.behavior import EvalConfig, evaluate
+    from entitylens.behavior.evaluate import token_budget
+    from entitylens.task import GeneratorConfig, generate_states, get_protocol
+
+    states = generate_states(GeneratorConfig(seed=90417, num_states=5))
+    protocol = get_protocol("kst24")
+    prompts = [protocol.prompt(s.context) for s in states]
+    shared = protocol.prompt("x")[: -len("x")]
+    budget = max(token_budget(smollm2.tokenizer, s, protocol.generation_prefix, 16) for s in states)
+    ref, step, jump = _compare(smollm2, prompts, shared, budget, record_property)
+    assert [g.text for g in step] == ref
+    assert [g.text for g in jump] == ref
+    result = evaluate(smollm2, states, EvalConfig(batch_size=8, chat="never"))  # the plain (non-chat) form
+    by_state = {p.state_id: p.statement for p in result.predictions}
+    assert [by_state[s.state_id] for s in states] == ref
 
 
 def test_step_mode_equals_outlines_smollm2(

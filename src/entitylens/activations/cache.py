@@ -48,6 +48,7 @@ from entitylens._io import atomic_write, sha256_file, sha256_json, write_json
 from entitylens.activations.hooks import HookSpec, resolve_model_hooks
 from entitylens.activations.roles import find_roles, tokenize_with_offsets, validate_roles
 from entitylens.errors import EntitylensError
+from entitylens.models.tokens import model_prepends_bos
 from entitylens.progress import progress
 
 CACHE_FORMAT = "entitylens.activation_cache"
@@ -102,8 +103,8 @@ class CacheConfig:
         prefix: Text put in front of every prompt built from dataset rows (e.g. a few-shot prefix).
         allow_missing_roles: Store a role absent from a prompt as NaN with ``present`` false instead of
             raising.
-        prepend_bos: Put BOS first; ``None`` follows the model (``cfg.default_prepend_bos``), as
-            ``TransformerBridge.to_tokens`` does.
+        prepend_bos: Put BOS first; ``None`` follows the model's own tokenizer, as the decoder and the
+            patching pairs do (:func:`entitylens.models.model_prepends_bos`).
         stop_early: Stop each forward once every requested hook has fired.
         release_memory: After each cached hook on the CPU, hand the heap's free memory back to the OS
             (glibc ``malloc_trim``). glibc otherwise keeps a forward's freed intermediates resident,
@@ -377,7 +378,7 @@ def _encode_all(model: Any, prompts: Sequence[CachePrompt], config: CacheConfig)
         raise EntitylensError("the model has no tokenizer; load it with its tokenizer to cache prompts")
     prepend_bos = config.prepend_bos
     if prepend_bos is None:
-        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+        prepend_bos = model_prepends_bos(model)
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
     ids_list: list[np.ndarray] = []
     positions = np.full((len(prompts), len(config.roles)), -1, dtype=np.int64)

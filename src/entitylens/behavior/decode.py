@@ -42,6 +42,8 @@ from torch import Tensor
 from entitylens.behavior.automaton import TokenAutomaton
 from entitylens.behavior.grammar import DEAD, StatementGrammar
 from entitylens.errors import EntitylensError
+from entitylens.models.loading import tokenizer_prepends_bos
+from entitylens.models.tokens import model_prepends_bos, prompt_ids
 from entitylens.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -528,8 +530,13 @@ def generate_statements(
     *,
     max_new_tokens: int | Sequence[int] | None = None,
     tokenizer: Any = None,
+    bos: bool | None = None,
 ) -> list[Generation]:
     """Greedy-decode one statement per prompt, batched, with a shared-prefix KV cache.
+
+    Prompts are tokenized by the one BOS rule of entitylens (:func:`entitylens.models.model_prepends_bos`):
+    BOS first exactly when the model's own tokenizer adds it (not when TransformerLens' rebuilt tokenizer
+    would), so SmolLM2 / Qwen2 prompts start with their first word, as in the paper's stack.
 
     Args:
         model: A :class:`TransformerBridge` (or a Hugging Face causal LM, with ``tokenizer``).
@@ -540,6 +547,7 @@ def generate_statements(
         max_new_tokens: Token budget per prompt (one int, or one per prompt); defaults to
             ``config.max_new_tokens``. Forced tokens count toward it.
         tokenizer: The tokenizer, when ``model`` is not a bridge that carries one.
+        bos: Override the BOS rule (``None``: follow the model).
 
     Returns:
         One :class:`Generation` per prompt, in input order.
@@ -575,8 +583,10 @@ def generate_statements(
         ctx = unwrapped_hf_model(model)
     else:
         ctx = contextlib.nullcontext(_original_model(model) if backend != "recompute" else model)
+    if bos is None:
+        bos = tokenizer_prepends_bos(tokenizer) if _is_hf_model(model) else model_prepends_bos(model)
     with torch.inference_mode(), ctx as runnable:
-        return _generate(model, runnable, tokenizer, prompts, budgets, config, shared_prefix, backend)
+        return _generate(model, runnable, tokenizer, prompts, budgets, config, shared_prefix, backend, bool(bos))
 
 
 def _budgets(max_new_tokens: int | Sequence[int] | None, default: int, n: int) -> list[int]:
@@ -622,16 +632,17 @@ def _generate(
     config: DecodeConfig,
     shared_prefix: str | None,
     backend: str,
+    bos: bool,
 ) -> list[Generation]:
     dec = _Decoder(model, tokenizer, config, backend)
     aut, grammar = dec.automaton, dec.grammar
-    enc = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    enc = [prompt_ids(tokenizer, p, bos) for p in prompts]
 
     # Shared prefix: the longest token prefix common to the tokenized prefix and (nearly) every prompt.
     share_len = 0
     sharing = [False] * len(prompts)
     if shared_prefix and backend != "recompute":
-        pre = list(tokenizer(shared_prefix, add_special_tokens=True)["input_ids"])
+        pre = prompt_ids(tokenizer, shared_prefix, bos)
         lcps = [min(_lcp(pre, ids), len(ids) - 1) for ids in enc]
         ok = [lc >= max(1, len(pre) - 2) for lc in lcps]
         if any(ok):

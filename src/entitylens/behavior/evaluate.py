@@ -274,6 +274,7 @@ def model_predictor(model: Any, config: EvalConfig, protocol: StatementProtocol 
 
     """
     from entitylens.behavior.decode import DecodeConfig, generate_statements
+    from entitylens.models.tokens import model_prepends_bos, prompt_ids
 
     protocol = protocol or get_protocol(config.protocol)
     tokenizer = model.tokenizer
@@ -295,13 +296,14 @@ def model_predictor(model: Any, config: EvalConfig, protocol: StatementProtocol 
     )
 
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    bos = model_prepends_bos(model)
 
     def predict(states: Sequence[State]) -> list[tuple[str, bool]]:
         prompts = [render(s) for s in states]
         budgets = [token_budget(tokenizer, s, prefix, config.budget_margin) for s in states]
         if n_ctx:
             for s, p, b in zip(states, prompts, budgets):
-                need = len(tokenizer(p)["input_ids"]) + b
+                need = len(prompt_ids(tokenizer, p, bos)) + b
                 if need > n_ctx:
                     raise EntitylensError(
                         f"state {s.state_id}: prompt + statement budget is {need} tokens, {need - n_ctx} more than "

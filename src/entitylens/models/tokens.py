@@ -101,13 +101,62 @@ def shared_first_tokens(
     return {tid: tuple(objs) for tid, objs in groups.items() if len(objs) > 1}
 
 
-def _prepends_bos(model_or_tokenizer: Any, tok: Any) -> bool:
+def model_prepends_bos(model_or_tokenizer: Any) -> bool:
+    """Whether prompts for this model start with BOS: the one BOS rule of every entitylens stage.
+
+    BOS is prepended exactly when the model's *own* tokenizer does it: Llama/Gemma/Mistral/DeepSeek
+    tokenizers add one, GPT-2-style ones (SmolLM2, Qwen2/2.5, OLMo, Phi) do not. TransformerLens
+    rebuilds a bridge's tokenizer so that it *always* adds BOS, so the bridge's tokenizer cannot be
+    asked; the answer comes from, in order:
+
+    1. ``ModelInfo.prepends_bos`` of a model loaded by :func:`~entitylens.models.load_model` (read off the
+       original tokenizer before TransformerLens touched it);
+    2. ``cfg.default_prepend_bos`` of another ``TransformerBridge``;
+    3. the tokenizer itself, for a plain Hugging Face tokenizer.
+
+    Args:
+        model_or_tokenizer: A bridge from :func:`~entitylens.models.load_model`, another bridge, or a
+            Hugging Face tokenizer.
+
+    Returns:
+        True when prompts get a BOS token.
+    """
     info = getattr(model_or_tokenizer, "entitylens_info", None)
     if info is not None:
         return bool(info.prepends_bos)
+    cfg = getattr(model_or_tokenizer, "cfg", None)
+    if cfg is not None and hasattr(cfg, "default_prepend_bos"):
+        return bool(cfg.default_prepend_bos)
     from entitylens.models.loading import tokenizer_prepends_bos
 
-    return tokenizer_prepends_bos(tok)
+    return tokenizer_prepends_bos(get_tokenizer(model_or_tokenizer))
+
+
+def prompt_ids(tokenizer: Any, text: str, bos: bool) -> list[int]:
+    """Token ids of a prompt: the tokenizer's ids without special tokens, with the BOS id first if ``bos``.
+
+    The low-level half of the BOS rule (:func:`model_prepends_bos` decides ``bos``); the decoder, the
+    activation cache and the patching pairs all tokenize prompts through it (or through
+    :func:`~entitylens.activations.roles.tokenize_with_offsets`, which gives the same ids), so a prompt
+    gets the same tokens in every stage.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        text: The prompt (plain text or rendered chat template).
+        bos: Prepend ``tokenizer.bos_token_id``.
+
+    Returns:
+        The ids.
+
+    Raises:
+        EntitylensError: ``bos`` is requested but the tokenizer has no BOS token.
+    """
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if bos:
+        if tokenizer.bos_token_id is None:
+            raise EntitylensError("the model wants a BOS token but its tokenizer has none; load it with its tokenizer")
+        ids = [int(tokenizer.bos_token_id), *ids]
+    return ids
 
 
 def encode(model_or_tokenizer: Any, text: str, bos: bool | None = None) -> Int[Tensor, " pos"]:
@@ -127,7 +176,7 @@ def encode(model_or_tokenizer: Any, text: str, bos: bool | None = None) -> Int[T
     ids = _ids(tok, text)
     bos_token = tok.bos_token
     if bos is None:
-        bos = _prepends_bos(model_or_tokenizer, tok) and not (bos_token and text.startswith(bos_token))
+        bos = model_prepends_bos(model_or_tokenizer) and not (bos_token and text.startswith(bos_token))
     if bos:
         if tok.bos_token_id is None:
             raise EntitylensError("this tokenizer has no BOS token; call encode(..., bos=False)")

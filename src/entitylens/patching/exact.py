@@ -54,6 +54,7 @@ from torch import Tensor
 
 from entitylens._io import atomic_write, sha256_json
 from entitylens.errors import EntitylensError
+from entitylens.models.tokens import prompt_ids
 from entitylens.patching.metric import answer_metrics, normalise
 from entitylens.progress import progress
 
@@ -250,7 +251,7 @@ class PatchPair:
         *,
         clean_roles: Mapping[str, int] | None = None,
         corrupted_roles: Mapping[str, int] | None = None,
-        add_special_tokens: bool = True,
+        bos: bool = True,
         name: str = "",
     ) -> PatchPair:
         """Build a pair from text: the answers' shared leading tokens are appended to both prompts.
@@ -266,15 +267,15 @@ class PatchPair:
             corrupted_answer: Corrupted continuation.
             clean_roles: Role -> token position in the *final* clean ids (negative = from the end).
             corrupted_roles: The same for the corrupted ids.
-            add_special_tokens: Whether the prompt gets the tokenizer's special tokens (BOS).
+            bos: Put the BOS id first (pass :func:`entitylens.models.model_prepends_bos` of the model).
             name: Label.
 
         Returns:
             The pair, with ``tokenizer_fingerprint`` set.
         """
 
-        def ids(text: str, special: bool) -> list[int]:
-            return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+        def ids(text: str, first: bool) -> list[int]:
+            return prompt_ids(tokenizer, text, first)
 
         ca, xa = ids(clean_answer, False), ids(corrupted_answer, False)
         i = 0
@@ -286,8 +287,8 @@ class PatchPair:
                 f"token (one tokenizes as a prefix of the other); use answers that differ"
             )
         return cls(
-            clean_tokens=torch.tensor(ids(clean_prompt, add_special_tokens) + ca[:i]),
-            corrupted_tokens=torch.tensor(ids(corrupted_prompt, add_special_tokens) + xa[:i]),
+            clean_tokens=torch.tensor(ids(clean_prompt, bos) + ca[:i]),
+            corrupted_tokens=torch.tensor(ids(corrupted_prompt, bos) + xa[:i]),
             clean_answer=ca[i],
             corrupted_answer=xa[i],
             clean_roles=dict(clean_roles or {}),

@@ -825,7 +825,9 @@ def _tokenizer_of(model: Any) -> tuple[Any, bool]:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         return model, False
-    return tok, bool(getattr(getattr(model, "cfg", None), "default_prepend_bos", True))
+    from entitylens.models.tokens import model_prepends_bos
+
+    return tok, model_prepends_bos(model)
 
 
 def to_patch_pairs(
@@ -871,7 +873,7 @@ def to_patch_pairs(
         try:
             base = PatchPair.from_texts(
                 tok, tp.clean_prompt, tp.corrupted_prompt, tp.clean_answer, tp.corrupted_answer,
-                add_special_tokens=False, name=tp.name,
+                bos=False, name=tp.name,
             )  # fmt: skip
         except EntitylensError as e:
             raise EntitylensError(f"pair {i} ({tp.name}): {e}") from None

@@ -175,7 +175,11 @@ def greedy_continuations(
         raise EntitylensError("max_new_tokens and batch_size must be >= 1; pass positive values")
     stop_ids = tokenizer(" " + stop, add_special_tokens=False)["input_ids"]
     stop_id = stop_ids[0] if len(stop_ids) == 1 else None
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    from entitylens.models.loading import tokenizer_prepends_bos
+    from entitylens.models.tokens import model_prepends_bos, prompt_ids
+
+    bos = model_prepends_bos(model) if hasattr(model, "original_model") else tokenizer_prepends_bos(tokenizer)
+    encoded = [prompt_ids(tokenizer, p, bos) for p in prompts]
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(i)
