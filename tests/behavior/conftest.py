@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
+from decode_helpers import separator_bias
 
 KST24_INSTRUCTION = (
     'Given the description after "Description:", write a true statement about all boxes and their contents '
@@ -96,26 +96,6 @@ def kst24_shared_prefix() -> str:
 
 @pytest.fixture
 def separator_biased_tiny(tiny_model: Any) -> Iterator[Any]:
-    """The shared ``tiny:llama`` bridge with a logit bias on ``","`` and ``"."`` so statements complete.
-
-    A random tiny model almost never ends a box; a constant bias on the two separator tokens makes it end
-    boxes after a few words. The bias is a parameter of the unembedding's ``nn.Linear`` (so the bridge, the
-    plain HF model and outlines all see it) and is removed afterwards: the shared fixture is left as found.
-    """
-    tok = tiny_model.tokenizer
-    lin = tiny_model.original_model.lm_head.original_component
-    assert isinstance(lin, torch.nn.Linear)
-    ids = [tok.convert_tokens_to_ids(sep) for sep in (",", ".")]
-    created = lin.bias is None
-    if created:
-        lin.bias = torch.nn.Parameter(torch.zeros(lin.weight.shape[0]), requires_grad=False)
-    saved = lin.bias.detach().clone()
-    with torch.no_grad():
-        lin.bias[ids] += 6.0  # in place: every alias of the bias (the bridge's b_U) sees it
-    try:
-        yield tiny_model
-    finally:
-        with torch.no_grad():
-            lin.bias.copy_(saved)
-        if created:
-            lin.bias = None
+    """The shared ``tiny:llama`` bridge with a logit bias on ``","`` and ``"."`` so statements complete."""
+    with separator_bias(tiny_model) as model:
+        yield model

@@ -44,3 +44,16 @@ def test_gemma3_greedy_paris_and_kv_cache(gemma3) -> None:
     assert with_cache.tolist() == without.tolist()
     text = gemma3.tokenizer.decode(with_cache[0, -12:].tolist())
     assert text.startswith(" Paris"), text
+
+
+def test_gemma3_eval_is_batch_invariant_past_the_sliding_window(gemma3) -> None:
+    """Gemma-3's local layers see 512 tokens; paper prompts are 407-531 tokens, so padded rows cross it."""
+    from entitylens.behavior import EvalConfig, evaluate
+    from entitylens.task import GeneratorConfig, generate_states
+
+    states = generate_states(GeneratorConfig(seed=3, num_states=16))
+    window = gemma3.original_model.config.get_text_config().sliding_window
+    one = evaluate(gemma3, states, EvalConfig(batch_size=1))
+    eight = evaluate(gemma3, states, EvalConfig(batch_size=8))
+    assert window == 512
+    assert [p.statement for p in one.predictions] == [p.statement for p in eight.predictions]

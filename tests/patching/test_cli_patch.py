@@ -89,7 +89,7 @@ def by_hand(tiny_model: Any, w: dict[str, Path]) -> list[PatchPair]:
                 rec["corrupted_answer"],
                 clean_roles=roles["clean"],
                 corrupted_roles=roles["corrupted"],
-                add_special_tokens=True,
+                bos=True,
             )  # fmt: skip
         )
     return out

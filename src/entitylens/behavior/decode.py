@@ -275,8 +275,74 @@ def get_automaton(
 
 
 # ---------------------------------------------------------------------------------------------- batch runners
+def sliding_window_layout(hf: Any) -> tuple[int, tuple[str, ...] | None] | None:
+    """The sliding window of a Hugging Face model: ``(window, layer_types)``, or None without sliding layers.
+
+    ``layer_types`` is the per-layer list (``"sliding_attention"`` / ``"full_attention"``) for models that
+    mix both (Gemma-2/3, Qwen2 with ``use_sliding_window``), ``None`` for models whose every layer slides
+    (Mistral-style ``sliding_window``).
+    """
+    cfg = getattr(hf, "config", None)
+    if cfg is None:
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return int(window), None
+    types = tuple(types)
+    return (int(window), types) if "sliding_attention" in types else None
+
+
+def position_masks(
+    query_pos: Tensor, key_pos: Tensor, window: int, layer_types: tuple[str, ...] | None, dtype: torch.dtype
+) -> Tensor | dict[str, Tensor]:
+    """Additive attention masks that window by token *position*, not by cache slot.
+
+    In a padded batch the cache holds pad slots between a row's tokens, so a window counted in slots (what a
+    Hugging Face sliding-window cache and mask do) sees fewer real tokens than the same row alone. Here a
+    key is visible to a query when it is a real token (``key_pos >= 0``), not in the query's future, and --
+    for sliding layers -- fewer than ``window`` positions back, exactly HF's rule for an unpadded sequence.
+    A pad query attends only to its own slot (its output is never read).
+
+    Args:
+        query_pos: Position of every new slot, ``-1`` for pads: ``[batch, q]``.
+        key_pos: Position of every cache slot after the update (the new slots last), ``-1`` for pads:
+            ``[batch, k]``.
+        window: The sliding window.
+        layer_types: Per-layer types (a dict of masks is returned), or None (every layer slides: one mask).
+        dtype: The model's dtype.
+
+    Returns:
+        ``[batch, 1, q, k]`` mask(s): 0 where attention is allowed, the dtype's minimum elsewhere.
+    """
+    q = query_pos[:, :, None]
+    k = key_pos[:, None, :]
+    causal = (k >= 0) & (k <= q)
+    n_q, n_k = query_pos.shape[1], key_pos.shape[1]
+    own = torch.zeros(n_q, n_k, dtype=torch.bool, device=query_pos.device)
+    own[torch.arange(n_q), torch.arange(n_k - n_q, n_k)] = True
+    causal = causal | ((q < 0) & own[None])
+    sliding = causal & ((q - k < window) | (q < 0))
+    zero = torch.zeros((), dtype=dtype, device=query_pos.device)
+    low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=query_pos.device)
+
+    def additive(allowed: Tensor) -> Tensor:
+        return torch.where(allowed, zero, low)[:, None]
+
+    if layer_types is None:
+        return additive(sliding)
+    return {"full_attention": additive(causal), "sliding_attention": additive(sliding)}
+
+
 class _KVRunner:
-    """One batch on a Hugging Face causal LM with a DynamicCache; rows may feed several tokens per forward."""
+    """One batch on a Hugging Face causal LM with a DynamicCache; rows may feed several tokens per forward.
+
+    Models with sliding-window layers get a cache that never evicts and explicit per-position masks
+    (:func:`position_masks`), so a padded row attends to exactly what it would attend to alone.
+    """
 
     def __init__(self, hf: Any, batch: int, prefix_cache: Any, prefix_len: int, pad_id: int) -> None:
         from transformers import DynamicCache
@@ -284,13 +350,16 @@ class _KVRunner:
         self.hf = hf
         self.device = _device_of(hf)
         self.pad_id = pad_id
+        self.sliding = sliding_window_layout(hf)
         if prefix_cache is not None and prefix_len > 0:
             self.cache = copy.deepcopy(prefix_cache)
             self.cache.batch_repeat_interleave(batch)
             self.mask = torch.ones(batch, prefix_len, dtype=torch.long, device=self.device)
         else:
-            self.cache = DynamicCache(config=hf.config)
+            self.cache = DynamicCache() if self.sliding else DynamicCache(config=hf.config)
             self.mask = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        # Position of every cache slot (-1: pad); only used with sliding windows.
+        self.slot_pos = torch.arange(self.mask.shape[1], device=self.device).repeat(batch, 1)
 
     def forward(self, feeds: list[list[int]], positions: list[int]) -> Float[Tensor, "batch vocab"]:
         width = max(len(f) for f in feeds)
@@ -301,11 +370,19 @@ class _KVRunner:
             mask.append([0] * pad + [1] * len(f))
             pos.append([p] * pad + list(range(p, p + len(f))))
         dev = self.device
-        self.mask = torch.cat([self.mask, torch.tensor(mask, dtype=torch.long, device=dev)], dim=1)
+        new_mask = torch.tensor(mask, dtype=torch.long, device=dev)
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        position_ids = torch.tensor(pos, dtype=torch.long, device=dev)
+        attention: Any = self.mask
+        if self.sliding is not None:
+            query_pos = torch.where(new_mask.bool(), position_ids, -1)
+            self.slot_pos = torch.cat([self.slot_pos, query_pos], dim=1)
+            window, types = self.sliding
+            attention = position_masks(query_pos, self.slot_pos, window, types, self.hf.dtype)
         out = self.hf(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            attention_mask=self.mask,
-            position_ids=torch.tensor(pos, dtype=torch.long, device=dev),
+            attention_mask=attention,
+            position_ids=position_ids,
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=1,
@@ -317,6 +394,19 @@ class _KVRunner:
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.cache.batch_select_indices(idx)
         self.mask = self.mask.index_select(0, idx)
+        self.slot_pos = self.slot_pos.index_select(0, idx)
+
+
+def _prefix_cache(runnable: Any, ids: list[int], device: torch.device) -> Any:
+    """The KV cache of the shared prefix (batch 1); a non-evicting cache for sliding-window models."""
+    from transformers import DynamicCache
+
+    kwargs: dict[str, Any] = {}
+    if sliding_window_layout(runnable) is not None:
+        kwargs["past_key_values"] = DynamicCache()  # a sliding cache would evict what later pads push out
+    return runnable(
+        input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **kwargs
+    ).past_key_values
 
 
 class _RecomputeRunner:
@@ -663,10 +753,7 @@ def _generate(
 
     prefix_cache = None
     if share_len and backend != "recompute":
-        prefix_cache = runnable(
-            input_ids=torch.tensor([enc[sharing.index(True)][:share_len]], device=dec.device), use_cache=True,
-            logits_to_keep=1,
-        ).past_key_values
+        prefix_cache = _prefix_cache(runnable, enc[sharing.index(True)][:share_len], dec.device)
 
     out: list[Generation | None] = [None] * len(prompts)
     groups = [[r for r in rows if sharing[r.index]], [r for r in rows if not sharing[r.index]]]

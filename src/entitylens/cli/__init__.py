@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from entitylens.errors import EntitylensError
 from entitylens.progress import set_quiet
@@ -36,8 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Any, *args: Any, **kwargs: Any) -> None:
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def guarded(run: Callable[[], int | None]) -> int:
     """Call ``run`` the way every entitylens command line does: bad input -> one line, exit status 2.
+
+    Warnings are printed as one ``warning: ...`` line (no file name, no source line).
 
     Args:
         run: The command's body; returns its exit status (``None`` = 0).
@@ -46,14 +54,16 @@ def guarded(run: Callable[[], int | None]) -> int:
         ``run()``'s status, 2 after an :class:`~entitylens.errors.EntitylensError` (printed as
         ``error: ...`` on stderr) or 130 when interrupted.
     """
-    try:
-        return int(run() or 0)
-    except EntitylensError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            return int(run() or 0)
+        except EntitylensError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -263,6 +263,8 @@ def run_run(args: argparse.Namespace) -> int:
     check_run_dir(args.out, identity, args.overwrite)
     plist = _tokenised(model, pairs, roles)
     _, cols = prepare_pairs(model, plist, grid, roles)
+    _announce(len(plist), model.cfg.n_layers if args.layers is None else len(args.layers), cols, args.component,
+              grid, args.method)  # fmt: skip
     t0 = time.perf_counter()
     result = run_patching(
         model, plist, args.component, grid, roles=roles, layers=args.layers, method=args.method,
@@ -304,6 +306,17 @@ def run_run(args: argparse.Namespace) -> int:
         )
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
+
+
+def _announce(n_pairs: int, n_layers: int, cols: Any, component: str, grid: str, method: str) -> None:
+    """Say up front how much work a patching run is (stderr; the engine's fallback, if any, warns)."""
+    import sys
+
+    n_cols = "every position" if cols is None else f"{len(cols)} columns"
+    print(
+        f"patching {n_pairs} pairs x {n_layers} layers x {n_cols} ({component}, {grid}) with the {method} engine",
+        file=sys.stderr,
+    )
 
 
 def _fmt(x: Any) -> str:
@@ -355,6 +368,8 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
     check_run_dir(args.out, identity, args.overwrite)
     plist = _tokenised(target, pairs, roles)
     _, cols = prepare_pairs(target, plist, grid, roles)
+    _announce(len(plist), target.cfg.n_layers if args.layers is None else len(args.layers), cols, args.component,
+              grid, args.method)  # fmt: skip
     t0 = time.perf_counter()
     result = run_cross(
         source, target, plist, args.component, grid, side=args.side, roles=roles, layers=args.layers,

@@ -712,9 +712,9 @@ def load_tokenizer(spec: str) -> Any:
     """
     resolved = resolve_spec(spec)
     if resolved.source == "tiny":
-        from entitylens.models.tiny import tiny_tokenizer
+        from entitylens.models.tiny import tiny_prepends_bos, tiny_tokenizer
 
-        return tiny_tokenizer(bos=resolved.tiny.name != "gpt2")  # type: ignore[union-attr]
+        return tiny_tokenizer(bos=tiny_prepends_bos(resolved.tiny.name))  # type: ignore[union-attr]
     if resolved.source == "testbed":
         from entitylens.testbed.checkpoints import load_testbed_tokenizer
 

@@ -14,8 +14,14 @@ Names:
   tokenizer that does NOT prepend BOS, like GPT-2 / OLMo / Phi / SmolLM2).
 - ``tiny:native`` -- a TransformerLens-native model from ``TransformerBridge.boot_native``. It has no
   HF model behind it (``bridge.original_model`` is the TL ``NativeModel``).
+- ``tiny:gemma3`` -- a randomly initialised HF ``Gemma3ForCausalLM`` (text): sliding-window and global
+  attention layers alternating (``window`` tokens, default 64, so boxes prompts run past the window),
+  q/k norms, scaled embeddings; BOS-prepending tokenizer, like Gemma-3.
+- ``tiny:qwen2`` -- a randomly initialised HF ``Qwen2ForCausalLM`` (q/k/v biases) with a tokenizer that does
+  NOT prepend BOS, like Qwen2/2.5.
 
-Size options go after ``?``: ``tiny:llama?seed=1&layers=4&d_model=64&heads=4&kv_heads=2&d_mlp=128``.
+Size options go after ``?``: ``tiny:llama?seed=1&layers=4&d_model=64&heads=4&kv_heads=2&d_mlp=128``
+(``window=`` for ``tiny:gemma3``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 from entitylens.errors import EntitylensError
 
-TINY_NAMES: tuple[str, ...] = ("llama", "gpt2", "native")
+TINY_NAMES: tuple[str, ...] = ("llama", "gpt2", "native", "gemma3", "qwen2")
 """Names accepted after ``tiny:``."""
 
 # Structural vocabulary of the boxes task (prompt instruction, descriptions, operations).
@@ -157,6 +163,7 @@ class TinySpec:
         kv_heads: Key/value heads (grouped-query attention; Llama only).
         d_mlp: MLP hidden width.
         n_ctx: Maximum context length.
+        window: Sliding-window length of ``tiny:gemma3``'s local layers.
     """
 
     name: str
@@ -167,13 +174,14 @@ class TinySpec:
     kv_heads: int = 2
     d_mlp: int = 128
     n_ctx: int = 1024
+    window: int = 64
 
     def __post_init__(self) -> None:
         if self.name not in TINY_NAMES:
             raise EntitylensError(
                 f"unknown tiny model 'tiny:{self.name}'; use one of " + ", ".join(f"tiny:{n}" for n in TINY_NAMES)
             )
-        for field in ("layers", "d_model", "heads", "kv_heads", "d_mlp", "n_ctx"):
+        for field in ("layers", "d_model", "heads", "kv_heads", "d_mlp", "n_ctx", "window"):
             if int(getattr(self, field)) <= 0:
                 raise EntitylensError(f"tiny model option {field}={getattr(self, field)} must be positive")
         if self.d_model % self.heads or self.heads % self.kv_heads:
@@ -185,9 +193,10 @@ class TinySpec:
     @property
     def canonical(self) -> str:
         """The spec string with every option spelled out (stable; used as the model's identity)."""
-        opts = "&".join(
-            f"{k}={getattr(self, k)}" for k in ("seed", "layers", "d_model", "heads", "kv_heads", "d_mlp", "n_ctx")
-        )
+        keys = ["seed", "layers", "d_model", "heads", "kv_heads", "d_mlp", "n_ctx"]
+        if self.name == "gemma3":
+            keys.append("window")
+        opts = "&".join(f"{k}={getattr(self, k)}" for k in keys)
         return f"tiny:{self.name}?{opts}"
 
     @property
@@ -205,7 +214,7 @@ def parse_tiny_spec(spec: str, seed: int | None = None) -> TinySpec:
     body = spec.split(":", 1)[1] if spec.startswith("tiny:") else spec
     name, _, query = body.partition("?")
     kwargs: dict[str, int] = {}
-    allowed = {"seed", "layers", "d_model", "heads", "kv_heads", "d_mlp", "n_ctx"}
+    allowed = {"seed", "layers", "d_model", "heads", "kv_heads", "d_mlp", "n_ctx", "window"}
     for part in filter(None, query.split("&")):
         key, eq, value = part.partition("=")
         if key not in allowed or not eq:
@@ -221,14 +230,19 @@ def parse_tiny_spec(spec: str, seed: int | None = None) -> TinySpec:
     return TinySpec(name=name, **kwargs)
 
 
+def tiny_prepends_bos(name: str) -> bool:
+    """Whether the tokenizer of ``tiny:<name>`` prepends BOS (as the family it imitates does)."""
+    return name in ("llama", "native", "gemma3")
+
+
 def build_tiny_hf(spec: TinySpec) -> tuple[torch.nn.Module, Any]:
-    """Build the seeded HF model and tokenizer for ``tiny:llama`` / ``tiny:gpt2`` (float32, eval mode).
+    """Build the seeded HF model and tokenizer of a ``tiny:`` spec (float32, eval mode; not ``native``).
 
     The global torch RNG is left untouched.
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    tok = tiny_tokenizer(bos=spec.name == "llama")
+    tok = tiny_tokenizer(bos=tiny_prepends_bos(spec.name))
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -247,6 +261,43 @@ def build_tiny_hf(spec: TinySpec) -> tuple[torch.nn.Module, Any]:
                 **ids,
             )
             model = LlamaForCausalLM(cfg)
+        elif spec.name == "gemma3":
+            from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+            head_dim = spec.d_model // spec.heads
+            cfg = Gemma3TextConfig(
+                vocab_size=len(tok),
+                hidden_size=spec.d_model,
+                intermediate_size=spec.d_mlp,
+                num_hidden_layers=spec.layers,
+                num_attention_heads=spec.heads,
+                num_key_value_heads=spec.kv_heads,
+                head_dim=head_dim,
+                query_pre_attn_scalar=head_dim,
+                max_position_embeddings=spec.n_ctx,
+                sliding_window=spec.window,
+                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.layers)],
+                initializer_range=0.3,
+                tie_word_embeddings=True,
+                **ids,
+            )
+            model = Gemma3ForCausalLM(cfg)
+        elif spec.name == "qwen2":
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            cfg = Qwen2Config(
+                vocab_size=len(tok),
+                hidden_size=spec.d_model,
+                intermediate_size=spec.d_mlp,
+                num_hidden_layers=spec.layers,
+                num_attention_heads=spec.heads,
+                num_key_value_heads=spec.kv_heads,
+                max_position_embeddings=spec.n_ctx,
+                initializer_range=0.3,
+                tie_word_embeddings=False,
+                **ids,
+            )
+            model = Qwen2ForCausalLM(cfg)
         else:
             cfg = GPT2Config(
                 vocab_size=len(tok),
@@ -260,6 +311,7 @@ def build_tiny_hf(spec: TinySpec) -> tuple[torch.nn.Module, Any]:
             )
             model = GPT2LMHeadModel(cfg)
     model.config.name_or_path = spec.canonical
+    model.config.architectures = [type(model).__name__]  # TransformerLens picks its adapter by this name
     return model.eval(), tok
 
 

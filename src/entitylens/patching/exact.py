@@ -22,13 +22,15 @@ Two engines compute the same numbers:
        ``p..answer`` of layers ``>= l`` are recomputed;
     2. a cell whose clean and corrupted activations are provably identical (a shared token prefix
        of the same model, or bit-identical values) is a no-op: its result *is* the corrupted
-       baseline, with no forward at all;
+       baseline, with no forward at all (the hooks engine skips these cells too);
     3. cells sharing a start position are stacked along the batch dimension; rows join the batch
        at their own layer.
 
-    Architectures outside the supported set (Llama / Mistral / Qwen2 / Qwen3 decoders with full
-    attention), TL-native bridges, and models whose twin does not reproduce the bridge's logits
-    fall back to the hooks engine (with a warning); ``PatchResult.path`` records which ran.
+    Supported: every family of the paper's registry -- Llama (Llama-2, Code Llama, Llemma, FLoat,
+    DeepSeek), Mistral, Gemma / CodeGemma, Gemma-2/3 (sliding-window layers windowed by position,
+    per-type rotary tables, normalised sublayer outputs) -- and Qwen2/3. Other architectures, TL-native
+    bridges, and models whose twin does not reproduce the bridge's logits fall back to the hooks
+    engine with a one-line warning that names the reason; ``PatchResult.path`` records which ran.
 
 The bridge runs eager attention, the twin SDPA: residuals can differ by ~5e-4 in fp32, the
 normalised metric by ~1e-5. Baselines always come from the same path as the patched runs.
@@ -37,6 +39,7 @@ normalised metric by ~1e-5. Baselines always come from the same path as the patc
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import json
 import math
@@ -492,8 +495,7 @@ class _Capture:
     resid: list[Tensor] | None = None  # twin only: [pos, d_model] input of each layer (+ final)
     keys: list[Any] | None = None  # twin only: [1, kv_heads, pos, d_head] per layer
     values: list[Any] | None = None
-    cos: Tensor | None = None
-    sin: Tensor | None = None
+    rope: dict[str, tuple[Tensor, Tensor]] | None = None  # twin only: rotary (cos, sin) per layer type
     pre: dict[int, Tensor] | None = None  # hooks engine, resid_mid only: resid_pre per layer
 
 
@@ -610,7 +612,10 @@ def _make_setter(
 # Fast engine: a plain HF twin of bridge.original_model with causal K/V reuse
 # --------------------------------------------------------------------------------------------------
 
-_FAST_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_FAST_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"})
+"""Hugging Face ``model_type`` values the fast engine runs: every family of the paper's registry (Llama-2,
+Code Llama, Llemma, FLoat and DeepSeek are ``llama``; Mistral; Gemma / CodeGemma; Gemma-2/3, with their
+sliding-window layers) plus Qwen2/3."""
 
 MIX_START_POSITIONS: bool | None = None
 """Stack cells with different start positions in one batch (each row keeps its own patched positions; the
@@ -662,10 +667,8 @@ def _build_twin(bridge: Any, attn_implementation: str) -> Any:
     cfg = copy.deepcopy(hf.config)
     if getattr(cfg, "model_type", None) not in _FAST_MODEL_TYPES:
         raise _Unsupported(f"model_type {getattr(cfg, 'model_type', None)!r} is not in {sorted(_FAST_MODEL_TYPES)}")
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        raise _Unsupported("the model has non-full-attention layers")
-    if getattr(cfg, "use_sliding_window", False):
-        raise _Unsupported("the model uses sliding-window attention")
+    if any(t not in ("full_attention", "sliding_attention") for t in (getattr(cfg, "layer_types", None) or [])):
+        raise _Unsupported(f"the model has attention layers of types {sorted(set(cfg.layer_types))}")
     with torch.device("meta"):
         twin = type(hf)._from_config(cfg, attn_implementation=attn_implementation)
     orig: dict[str, Tensor] = {}
@@ -712,36 +715,84 @@ class _TwinRunner:
         cfg = self.twin.config
         self.n_heads = int(cfg.num_attention_heads)
         self.d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        self.sliding_window = getattr(cfg, "sliding_window", None)
+        window = getattr(cfg, "sliding_window", None)
+        types = list(getattr(cfg, "layer_types", None) or [])
+        if not types:  # Mistral-style: every layer slides when sliding_window is set
+            types = ["sliding_attention" if window else "full_attention"] * self.n_layers
+        self.layer_types: list[str] = types[: self.n_layers]
+        self.sliding_window: int | None = int(window) if window and "sliding_attention" in types else None
+        # Rotary tables per layer type (Gemma-3's local and global layers use different bases).
+        self.rope_by_type = "layer_type" in inspect.signature(self.inner.rotary_emb.forward).parameters
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        # Gemma-2/3 normalise the attention output before adding it to the residual stream.
+        self.post_attn_norm = all(hasattr(layer, "pre_feedforward_layernorm") for layer in self.layers)
 
     @property
     def device(self) -> torch.device:
         return next(self.twin.parameters()).device
 
-    def mask(self, start: int, end: int, dtype: torch.dtype) -> Tensor | None:
-        """Additive causal mask for queries ``start..end`` over keys ``0..end`` (``None`` when not needed)."""
+    def mask(self, start: int, end: int, dtype: torch.dtype, sliding: bool = False) -> Tensor | None:
+        """Additive causal mask for queries ``start..end`` over keys ``0..end`` (``None`` when not needed).
+
+        With ``sliding`` a key is also hidden once it is ``sliding_window`` or more positions back (the rule
+        of Hugging Face's sliding-window layers).
+        """
         n = end - start + 1
-        if n == 1 or (start == 0 and self.attn_implementation == "sdpa"):
+        slides = sliding and self.sliding_window is not None and end + 1 > self.sliding_window
+        if not slides and (n == 1 or (start == 0 and self.attn_implementation == "sdpa")):
             return None  # a single query sees every key; SDPA applies is_causal itself from position 0
         q = torch.arange(start, end + 1, device=self.device)[:, None]
         k = torch.arange(0, end + 1, device=self.device)[None, :]
+        allowed = k <= q
+        if slides:
+            allowed = allowed & (q - k < int(self.sliding_window))  # type: ignore[arg-type]
         zero = torch.zeros((), dtype=dtype, device=self.device)
-        return torch.where(k <= q, zero, torch.finfo(dtype).min)[None, None]
+        return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+
+    def masks(self, start: int, end: int, dtype: torch.dtype) -> list[Tensor | None]:
+        """The mask of every layer (sliding layers get the windowed one)."""
+        by_type = {t: self.mask(start, end, dtype, t == "sliding_attention") for t in set(self.layer_types)}
+        return [by_type[t] for t in self.layer_types]
+
+    def rope(self, hidden: Tensor, pos_ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Rotary (cos, sin) per layer type."""
+        if not self.rope_by_type:
+            table = self.inner.rotary_emb(hidden, pos_ids)
+            return {t: table for t in set(self.layer_types)}
+        return {t: self.inner.rotary_emb(hidden, pos_ids, t) for t in set(self.layer_types)}
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final norm, unembedding and (Gemma-2) logit soft-capping."""
+        out = self.twin.lm_head(self.inner.norm(hidden))
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def attn_to_resid(self, layer: Any) -> Any:
+        """The module whose output attention adds to the residual stream (``attn_out``, as TransformerLens)."""
+        return layer.post_attention_layernorm if self.post_attn_norm else layer.self_attn
+
+    def mlp_to_resid(self, layer: Any) -> Any:
+        """The module whose output the MLP adds to the residual stream (``mlp_out``)."""
+        return layer.post_feedforward_layernorm if self.post_attn_norm else layer.mlp
 
     def check_length(self, n_pos: int) -> None:
-        if self.sliding_window is not None and n_pos > int(self.sliding_window):
-            raise _Unsupported(f"prompt of {n_pos} tokens exceeds the sliding window {self.sliding_window}")
+        """Nothing to check: sliding windows are applied by :meth:`mask`."""
 
     def _hooks_for_capture(self, component: str, store: dict[int, Tensor]) -> list[Any]:
         handles = []
         for j, layer in enumerate(self.layers):
             if component in ("attn_out", "resid_mid"):
                 handles.append(
-                    layer.self_attn.register_forward_hook(lambda m, a, o, j=j: store.__setitem__(j, o[0][0].detach()))
+                    self.attn_to_resid(layer).register_forward_hook(
+                        lambda m, a, o, j=j: store.__setitem__(j, _layer_out(o)[0].detach())
+                    )
                 )
             elif component == "mlp_out":
                 handles.append(
-                    layer.mlp.register_forward_hook(lambda m, a, o, j=j: store.__setitem__(j, o[0].detach()))
+                    self.mlp_to_resid(layer).register_forward_hook(
+                        lambda m, a, o, j=j: store.__setitem__(j, o[0].detach())
+                    )
                 )
             elif component == "head_z":
                 handles.append(
@@ -768,23 +819,23 @@ class _TwinRunner:
             with torch.no_grad():
                 hidden = self.inner.embed_tokens(ids)
                 pos_ids = torch.arange(n_pos, device=dev)[None]
-                cos, sin = self.inner.rotary_emb(hidden, pos_ids)
+                rope = self.rope(hidden, pos_ids)
                 resid = []
-                mask = self.mask(0, n_pos - 1, hidden.dtype)
-                for layer in self.layers:
+                masks = self.masks(0, n_pos - 1, hidden.dtype)
+                for j, layer in enumerate(self.layers):
                     resid.append(hidden[0])
                     hidden = _layer_out(
                         layer(
                             hidden,
-                            attention_mask=mask,
+                            attention_mask=masks[j],
                             position_ids=pos_ids,
                             past_key_values=kv,
                             use_cache=True,
-                            position_embeddings=(cos, sin),
+                            position_embeddings=rope[self.layer_types[j]],
                         )
                     )
                 resid.append(hidden[0])
-                logits = self.twin.lm_head(self.inner.norm(hidden[:, answer_pos]))[0]
+                logits = self.logits(hidden[:, answer_pos])[0]
         finally:
             for h in handles:
                 h.remove()
@@ -793,7 +844,7 @@ class _TwinRunner:
         elif component == "resid_post":
             acts = {j: resid[j + 1] for j in layers}
         elif component == "resid_mid":
-            acts = {j: resid[j] + store[j] for j in layers}
+            acts = {j: resid[j] + store[j] for j in layers}  # store: what attention adds to the stream
         else:
             acts = {j: store[j] for j in layers}
         ld, prob, top1 = _metrics_row(logits, good, bad)
@@ -805,8 +856,7 @@ class _TwinRunner:
             resid=resid,
             keys=kv.keys,
             values=kv.values,
-            cos=cos,
-            sin=sin,
+            rope=rope,
         )
 
     def verify(self, tokens: Tensor, answer_pos: int, capture_logits_fn: Callable[[], Tensor]) -> float:
@@ -822,20 +872,20 @@ class _TwinRunner:
         with torch.no_grad():
             hidden = self.inner.embed_tokens(ids)
             pos_ids = torch.arange(ids.shape[1], device=dev)[None]
-            cos, sin = self.inner.rotary_emb(hidden, pos_ids)
-            mask = self.mask(0, ids.shape[1] - 1, hidden.dtype)
-            for layer in self.layers:
+            rope = self.rope(hidden, pos_ids)
+            masks = self.masks(0, ids.shape[1] - 1, hidden.dtype)
+            for j, layer in enumerate(self.layers):
                 hidden = _layer_out(
                     layer(
                         hidden,
-                        attention_mask=mask,
+                        attention_mask=masks[j],
                         position_ids=pos_ids,
                         past_key_values=None,
                         use_cache=False,
-                        position_embeddings=(cos, sin),
+                        position_embeddings=rope[self.layer_types[j]],
                     )
                 )
-            return self.twin.lm_head(self.inner.norm(hidden[:, answer_pos]))[0]
+            return self.logits(hidden[:, answer_pos])[0]
 
     def run_cells(
         self,
@@ -867,13 +917,13 @@ class _TwinRunner:
         out: tuple[Tensor, Tensor, Tensor],
     ) -> None:
         assert dst.resid is not None and dst.keys is not None and dst.values is not None
-        assert dst.cos is not None and dst.sin is not None
+        assert dst.rope is not None
         dev = self.device
         start = min(min(c.dst) for c in batch)
         n = a - start + 1
         pos_ids = torch.arange(start, a + 1, device=dev)[None]
-        cos, sin = dst.cos[:, start : a + 1], dst.sin[:, start : a + 1]
-        mask = self.mask(start, a, dst.resid[0].dtype)
+        rope = {t: (cos[:, start : a + 1], sin[:, start : a + 1]) for t, (cos, sin) in dst.rope.items()}
+        masks = self.masks(start, a, dst.resid[0].dtype)
         cache = _PrefixKV(dst.keys, dst.values, start)  # type: ignore[arg-type]
         joins: dict[int, list[_Cell]] = {}
         for c in batch:
@@ -902,18 +952,18 @@ class _TwinRunner:
                     hidden = _layer_out(
                         self.layers[j](
                             hidden,
-                            attention_mask=mask,
+                            attention_mask=masks[j],
                             position_ids=pos_ids,
                             past_key_values=cache,
                             use_cache=True,
-                            position_embeddings=(cos, sin),
+                            position_embeddings=rope[self.layer_types[j]],
                         )
                     )
                 finally:
                     if handle is not None:
                         handle.remove()
             assert hidden is not None
-            logits = self.twin.lm_head(self.inner.norm(hidden[:, -1]))
+            logits = self.logits(hidden[:, -1])
         ld, prob, top1 = answer_metrics(logits, job.good, job.bad)
         li = torch.tensor([c.li for c in order], device=ld.device)
         ci = torch.tensor([c.ci for c in order], device=ld.device)
@@ -937,20 +987,15 @@ class _TwinRunner:
         rows_t, idx_t = torch.tensor(rows, device=dev), torch.tensor(idx, device=dev)
         vals_t = torch.stack(vals)
         layer = self.layers[j]
-        if component in ("attn_out", "resid_mid"):
+        if component in ("attn_out", "resid_mid", "mlp_out"):
+            # What the sublayer adds to the residual stream (Gemma-2/3: after its output norm).
+            target = self.mlp_to_resid(layer) if component == "mlp_out" else self.attn_to_resid(layer)
 
-            def attn_hook(m: Any, args: Any, output: Any) -> Any:
-                output[0][rows_t, idx_t] = vals_t.to(output[0].dtype)
+            def set_hook(m: Any, args: Any, output: Any) -> Any:
+                _layer_out(output)[rows_t, idx_t] = vals_t.to(_layer_out(output).dtype)
                 return output
 
-            return layer.self_attn.register_forward_hook(attn_hook)
-        if component == "mlp_out":
-
-            def mlp_hook(m: Any, args: Any, output: Tensor) -> Tensor:
-                output[rows_t, idx_t] = vals_t.to(output.dtype)
-                return output
-
-            return layer.mlp.register_forward_hook(mlp_hook)
+            return target.register_forward_hook(set_hook)
         heads_t = torch.tensor(heads, device=dev)
         n_heads, d_head = self.n_heads, self.d_head
 
@@ -1131,13 +1176,17 @@ def _grid_columns(
     return names, per_pair
 
 
+def _fallback_message(reason: Exception) -> str:
+    return f"fast patching unavailable ({reason}); using the bridge-hooks engine (same numbers, slower)"
+
+
 def _make_runner(model: Any, method: str) -> _HookRunner | _TwinRunner:
     if method == "hooks":
         return _HookRunner(model)
     try:
         return _TwinRunner(model)
     except _Unsupported as e:
-        warnings.warn(f"fast patching unavailable ({e}); using the bridge-hooks engine", stacklevel=3)
+        warnings.warn(_fallback_message(e), stacklevel=3)
         return _HookRunner(model)
 
 
@@ -1227,7 +1276,6 @@ def _run_jobs(
     n_l = len(layers)
     lds, probs, top1s, s_ld, d_ld, s_pr, d_pr = [], [], [], [], [], [], []
     n_forward = n_noop = 0
-    fast = isinstance(dst_runner, _TwinRunner)
     for jn, job in enumerate(progress(jobs, desc=desc, unit="pair")):
         src = src_runner.capture(job.src_tokens, component, layers, job.src_answer_pos, job.good, job.bad)
         dst = dst_runner.capture(job.dst_tokens, component, layers, job.dst_answer_pos, job.good, job.bad)
@@ -1235,7 +1283,7 @@ def _run_jobs(
         ld = torch.full((n_l, n_cols), float("nan"), device=dev)
         prob = torch.full((n_l, n_cols), float("nan"), device=dev)
         top1 = torch.zeros((n_l, n_cols), dtype=torch.bool, device=dev)
-        if fast and skip_noop_cells:
+        if skip_noop_cells:
             run, noop = _filter_fast(job, job.cells, src, dst)
         else:
             run, noop = list(job.cells), []
@@ -1315,7 +1363,7 @@ def patch_grid(
         positions: Columns of a layer_pos grid (default ``0..max_len-1``); negative = from each pair's end.
         batch_cells: Most cells stacked into one forward.
         method: ``"fast"`` (causal reuse on the HF twin, falls back to hooks when unsupported) or ``"hooks"``.
-        skip_noop_cells: Resolve provable no-op cells without a forward (fast engine only; exact).
+        skip_noop_cells: Resolve provable no-op cells without a forward (both engines; exact).
 
     Returns:
         A :class:`PatchResult` with ``kind="activation"``; ``source`` = clean run, ``target`` = corrupted run.
@@ -1356,7 +1404,7 @@ def patch_grid(
             if not _verify_twin(runner, plist[0].corrupted_tokens, plist[0].corrupted_answer_pos):
                 runner = _HookRunner(model)
         except _Unsupported as e:
-            warnings.warn(f"fast patching unavailable ({e}); using the bridge-hooks engine", stacklevel=2)
+            warnings.warn(_fallback_message(e), stacklevel=2)
             runner = _HookRunner(model)
     res = _run_jobs(
         runner, runner, jobs, component, layer_list, len(names), batch_cells, skip_noop_cells, desc=f"patch {component}"
