@@ -198,7 +198,9 @@ def test_batch_size_invariance_tiny(
 
 
 @pytest.mark.parametrize("forced", ["jump", "step"])
-@pytest.mark.parametrize(("spec", "bias"), [("tiny:gemma3?window=64", 16.0), ("tiny:qwen2", 8.0), ("tiny:llama?layers=1", 8.0)])
+@pytest.mark.parametrize(
+    ("spec", "bias"), [("tiny:gemma3?window=64", 16.0), ("tiny:qwen2", 8.0), ("tiny:llama?layers=1", 8.0)]
+)
 def test_batch_size_invariance_every_family(
     spec: str, bias: float, forced: str, kst24_prompts: list[str], kst24_shared_prefix: str
 ) -> None:
@@ -215,7 +217,10 @@ def test_batch_size_invariance_every_family(
     with separator_bias(model, bias):  # Gemma-3's scaled embeddings give larger logits
         runs = [
             generate_statements(
-                model, kst24_prompts, DecodeConfig(forced=forced, batch_size=bs), kst24_shared_prefix,
+                model,
+                kst24_prompts,
+                DecodeConfig(forced=forced, batch_size=bs),
+                kst24_shared_prefix,
                 max_new_tokens=150,
             )  # fmt: skip
             for bs in (1, 3, 8)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -27,10 +28,29 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+def gguf_header(kv: dict[str, object], tensors: int = 0, pad: bytes = b"") -> bytes:
+    """A GGUF v3 header with string / bool / string-array values, written by hand from the format spec."""
+
+    def string(x: str) -> bytes:
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, tensors, len(kv))
+    for key, value in kv.items():
+        out += string(key)
+        if isinstance(value, bool):
+            out += struct.pack("<I?", 7, value)
+        elif isinstance(value, list):
+            out += struct.pack("<IIQ", 9, 8, len(value)) + b"".join(string(v) for v in value)
+        else:
+            out += struct.pack("<I", 8) + string(str(value))
+    return out + pad
+
+
 @pytest.fixture
 def fake_gguf(tmp_path: Path) -> Path:
     path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF fake file " * 100)
+    path.write_bytes(gguf_header({"general.name": "Fake 1M", "tokenizer.ggml.tokens": ["a", "b"]}, pad=b"x" * 1000))
     return path
 
 
@@ -106,7 +126,7 @@ def test_failed_dequantize_leaves_no_cache(cache: Path, fake_gguf: Path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         load_model(str(fake_gguf))
     gguf_dir = cache / "gguf"
-    assert [p.name for p in gguf_dir.iterdir()] == ["hashes.json"]
+    assert sorted(p.name for p in gguf_dir.iterdir()) == ["hashes.json", "metadata.json"]
 
 
 def test_gguf_without_gguf_package(cache: Path, fake_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,3 +142,42 @@ def test_cached_gguf_loads_without_gguf_package(
     monkeypatch.setitem(sys.modules, "gguf", None)
     load_model(str(fake_gguf))
     assert len(fake_dequantize) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "kv", "chat"),
+    [
+        ("coder.gguf", {"general.name": "Qwen2.5 Coder 0.5B Instruct", "tokenizer.chat_template": "{{ x }}"}, True),
+        ("SmolLM2-135M-Instruct.gguf", {"general.name": "Smollm2 135M", "tokenizer.chat_template": "{{ x }}"}, True),
+        ("base.gguf", {"general.name": "Qwen2.5 Coder 0.5B", "tokenizer.chat_template": "{{ x }}"}, False),
+        ("x-instruct.gguf", {"general.name": "Gemma 3 270m it"}, False),  # no template: cannot chat
+        ("it.gguf", {"general.name": "Gemma 3 270m", "general.finetune": "it", "tokenizer.chat_template": "t"}, True),
+    ],
+)
+def test_chat_mode_comes_from_the_model_metadata(
+    cache: Path, tmp_path: Path, name: str, kv: dict[str, object], chat: bool
+) -> None:
+    from entitylens.models import resolve_spec
+
+    real = tmp_path / "files" / name
+    real.parent.mkdir()
+    real.write_bytes(gguf_header({**kv, "tokenizer.ggml.tokens": ["a"] * 50}))
+    link = tmp_path / "link.gguf"  # a name that says nothing: the decision must come from the file
+    link.symlink_to(real)
+    assert resolve_spec(str(real)).chat is chat
+    assert resolve_spec(str(link)).chat is chat
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a gguf file at all", b"GGUF" + struct.pack("<I", 3) + b"\x01", b"GGUF" + struct.pack("<IQQ", 9, 0, 0)],
+)
+def test_damaged_gguf_is_refused_in_one_line(cache: Path, tmp_path: Path, content: bytes) -> None:
+    from entitylens.cli import main
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    with pytest.raises(EntitylensError, match="GGUF file") as err:
+        load_model(str(bad))
+    assert "\n" not in str(err.value)
+    assert main(["models", "resolve", str(bad)]) == 2

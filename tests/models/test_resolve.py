@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ def test_hub_id_known_and_unknown() -> None:
 
 def test_local_dir(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
     r = resolve_spec(str(tmp_path))
     assert (r.kind, r.source, r.path) == ("local", "local", str(tmp_path.resolve()))
 
@@ -45,7 +47,7 @@ def test_missing_dir_is_not_mistaken_for_hub_id(tmp_path: Path) -> None:
 
 def test_gguf(tmp_path: Path) -> None:
     f = tmp_path / "m.gguf"
-    f.write_bytes(b"GGUF")
+    f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))  # a valid, empty v3 header
     r = resolve_spec(str(f))
     assert (r.kind, r.source, r.path) == ("gguf", "gguf", str(f.resolve()))
     with pytest.raises(EntitylensError, match="GGUF file .* does not exist"):
@@ -131,3 +133,33 @@ def test_transformers_loading_bars_follow_ours_and_are_restored(quiet, monkeypat
         assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
     finally:
         progress.set_quiet(False)
+
+
+def test_hf_directory_without_a_tokenizer_is_refused_in_one_line(tmp_path) -> None:
+    from entitylens.cli import main
+    from entitylens.errors import EntitylensError
+    from entitylens.models import resolve_spec
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(EntitylensError, match="no tokenizer files") as err:
+        resolve_spec(str(d))
+    assert "save_pretrained" in str(err.value)
+    assert main(["models", "resolve", str(d)]) == 2
+    (d / "tokenizer.json").write_text("{}")
+    assert resolve_spec(str(d)).kind == "local"
+
+
+def test_local_directory_chat_flag_from_its_own_files(tmp_path) -> None:
+    import json
+
+    from entitylens.models import resolve_spec
+
+    d = tmp_path / "checkpoint-500"  # the directory name says nothing
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_name_or_path": "Qwen/Qwen2.5-Coder-0.5B-Instruct"}))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert resolve_spec(str(d)).chat is True
+    (d / "tokenizer_config.json").write_text(json.dumps({}))
+    assert resolve_spec(str(d)).chat is False

@@ -39,7 +39,10 @@ def tl_grid(spec: str, name: str) -> torch.Tensor:
         logits = model(tokens[None])[0, pos]
         return float(logits[pair.clean_answer] - logits[pair.corrupted_answer])
 
-    clean_ld, corr_ld = ld(pair.clean_tokens, pair.clean_answer_pos), ld(pair.corrupted_tokens, pair.corrupted_answer_pos)
+    clean_ld, corr_ld = (
+        ld(pair.clean_tokens, pair.clean_answer_pos),
+        ld(pair.corrupted_tokens, pair.corrupted_answer_pos),
+    )
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         row = logits[0, pair.corrupted_answer_pos]

@@ -48,6 +48,7 @@ from entitylens._io import atomic_write, sha256_file, sha256_json, write_json
 from entitylens.activations.hooks import HookSpec, resolve_model_hooks
 from entitylens.activations.roles import find_roles, tokenize_with_offsets, validate_roles
 from entitylens.errors import EntitylensError
+from entitylens.models.loading import model_label as _model_label
 from entitylens.models.tokens import model_prepends_bos
 from entitylens.progress import progress
 
@@ -562,6 +563,7 @@ def cache_activations(
     out_dir: str | os.PathLike[str],
     *,
     model_spec: str | None = None,
+    model_label: str | None = None,
     dataset_source: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> CacheIndex:
@@ -573,6 +575,8 @@ def cache_activations(
         config: Hooks, roles, batching, storage dtype.
         out_dir: Cache directory (created if needed).
         model_spec: How the model was specified (recorded in ``meta.json``).
+        model_label: The model's label in probe figures (default: :func:`entitylens.models.model_label` of
+            ``model_spec``).
         dataset_source: Extra description of the dataset (e.g. path and file sha256), recorded only.
         overwrite: Delete an existing cache in ``out_dir`` first (only its own files).
 
@@ -606,6 +610,7 @@ def cache_activations(
         "entitylens_version": __version__,
         "model": {
             "spec": model_spec,
+            "label": model_label or (_model_label(model_spec) if model_spec else None),
             "fingerprint": model_fingerprint(model),
             "info": _model_info(model),
             "n_layers": int(model.cfg.n_layers),

@@ -398,7 +398,8 @@ def evaluate(
             None when ``predictor`` and ``label`` are given.
         states: The states (one generation each).
         config: Evaluation config (default :class:`EvalConfig`).
-        label: Model label in the outputs (default: the spec it was loaded from, or the baseline name).
+        label: Model label in the outputs (default: :func:`entitylens.models.model_label` of the spec it was
+            loaded from -- the label ``entitylens eval`` uses -- or the baseline name).
         run_dir: If given, append rows to ``run_dir/predictions.jsonl`` per batch and resume from it
             (created when missing).
         predictor: Override how statements are produced (advanced; used by tests and the testbed).
@@ -419,8 +420,10 @@ def evaluate(
         label = label or model
         predictor = predictor or _baseline_predictor(model, config.seed)
     else:
+        from entitylens.models.loading import model_label
+
         info = getattr(model, "entitylens_info", None)
-        label = label or (info.spec if info is not None else type(model).__name__)
+        label = label or (model_label(info.spec) if info is not None else type(model).__name__)
         predictor = predictor or model_predictor(model, config)
     states_by_id = {s.state_id: s for s in states}
     if len(states_by_id) != len(states):

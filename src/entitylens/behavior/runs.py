@@ -85,10 +85,10 @@ def shard_states(states: Sequence[State], shard: tuple[int, int] | None) -> list
 
 
 def default_label(spec: str) -> str:
-    """Output label for a spec: registry keys/baselines as is, file paths by their stem."""
-    if spec in BASELINES or spec.startswith("tiny:") or not (os.sep in spec or spec.endswith(".gguf")):
-        return spec
-    return Path(spec).stem if spec.endswith(".gguf") else Path(spec).name
+    """Output label for a spec: :func:`entitylens.models.model_label` (one label everywhere)."""
+    from entitylens.models.loading import model_label
+
+    return model_label(spec)
 
 
 def _paper_curve(spec: str) -> tuple[float | None, tuple[float, ...] | None]:
@@ -146,13 +146,30 @@ def run_config(
     pairs: Sequence[tuple[str, str]],
     state_ids: Sequence[str],
 ) -> dict[str, Any]:
-    """The ``run.json`` record of an evaluation of a dataset file (see :func:`run_record`)."""
+    """The ``run.json`` record of an evaluation of a dataset file (see :func:`run_record`).
+
+    Each model's record says whether its prompts go through its chat template (``chat``: what is applied,
+    from ``config.chat`` and the model's own metadata), so ``"auto"`` never hides the decision.
+    """
     return run_record(
         {"path": str(dataset), "sha256": sha256_file(dataset), "states_sha256": sha256_json(list(state_ids)),
          "num_states": len(state_ids)},
-        [{"spec": m.spec, "label": m.label} for m in models],
+        [model_record(m, config) for m in models],
         config.prediction_fields(), dtype, shard, pairs,
     )  # fmt: skip
+
+
+def model_record(model: ModelRun, config: EvalConfig) -> dict[str, Any]:
+    """A model's ``run.json`` record: spec, label and (for real models) the chat form applied."""
+    rec: dict[str, Any] = {"spec": model.spec, "label": model.label}
+    if model.spec not in BASELINES:
+        if config.chat == "auto":
+            from entitylens.models.loading import resolve_spec
+
+            rec["chat"] = resolve_spec(model.spec).chat
+        else:
+            rec["chat"] = config.chat == "always"
+    return rec
 
 
 _MATCH_KEYS = ("entitylens_version", "models", "dtype", "eval", "shard")

@@ -82,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-cells", type=int, default=32, help="most cells per forward (default 32)")
     r.add_argument("--attribution", action="store_true", help="also run attribution patching and report agreement")
     r.add_argument("--k", type=int, default=10, help="top-k size of the attribution agreement (default 10)")
-    r.add_argument("--label", default=None, help="model label in titles (default: the --model spec)")
+    r.add_argument("--label", default=None, help="model label in titles and comparisons (default: the model's label, "
+                   "as in `entitylens eval`)")
     r.add_argument("--vmax", type=_vmax, default=1.0, help=_VMAX_HELP)
     r.add_argument("--out", type=Path, required=True, help="run directory, e.g. runs/patch/MODEL")
     r.add_argument("--overwrite", action="store_true", help="replace another model's / pairs file's results in --out")
@@ -233,6 +234,7 @@ def run_run(args: argparse.Namespace) -> int:
     from entitylens._io import sha256_file
     from entitylens.activations.cache import model_fingerprint
     from entitylens.cli.models import load_model_from_args
+    from entitylens.models import model_label
     from entitylens.patching.exact import tokenizer_fingerprint
     from entitylens.patching.pairs import write_patch_pairs
     from entitylens.patching.run import (
@@ -272,8 +274,10 @@ def run_run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     attribution = None
+    label = args.label or model_label(args.model)
     info: dict[str, Any] = {
         "model": args.model,
+        "label": label,
         "pairs": str(args.pairs),
         "roles": cols if cols is not None else "all positions",
         "method": args.method,
@@ -283,7 +287,6 @@ def run_run(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         attribution = run_attribution(model, plist, args.component, grid, roles=roles, layers=args.layers)
         info["attribution_seconds"] = round(time.perf_counter() - t1, 3)
-    label = args.label or args.model
     files = write_patch_outputs(
         args.out, result, attribution=attribution, k=args.k, label=label, identity=identity, info=info,
         overwrite=args.overwrite, vmax=args.vmax,
@@ -335,7 +338,7 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
     """Cross-model patching of a pairs file (model A into model B); writes the run directory."""
     from entitylens._io import sha256_file
     from entitylens.activations.cache import model_fingerprint
-    from entitylens.models import load_model
+    from entitylens.models import load_model, model_label
     from entitylens.patching.cross_model import check_compatible
     from entitylens.patching.exact import tokenizer_fingerprint
     from entitylens.patching.run import (
@@ -376,16 +379,18 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
         method=args.method, batch_cells=args.batch_cells,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
+    label = f"{model_label(args.source)} -> {model_label(args.target)}"
     info = {
         "source": args.source,
         "target": args.target,
+        "label": label,
         "pairs": str(args.pairs),
         "roles": cols if cols is not None else "all positions",
         "method": args.method,
         "seconds": round(seconds, 3),
     }
     files = write_patch_outputs(
-        args.out, result, label=f"{args.source} -> {args.target}", identity=identity, info=info,
+        args.out, result, label=label, identity=identity, info=info,
         overwrite=args.overwrite, vmax=args.vmax,
     )  # fmt: skip
     print(

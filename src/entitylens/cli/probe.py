@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
                    help="draw two probe output directories on one figure (probe_compare.png)")
     p.add_argument("--metric", default="exact_match", help="metric drawn by --compare (default exact_match)")
+    p.add_argument("--label", default=None, help="model label in the figure and in --compare (default: the cached "
+                   "model's label, as in `entitylens eval`)")
     p.add_argument("--out", type=Path, help="output directory")
     p.set_defaults(func=run)
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                          min_count=args.min_count, heldout_object_fraction=args.disjoint_objects,
                          control=not args.no_control, bootstrap=args.bootstrap, probe=probe)
     result = run_probes(args.cache, cfg, random_cache=args.random_cache)
-    paths = write_probe_outputs(args.out, result)
+    paths = write_probe_outputs(args.out, result, label=args.label)
     t = result.target
     print(f"probed {len(t.rows)} rows ({len(result.split.test)} test), {len(t.target_names)} {t.name} labels, "
           f"{len(result.layers)} layers x {len(cfg.roles)} roles")

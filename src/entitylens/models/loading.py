@@ -40,6 +40,7 @@ import torch
 from entitylens._io import sha256_file, write_json
 from entitylens.errors import EntitylensError
 from entitylens.models._constants import DTYPE_CHOICES
+from entitylens.models.metadata import chat_from_metadata, gguf_chat, hf_dir_metadata, read_gguf_metadata
 from entitylens.models.registry import EXPERIMENTS, REGISTRY, RegistryEntry, unknown_key_message
 from entitylens.models.tiny import TinySpec, parse_tiny_spec
 
@@ -81,7 +82,9 @@ class ResolvedSpec:
             assembled on first use, ``None`` until then).
         entry: The registry entry (for registry keys, and for hub ids that are in the registry).
         tiny: The parsed tiny spec (``tiny`` only).
-        chat: Whether the model is a chat/instruct model (registry fact, else a guess from the name).
+        chat: Whether the model is a chat/instruct model: the registry's fact, else the model's own metadata
+            (:func:`entitylens.models.metadata.chat_from_metadata`: a chat template and an instruct/chat
+            marker in its names -- GGUF header, HF config, file name as given and after resolving links).
     """
 
     spec: str
@@ -94,6 +97,29 @@ class ResolvedSpec:
     chat: bool = False
 
 
+def model_label(spec: str) -> str:
+    """The one label of a model in every output (eval rows, cache and probe runs, patch runs, figures).
+
+    Registry keys, baselines (``random``...), ``tiny:`` and ``testbed:`` specs are their own label; a hub id
+    is labelled by its name (``meta-llama/Llama-2-7b-hf`` -> ``Llama-2-7b-hf``), a ``.gguf`` file by its stem
+    and a model directory by its name, wherever it lives
+    (``~/models/Qwen2.5-Coder.Q4.gguf`` -> ``Qwen2.5-Coder.Q4``), so the CLI and Python agree and a run
+    resumed from either finds its rows.
+
+    Args:
+        spec: The model spec as given.
+
+    Returns:
+        The label.
+    """
+    spec = str(spec).strip()
+    if spec.startswith(("tiny:", "testbed:")) or not (os.sep in spec or "/" in spec or spec.endswith(".gguf")):
+        return spec
+    if spec.lower().endswith(".gguf"):
+        return Path(spec).stem
+    return Path(spec.rstrip("/" + os.sep)).expanduser().name or spec
+
+
 def _looks_like_path(spec: str) -> bool:
     return (
         spec.startswith(("/", "./", "../", "~", ".\\", "..\\"))
@@ -104,9 +130,44 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def _guess_chat(name: str) -> bool:
     low = name.lower()
     return bool(re.search(r"(chat|instruct|-it\b|_it\b|-sft|-dpo|-rlhf)", low))
+
+
+def _hub_chat(hub_id: str) -> bool:
+    """A hub model's chat flag from its cached files (its name alone when it is not cached)."""
+    with contextlib.suppress(Exception):
+        config = hub_cached_config(hub_id)
+        if config is not None:
+            meta = hf_dir_metadata(config.parent)
+            return chat_from_metadata([hub_id, *meta["names"]], meta["chat_template"])
+    return _guess_chat(hub_id)
+
+
+def gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """:func:`~entitylens.models.metadata.read_gguf_metadata`, memoised by (real path, size, mtime).
+
+    The memo lives in ``<cache>/gguf/metadata.json`` (the chat template is stored as a flag, not as text).
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    index_path = cache_root() / "gguf" / "metadata.json"
+    index: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    rec = index.get(str(p))
+    if isinstance(rec, dict) and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+        return dict(rec["metadata"])
+    meta = read_gguf_metadata(p)
+    meta["tokenizer.chat_template"] = bool(meta.get("tokenizer.chat_template"))
+    index[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "metadata": meta}
+    with contextlib.suppress(OSError, EntitylensError):  # a read-only cache only costs a re-read next time
+        write_json(index_path, index)
+    return meta
 
 
 def _registry_by_hub_id(hub_id: str) -> RegistryEntry | None:
@@ -210,7 +271,8 @@ def resolve_spec(spec: str, seed: int | None = None) -> ResolvedSpec:
     if spec.lower().endswith(".gguf"):
         if not path.is_file():
             raise EntitylensError(f"GGUF file {spec} does not exist; check the path")
-        return ResolvedSpec(spec, "gguf", "gguf", path=str(path.resolve()), chat=_guess_chat(path.name))
+        chat = gguf_chat(path, gguf_metadata(path))  # also refuses a damaged file in one line
+        return ResolvedSpec(spec, "gguf", "gguf", path=str(path.resolve()), chat=chat)
     if path.exists():
         if not path.is_dir():
             raise EntitylensError(
@@ -221,12 +283,19 @@ def resolve_spec(spec: str, seed: int | None = None) -> ResolvedSpec:
                 f"{spec} has no config.json, so it is not a Hugging Face model directory; point at the "
                 "directory written by save_pretrained"
             )
-        return ResolvedSpec(spec, "local", "local", path=str(path.resolve()), chat=_guess_chat(path.name))
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise EntitylensError(
+                f"{spec} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); save the model's "
+                f"tokenizer into it with tokenizer.save_pretrained('{spec}')"
+            )
+        meta = hf_dir_metadata(path)
+        chat = chat_from_metadata([spec, *meta["names"]], meta["chat_template"])
+        return ResolvedSpec(spec, "local", "local", path=str(path.resolve()), chat=chat)
     if _looks_like_path(spec):
         raise EntitylensError(f"model directory {spec} does not exist; check the path (or use a hub id org/name)")
     if _HUB_ID.match(spec):
         entry = _registry_by_hub_id(spec)
-        chat = entry.chat if entry else _guess_chat(spec)
+        chat = entry.chat if entry else _hub_chat(spec)
         return ResolvedSpec(spec, "hub", "hub", hub_id=spec, entry=entry, chat=chat)
     raise EntitylensError(unknown_key_message(spec))
 
@@ -399,7 +468,7 @@ def _dequantize_gguf(path: Path) -> tuple[Any, Any]:
 
     from entitylens.progress import progress
 
-    with progress(total=2, desc=f"dequantizing {path.name}", unit="step") as bar:
+    with _hf_progress_bars(), progress(total=2, desc=f"dequantizing {path.name}", unit="step") as bar:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         bar.update(1)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -434,7 +503,8 @@ def gguf_to_cache(path: str | os.PathLike[str], sha256: str | None = None) -> Pa
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=dest.parent))
     try:
-        model.save_pretrained(tmp)
+        with _hf_progress_bars():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         import transformers
 
@@ -555,17 +625,29 @@ def _boot(
 
 @contextlib.contextmanager
 def _hf_progress_bars() -> Any:
-    """Silence transformers' own progress bars ("Loading weights") where ours are silent (``--quiet``, no TTY)."""
+    """Transformers' own progress bars follow ours: shown on a terminal, silent with ``--quiet`` or in a log.
+
+    Covers its "Loading weights" bars (transformers' switch) and the GGUF conversion's bar, which uses
+    plain tqdm and is routed through :func:`entitylens.progress.progress` while this context is open.
+    """
     from transformers.utils import logging as hf_logging
 
-    from entitylens.progress import bars_enabled
+    from entitylens.progress import bars_enabled, progress
 
     was = hf_logging.is_progress_bar_enabled()
     if not bars_enabled():
         hf_logging.disable_progress_bar()
+    gguf_utils: Any = None
+    with contextlib.suppress(ImportError):
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    saved = getattr(gguf_utils, "tqdm", None)
+    if saved is not None:
+        gguf_utils.tqdm = lambda iterable=None, **kw: progress(iterable, leave=False, **kw)
     try:
         yield
     finally:
+        if saved is not None:
+            gguf_utils.tqdm = saved
         if was:
             hf_logging.enable_progress_bar()
 

@@ -523,7 +523,11 @@ def top_cells_summary(result: PatchResult, top: int = 5) -> str:
 
 
 def run_label(run_dir: str | os.PathLike[str]) -> str:
-    """A run directory's model label from its ``run.json`` (``"A -> B"`` for cross-model; else its name)."""
+    """A run directory's model label from its ``run.json`` (``"A -> B"`` for cross-model; else its name).
+
+    The label recorded by ``patch run --label`` wins; otherwise :func:`entitylens.models.model_label` of the
+    recorded spec, the label every other command uses.
+    """
     run_dir = Path(run_dir)
     path = run_dir / "run.json"
     if path.is_file():
@@ -531,11 +535,15 @@ def run_label(run_dir: str | os.PathLike[str]) -> str:
             results = json.loads(path.read_text(encoding="utf-8")).get("results", {})
         except (OSError, ValueError):
             results = {}
+        from entitylens.models.loading import model_label
+
         for entry in results.values():
+            if entry.get("label"):
+                return str(entry["label"])
             if entry.get("model"):
-                return str(entry["model"])
+                return model_label(str(entry["model"]))
             if entry.get("source"):
-                return f"{entry['source']} -> {entry['target']}"
+                return f"{model_label(entry['source'])} -> {model_label(entry['target'])}"
     return run_dir.name
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,13 +383,17 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
                     random_model=random_results, config=cfg, cache_meta=dict(c.meta))
 
 
-def write_probe_outputs(out_dir: str | os.PathLike[str], run: ProbeRun, *, title: str | None = None) -> list[Path]:
+def write_probe_outputs(
+    out_dir: str | os.PathLike[str], run: ProbeRun, *, title: str | None = None, label: str | None = None
+) -> list[Path]:
     """Write ``probe.csv``, ``probe_by_layer.png`` and ``meta.json`` (each atomically).
 
     Args:
         out_dir: Output directory (created).
         run: The :class:`ProbeRun` from :func:`run_probes`.
-        title: Figure title (default: model spec and target).
+        title: Figure title (default: the model's label and the target).
+        label: The model's label in this run's figure and in comparisons (default: the cache's label, i.e.
+            :func:`entitylens.models.model_label` of the cached model's spec).
 
     Returns:
         The written paths.
@@ -400,10 +404,11 @@ def write_probe_outputs(out_dir: str | os.PathLike[str], run: ProbeRun, *, title
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "probe.csv"
     run.table.to_csv(csv_path)
-    model = run.cache_meta.get("model", {}).get("spec")
+    model = label or _cache_label(run.cache_meta)
     fig_title = title or f"{model or 'model'}: {run.target.name} probes"
     pngs = plot_probe_by_layer(run.table, out / "probe_by_layer", title=fig_title)
     meta = {
+        "label": model,
         "target": run.target.name,
         "target_names": list(run.target.target_names),
         "n_rows": len(run.target.rows),
@@ -441,13 +446,24 @@ def read_probe_table(run_dir: str | os.PathLike[str]) -> Table:
     return Table(PROBE_COLUMNS, rows)
 
 
+def _cache_label(cache_meta: Mapping[str, Any]) -> str | None:
+    """The model label of a cache's ``meta.json`` (recorded, or derived from the recorded spec)."""
+    from entitylens.models.loading import model_label
+
+    model = cache_meta.get("model") or {}
+    if model.get("label"):
+        return str(model["label"])
+    return model_label(str(model["spec"])) if model.get("spec") else None
+
+
 def _label(run_dir: Path) -> str:
     meta = run_dir / "meta.json"
     if meta.exists():
         try:
-            spec = json.loads(meta.read_text(encoding="utf-8"))["cache"]["model"]["spec"]
-            if spec:
-                return str(spec)
+            doc = json.loads(meta.read_text(encoding="utf-8"))
+            found = doc.get("label") or _cache_label(doc["cache"])
+            if found:
+                return str(found)
         except (KeyError, TypeError, ValueError):
             pass
     return run_dir.name
