@@ -293,3 +293,97 @@ def test_read_p24_anchor_files(n):
     assert all([it.entity_index for it in v] == list(range(n)) for v in by_id.values())
     for it in items:
         assert it.ambiguous == (len(re.findall(rf"Box {it.query_box}[,.]", it.context)) > 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files the K&S generator writes beyond the standard ones (by K&S's own recipe, re-implemented here):
+# * disjoint vocabulary: every object name of an already written, sorted file is replaced, line by
+#   line, by another noun (regex on whole words), so the lists are no longer alphabetical;
+# * --include_modifiers always: every object gets an adjective ("the green bomb"), lists stay in the
+#   order of the bare nouns.
+# ------------------------------------------------------------------------------------------------
+
+
+def _substitute_objects(src: Path, dst: Path, mapping: dict[str, str]) -> None:
+    lines = []
+    for line in src.read_text(encoding="utf-8").splitlines(keepends=True):
+        for key, val in mapping.items():
+            line = re.sub(r"(\s)" + re.escape(key) + r'([,\.\s"])', r"\g<1>" + val + r"\g<2>", line)
+        lines.append(line)
+    dst.write_text("".join(lines), encoding="utf-8")
+
+
+def _sorted_file(tmp_path: Path, form: str = "fewshot") -> tuple[Path, list]:
+    states = generate_states(GeneratorConfig(seed=11, num_states=24, form=form))
+    f = tmp_path / "sorted.jsonl"
+    write_ks_jsonl(f, states)
+    return f, states
+
+
+@pytest.mark.parametrize("form", ["fewshot", "t5"])
+def test_disjoint_vocabulary_file_with_unsorted_lists_loads_and_round_trips(tmp_path, form):
+    src, states = _sorted_file(tmp_path, form)
+    mapping = dict(zip(BNC_OBJECTS, reversed(DISJOINT_OBJECTS)))  # an order-scrambling substitution
+    dst = tmp_path / "train-disjoint-vocab-t5.jsonl"
+    _substitute_objects(src, dst, mapping)
+    text = dst.read_text()
+    assert any(
+        re.search(r"the (\w+) and the (\w+)", line) and _first_pair_unsorted(line) for line in text.splitlines()
+    )
+    got = read_ks_jsonl(dst)
+    assert len(got) == len(states)
+    for a, b in zip(got, states):
+        assert a.contents == tuple(tuple(sorted(mapping.get(o, o) for o in box)) for box in b.contents)
+        assert a.numops == b.numops
+    out = tmp_path / "rewritten.jsonl"
+    write_ks_jsonl(out, got)
+    assert out.read_bytes() == dst.read_bytes()  # lossless: the file's own order is kept on write
+    stats = dataset_stats(got)
+    assert stats.out_of_order_states > 0 and stats.out_of_order_states <= len(got)
+    assert "out of alphabetical order" in format_stats(stats)
+    assert dataset_stats(states).out_of_order_states == 0
+
+
+def _first_pair_unsorted(line: str) -> bool:
+    m = re.search(r"the (\w+) and the (\w+)", line)
+    return bool(m) and m.group(1) > m.group(2)
+
+
+def test_modifier_objects_load_parse_and_score(tmp_path):
+    from entitylens.task.parse import parse_statement
+    from entitylens.task.score import score_statement
+
+    src, states = _sorted_file(tmp_path)
+    colours = ("big", "small", "blue", "green", "red", "yellow")
+    mapping = {o: f"{colours[i % len(colours)]} {o}" for i, o in enumerate(BNC_OBJECTS)}
+    dst = tmp_path / "modifiers.jsonl"
+    _substitute_objects(src, dst, mapping)
+    got = read_ks_jsonl(dst)
+    s = next(x for x in got if any(len(b) >= 2 for b in x.contents))
+    assert all(" " in o for b in s.contents for o in b)  # multi-word objects
+    assert dataset_stats(got).multiword_objects > 0
+    write_ks_jsonl(tmp_path / "rt.jsonl", got)
+    assert (tmp_path / "rt.jsonl").read_bytes() == dst.read_bytes()
+    # A statement naming the modified objects, in any order, scores right box by box.
+    parts = []
+    for b, contents in enumerate(s.contents):
+        objs = " and ".join(f"the {o}" for o in reversed(contents)) if contents else "nothing"
+        parts.append(f"Box {b} contains {objs}")
+    parsed = parse_statement("Statement: " + ", ".join(parts) + ".")
+    assert parsed.boxes == s.contents
+    assert all(score_statement(parsed, s.contents))
+
+
+def test_generated_altforms_file_runs_through_stats_and_eval(tmp_path):
+    from entitylens.behavior import EvalConfig, evaluate
+
+    states = generate_states(GeneratorConfig(seed=5, num_states=8, variant="altforms", form="t5"))
+    f = tmp_path / "alt.jsonl"
+    write_ks_jsonl(f, states)
+    got = read_ks_jsonl(f)
+    assert all(s.variant == "altforms" for s in got) and "Container" in got[0].context
+    assert dataset_stats(got).rows == 8 * 7
+    result = evaluate("initial", got, EvalConfig())
+    # "copy the initial contents" is right on every box no operation touched, and only there or by chance
+    untouched = [p for p in result.predictions if p.numops == 0]
+    assert untouched and all(p.correct for p in untouched)

@@ -11,6 +11,7 @@ from entitylens.task.text import (
     masked_content,
     parse_context,
     parse_masked_content,
+    parse_masked_content_ordered,
     parse_masked_query,
     render_context,
     render_row,
@@ -166,7 +167,10 @@ def test_masked_query_and_content_parsing():
     assert parse_masked_content("<extra_id_0> nothing", "fewshot") == ()
     assert parse_masked_content("<extra_id_0> is empty", "t5") == ()
     assert parse_masked_content("<extra_id_0> contains the a", "t5") == ("a",)
-    with pytest.raises(EntitylensError, match="alphabetically"):
-        parse_masked_content("<extra_id_0> the b and the a", "fewshot")
+    # Lists out of alphabetical order (K&S disjoint-vocabulary and modifier files) are sets all the same.
+    assert parse_masked_content("<extra_id_0> the b and the a", "fewshot") == ("a", "b")
+    assert parse_masked_content_ordered("<extra_id_0> the green b and the red a", "fewshot") == ("green b", "red a")
+    with pytest.raises(EntitylensError, match="twice"):
+        parse_masked_content("<extra_id_0> the a and the a", "fewshot")
     with pytest.raises(EntitylensError, match="T5 form"):
         parse_masked_content("<extra_id_0> the a", "t5")

@@ -21,7 +21,15 @@ re-write needs:
 
 * ``"form"``: ``"fewshot"`` or ``"t5"`` (always present; also set by the generator);
 * ``"fields"``: per row, a dict of any fields beyond the six K&S fields (only when some row has them);
-* ``"boxes"``: the queried boxes in file order (only when they are not exactly ``0 .. N-1``).
+* ``"boxes"``: the queried boxes in file order (only when they are not exactly ``0 .. N-1``);
+* ``"answer_order"``: per row, the answer's objects in the file's order, for rows that do not list them
+  alphabetically (``None`` for the others; only when some row does not).
+
+Lists of objects need not be alphabetical (K&S's disjoint-vocabulary files substitute rare nouns into a
+sorted file; ``--include_modifiers`` files sort by the bare noun, ``the green bomb and the blue plate``):
+contents are sets, so they are read as sorted tuples and the text is kept as written;
+:func:`listed_out_of_order` tells which states list objects in another order (``entitylens data stats``
+reports them). Multi-word objects (modifiers) are objects like any other.
 
 so ``write_ks_jsonl(read_ks_jsonl(f))`` reproduces ``f`` byte for byte. ``State.variant`` is detected from the
 text (``altforms`` from Containers, ``move-contents`` from a ``Move the contents`` sentence); a file that has
@@ -45,8 +53,10 @@ from entitylens.task.text import (
     MASK,
     ParsedContext,
     check_form,
+    describe_boxes,
+    describe_operation,
     parse_context,
-    parse_masked_content,
+    parse_masked_content_ordered,
     parse_masked_query,
     render_row,
 )
@@ -82,9 +92,13 @@ def state_records(state: State) -> list[dict[str, Any]]:
     form = check_form(state_form(state))
     boxes = state.extra.get("boxes") or range(state.num_boxes)
     extras: Sequence[Mapping[str, Any]] | None = state.extra.get("fields")  # type: ignore[assignment]
+    orders: Sequence[Sequence[str] | None] = state.extra.get("answer_order") or ()  # type: ignore[assignment]
     rows = []
     for i, box in enumerate(boxes):  # type: ignore[arg-type]
-        rec: dict[str, Any] = render_row(state.context, box, state.contents[box], state.variant, form)
+        order = orders[i] if i < len(orders) else None
+        rec: dict[str, Any] = render_row(
+            state.context, box, order or state.contents[box], state.variant, form, keep_order=order is not None
+        )
         rec["sample_id"] = state.sample_id
         rec["numops"] = state.numops[box]
         rec["numops_by_op"] = {k: int(state.numops_by_op[box].get(k, 0)) for k in OP_KINDS}
@@ -173,11 +187,15 @@ def _build_state(p: Path, g: _Group) -> State:
     numops, by_op = count_numops(parsed.operations, n)
     contents = parsed.boxes
     extras: list[dict[str, Any]] = []
+    orders: list[tuple[str, ...] | None] = []
     for lineno, rec, box in zip(g.lines, g.recs, g.boxes, strict=True):
         try:
-            gold = parse_masked_content(rec["masked_content"], g.form)
+            written = parse_masked_content_ordered(rec["masked_content"], g.form)
         except EntitylensError as e:
             raise _err(p, lineno, str(e)) from None
+        gold = tuple(sorted(written))
+        order = written if written != gold else None
+        orders.append(order)
         if gold != contents[box]:
             raise _err(
                 p,
@@ -199,7 +217,7 @@ def _build_state(p: Path, g: _Group) -> State:
                 f"numops_by_op is {json.dumps(rb)} but the operations give {json.dumps(by_op[box])}; "
                 "fix the row or regenerate",
             )
-        want = render_row(g.context, box, contents[box], parsed.variant, g.form)
+        want = render_row(g.context, box, order or contents[box], parsed.variant, g.form, keep_order=True)
         for k in ("sentence", "sentence_masked"):
             if rec[k] != want[k]:
                 raise _err(p, lineno, f"field {k!r} does not match the context and answer ({want[k]!r}); fix the row")
@@ -209,6 +227,8 @@ def _build_state(p: Path, g: _Group) -> State:
         extra["fields"] = tuple(extras)
     if g.boxes != list(range(n)):
         extra["boxes"] = tuple(g.boxes)
+    if any(o is not None for o in orders):
+        extra["answer_order"] = tuple(orders)
     return State(
         sample_id=g.sample_id,
         initial=parsed.initial,
@@ -402,6 +422,8 @@ class DatasetStats:
         numops_histogram: Rows per ``numops`` value, index = numops (0 .. max).
         by_op: Sum over rows of ``numops_by_op`` per operation type.
         operations_histogram: States per number of operations in the prompt.
+        out_of_order_states: States whose text lists some objects out of alphabetical order (read as sets).
+        multiword_objects: Distinct objects of more than one word (e.g. K&S modifiers, ``green bomb``).
 
     """
 
@@ -411,6 +433,8 @@ class DatasetStats:
     numops_histogram: tuple[int, ...]
     by_op: Mapping[str, int]
     operations_histogram: tuple[int, ...]
+    out_of_order_states: int = 0
+    multiword_objects: int = 0
 
 
 def dataset_stats(states: Sequence[State]) -> DatasetStats:
@@ -431,6 +455,9 @@ def dataset_stats(states: Sequence[State]) -> DatasetStats:
         k = s.num_operations
         ops_hist.extend([0] * (k + 1 - len(ops_hist)))
         ops_hist[k] += 1
+    objects = {o for s in states for b in s.initial for o in b} | {
+        o for s in states for op in s.operations for o in op.objects
+    }
     return DatasetStats(
         rows=rows,
         states=len(states),
@@ -438,7 +465,21 @@ def dataset_stats(states: Sequence[State]) -> DatasetStats:
         numops_histogram=tuple(hist),
         by_op=by_op,
         operations_histogram=tuple(ops_hist),
+        out_of_order_states=sum(listed_out_of_order(s) for s in states),
+        multiword_objects=sum(" " in o for o in objects),
     )
+
+
+def listed_out_of_order(state: State) -> bool:
+    """Whether a state's text lists some objects out of alphabetical order (its context or an answer)."""
+    if state.extra.get("answer_order"):
+        return True
+    form = state_form(state)
+    canonical = " ".join(
+        [describe_boxes(state.initial, state.variant, form)]
+        + [describe_operation(op, state.variant) for op in state.operations]
+    )
+    return canonical != state.context
 
 
 def format_stats(stats: DatasetStats, bins: int = 8) -> str:
@@ -456,4 +497,11 @@ def format_stats(stats: DatasetStats, bins: int = 8) -> str:
         "by op      " + ", ".join(f"{k} {v}" for k, v in stats.by_op.items()),
         "ops/state  " + ", ".join(f"{k}: {v}" for k, v in enumerate(stats.operations_histogram) if v),
     ]
+    if stats.out_of_order_states:
+        lines.append(
+            f"note       {stats.out_of_order_states} states list objects out of alphabetical order; read as sets "
+            "(box contents are unordered), text kept as written"
+        )
+    if stats.multiword_objects:
+        lines.append(f"note       {stats.multiword_objects} objects have several words (modifiers, e.g. 'green bomb')")
     return "\n".join(lines)

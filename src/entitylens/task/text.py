@@ -24,7 +24,10 @@ AltForms (containers ``Container A`` ... ``Container G``):
 * query: not rephrased by K&S: ``Container D contains the X.`` / ``Container D contains nothing.``
   (T5 form: ``Container D is empty.``)
 
-Objects are always listed alphabetically, each with ``the``, joined by `` and ``.
+Objects are listed alphabetically, each with ``the``, joined by `` and ``. Files that list them in another
+order are read too (K&S's disjoint-vocabulary files substitute rare nouns into an already sorted file;
+``--include_modifiers`` files sort by the bare noun): contents are sets, so they are normalised to
+alphabetical tuples, and :func:`parse_objects_ordered` keeps the order as written.
 
 Two *forms* exist (``FORMS``): ``"fewshot"`` (K&S ``--zero_shot``; empty boxes "contain nothing", the masked
 query is ``Box N contains <extra_id_0> .`` and the answer ``<extra_id_0> the X`` or ``<extra_id_0> nothing``)
@@ -86,9 +89,9 @@ def box_name(box: int, variant: str) -> str:
     return f"{box_noun(variant)} {box_label(box, variant)}"
 
 
-def object_list(objects: Sequence[str]) -> str:
-    """Render ``objects`` as ``"the a and the b"`` (alphabetical)."""
-    return " and ".join(f"the {o}" for o in sorted_contents(objects))
+def object_list(objects: Sequence[str], keep_order: bool = False) -> str:
+    """Render ``objects`` as ``"the a and the b"`` (alphabetical, or in the given order with ``keep_order``)."""
+    return " and ".join(f"the {o}" for o in (objects if keep_order else sorted_contents(objects)))
 
 
 def _capitalize(s: str) -> str:
@@ -151,13 +154,15 @@ def render_context(
     return " ".join(parts)
 
 
-def query_sentence(box: int, contents: Sequence[str], variant: str = "base", form: str = "fewshot") -> str:
+def query_sentence(
+    box: int, contents: Sequence[str], variant: str = "base", form: str = "fewshot", keep_order: bool = False
+) -> str:
     """Render the unmasked query with its answer (K&S never rephrase the query for altforms)."""
     check_form(form)
     name = box_name(box, variant)
     if not contents:
         return f"{name} contains nothing." if form == "fewshot" else f"{name} is empty."
-    return f"{name} contains {object_list(contents)}."
+    return f"{name} contains {object_list(contents, keep_order)}."
 
 
 def masked_query(box: int, variant: str = "base", form: str = "fewshot") -> str:
@@ -167,7 +172,7 @@ def masked_query(box: int, variant: str = "base", form: str = "fewshot") -> str:
     return f"{name} contains {MASK} ." if form == "fewshot" else f"{name} {MASK} ."
 
 
-def masked_content(contents: Sequence[str], form: str = "fewshot") -> str:
+def masked_content(contents: Sequence[str], form: str = "fewshot", keep_order: bool = False) -> str:
     """Render the answer field.
 
     Few-shot form: ``<extra_id_0> the X`` / ``<extra_id_0> nothing``; T5 form: ``<extra_id_0> contains the X``
@@ -175,16 +180,22 @@ def masked_content(contents: Sequence[str], form: str = "fewshot") -> str:
     """
     check_form(form)
     if form == "fewshot":
-        return f"{MASK} {object_list(contents) if contents else 'nothing'}"
-    return f"{MASK} contains {object_list(contents)}" if contents else f"{MASK} is empty"
+        return f"{MASK} {object_list(contents, keep_order) if contents else 'nothing'}"
+    return f"{MASK} contains {object_list(contents, keep_order)}" if contents else f"{MASK} is empty"
 
 
-def render_row(context: str, box: int, contents: Sequence[str], variant: str, form: str) -> dict[str, str]:
-    """Render the text fields of one K&S row: ``sentence``, ``sentence_masked``, ``masked_content``."""
+def render_row(
+    context: str, box: int, contents: Sequence[str], variant: str, form: str, keep_order: bool = False
+) -> dict[str, str]:
+    """Render the text fields of one K&S row: ``sentence``, ``sentence_masked``, ``masked_content``.
+
+    With ``keep_order`` the answer lists ``contents`` in the given order (a file's own order), else
+    alphabetically.
+    """
     return {
-        "sentence": f"{context} {query_sentence(box, contents, variant, form)}",
+        "sentence": f"{context} {query_sentence(box, contents, variant, form, keep_order)}",
         "sentence_masked": f"{context} {masked_query(box, variant, form)}",
-        "masked_content": masked_content(contents, form),
+        "masked_content": masked_content(contents, form, keep_order),
     }
 
 
@@ -249,19 +260,33 @@ class ParsedContext:
     form: str | None
 
 
+def parse_objects_ordered(text: str) -> tuple[str, ...]:
+    """Parse ``"the b and the a"`` into ``("b", "a")``: the objects in the order written.
+
+    Objects may be several words (K&S ``--include_modifiers``: ``"the green bomb and the red plate"``).
+
+    Raises:
+        EntitylensError: If the list is not of the form ``the X and the Y ...`` or names an object twice.
+
+    """
+    if not text.startswith("the "):
+        raise EntitylensError(f"object list {text!r} does not start with 'the'; write objects as 'the X and the Y'")
+    objs = tuple(text[4:].split(" and the "))
+    if any(not o or o != o.strip() or "," in o for o in objs):
+        raise EntitylensError(f"cannot parse object list {text!r}; write objects as 'the X and the Y'")
+    if len(set(objs)) != len(objs):
+        raise EntitylensError(f"object list {text!r} names an object twice; list each object once")
+    return objs
+
+
 def parse_objects(text: str) -> Contents:
-    """Parse ``"the a and the b"`` into ``("a", "b")`` (sorted).
+    """Parse ``"the a and the b"`` (in any order) into ``("a", "b")``: sorted, as contents are sets.
 
     Raises:
         EntitylensError: If the list is not of the form ``the X and the Y ...``.
 
     """
-    if not text.startswith("the "):
-        raise EntitylensError(f"object list {text!r} does not start with 'the'; write objects as 'the X and the Y'")
-    objs = text[4:].split(" and the ")
-    if any(not o or o != o.strip() or "," in o for o in objs):
-        raise EntitylensError(f"cannot parse object list {text!r}; write objects as 'the X and the Y'")
-    return sorted_contents(objs)
+    return sorted_contents(parse_objects_ordered(text))
 
 
 def _label_to_index(label: str, num_boxes: int, what: str) -> int:
@@ -424,14 +449,24 @@ def parse_masked_query(sentence_masked: str) -> tuple[str, str, str, str]:
 
 
 def parse_masked_content(text: str, form: str) -> Contents:
-    """Parse a K&S ``masked_content`` answer into box contents.
+    """Parse a K&S ``masked_content`` answer into box contents (sorted; see :func:`parse_masked_content_ordered`).
+
+    Raises:
+        EntitylensError: If the answer does not match the form.
+
+    """
+    return sorted_contents(parse_masked_content_ordered(text, form))
+
+
+def parse_masked_content_ordered(text: str, form: str) -> tuple[str, ...]:
+    """Parse a K&S ``masked_content`` answer into the objects in the order the file lists them.
 
     Args:
         text: E.g. ``"<extra_id_0> the bottle"``, ``"<extra_id_0> nothing"``, ``"<extra_id_0> is empty"``.
         form: The row's form (from :func:`parse_masked_query`).
 
     Returns:
-        The contents (empty for "nothing" / "is empty").
+        The objects as written (empty for "nothing" / "is empty").
 
     Raises:
         EntitylensError: If the answer does not match the form.
@@ -455,7 +490,4 @@ def parse_masked_content(text: str, form: str) -> Contents:
                 "fix the row"
             )
         objs = body[len("contains ") :]
-    contents = parse_objects(objs)
-    if object_list(contents) != objs:
-        raise EntitylensError(f"masked_content {text!r} does not list objects alphabetically; sort the objects")
-    return contents
+    return parse_objects_ordered(objs)
