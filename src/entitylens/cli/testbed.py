@@ -97,7 +97,8 @@ def run_train_cmd(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(
                 f"step {row['step']:>6}  loss {row['loss']:.4f}  boxes {row['boxes_loss']:.4f}  "
-                f"val acc numops0 {row['val_acc_numops0']:.3f}  all {row['val_acc']:.3f}  "
+                f"val acc numops 0/1/2/3+ {row['val_acc_numops0']:.3f}/{row['val_acc_numops1']:.3f}/"
+                f"{row['val_acc_numops2']:.3f}/{row['val_acc_numops3plus']:.3f}  "
                 f"{row['elapsed_s']:.0f}s",
                 flush=True,
             )

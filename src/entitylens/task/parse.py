@@ -13,8 +13,9 @@ Rules (also in ``docs/protocol.md``):
    ``and`` word, then trailing ``,`` ``;`` ``.`` and spaces: ``", and Box 3"``, ``". Box 3"``). A part
    ``contains X`` gives the raw string ``X``; a part ``is empty`` gives the raw string ``"is empty"``; any
    other part makes that box :data:`INVALID`.
-4. **Objects.** ``X`` is split on commas and on the word ``and``; a leading ``the`` is dropped from each
-   item and empty items are skipped. ``"nothing"`` and ``"is empty"`` are the empty box. A bare
+4. **Objects.** ``X`` is split on commas, on the word ``and`` and on ``, and`` (the Oxford comma); leading
+   ``the`` words are dropped from each item (``the the magazine`` is the magazine) and empty items are
+   skipped. ``"nothing"`` and ``"is empty"`` are the empty box. A bare
    ``Box 4 contains`` with no words makes no claim about the box: it is :data:`INVALID` (KST24's scorer
    also counts it wrong; the grammar ``( [a-zA-Z]+)*`` allows it, so a model can emit it).
    Objects are returned as an alphabetically sorted tuple (duplicates kept).
@@ -48,8 +49,8 @@ _END = re.compile(r"\.|\n|Description:|Statement:")
 _BOX_AHEAD_RE = re.compile(_BOX_AHEAD)
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _MARKER = re.compile(r"\b[Bb]ox\s+(\d+)\b")
-_ITEM_SPLIT = re.compile(r"\s*,\s*|\s+and\s+|^and\s+|\s+and$")
-_LEADING_THE = re.compile(r"^the\s+", re.IGNORECASE)
+_ITEM_SPLIT = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+|^and\s+|\s+and$")
+_LEADING_THE = re.compile(r"^(?:the\s+)+", re.IGNORECASE)
 _CONTAINS = re.compile(r"^contains\b\s*", re.IGNORECASE)
 _IS_EMPTY = re.compile(r"^is\s+empty$", re.IGNORECASE)
 

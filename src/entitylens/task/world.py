@@ -298,6 +298,7 @@ def sample_operations(
     max_per_box: int = MAX_PER_BOX,
     expected_per_box: float = 2.0,
     move_contents: bool = False,
+    max_ops_per_box: int | None = None,
 ) -> tuple[Operation, ...]:
     """Sample an operation sequence from ``initial`` (K&S ``sample_operation_sequences``).
 
@@ -310,6 +311,10 @@ def sample_operations(
         expected_per_box: The initial Poisson mean; puts use ``max(1, int(expected_per_box / 2))``.
         move_contents: Write a move of a box's whole contents as a ``move_contents`` operation (the
             K&S ``--all_contents_operation`` variant). The random draws are the same either way.
+        max_ops_per_box: Cap on the operations that change any one box (a move counts for both of its
+            boxes); a draw that would exceed it is redrawn like any invalid draw, and sampling stops early
+            (fewer operations) when 200 draws in a row are invalid. ``None`` (K&S): no cap, and the draws
+            are exactly K&S's.
 
     Returns:
         The operations, in order.
@@ -321,14 +326,24 @@ def sample_operations(
     put_mean = max(1, int(expected_per_box / 2))
     boxes = list(initial)
     ops: list[Operation] = []
+    touched = [0] * num_boxes
+    cap = max_ops_per_box
     for _ in range(num_operations):
+        tries = 0
         while True:
+            tries += 1
+            if cap is not None and tries > 200:
+                return tuple(ops)
             kind = rng.choice(_SAMPLED_KINDS)
             box = rng.randrange(num_boxes)
+            if cap is not None and touched[box] >= cap:
+                continue
             if kind == "move":
                 if not boxes[box]:
                     continue
                 dest = rng.choice([b for b in range(num_boxes) if b != box])
+                if cap is not None and touched[dest] >= cap:
+                    continue
                 objs = _nonempty_subset(rng, boxes[box])
                 if len(objs) + len(boxes[dest]) > max_per_box:
                     continue
@@ -348,6 +363,8 @@ def sample_operations(
             break
         boxes = list(apply_operation(tuple(boxes), op, max_per_box))
         ops.append(op)
+        for b in op.boxes:
+            touched[b] += 1
     return tuple(ops)
 
 
@@ -360,6 +377,7 @@ def sample_scenario(
     max_per_box: int = MAX_PER_BOX,
     expected_per_box: float = 2.0,
     move_contents: bool = False,
+    max_ops_per_box: int | None = None,
 ) -> Scenario:
     """Sample scenario ``index`` of ``seed``: an initial state and ``num_operations`` operations.
 
@@ -372,6 +390,7 @@ def sample_scenario(
         max_per_box: Capacity of a box.
         expected_per_box: Poisson mean of the initial number of objects per box.
         move_contents: Use ``move_contents`` operations for whole-box moves.
+        max_ops_per_box: Cap on the operations that change one box (see :func:`sample_operations`).
 
     Returns:
         The scenario (identical for identical arguments, in any process).
@@ -379,5 +398,7 @@ def sample_scenario(
     """
     rng = scenario_rng(seed, index)
     initial = sample_initial(rng, vocabulary, num_boxes, max_per_box, expected_per_box)
-    ops = sample_operations(rng, initial, vocabulary, num_operations, max_per_box, expected_per_box, move_contents)
+    ops = sample_operations(
+        rng, initial, vocabulary, num_operations, max_per_box, expected_per_box, move_contents, max_ops_per_box
+    )
     return Scenario(sample_id=index, initial=initial, operations=ops)

@@ -184,6 +184,11 @@ def compact_prompt(state: State, box: int) -> str:
     return " ".join([*context_words(state.initial, state.operations), "|", *query_words(box)])
 
 
+TOKEN_CONTEXT, TOKEN_ANSWER, TOKEN_ANSWER_OPERATED = 0, 1, 2
+"""Token classes of a boxes episode (``Episode.token_class``): the context and query labels, the answer of
+a box no operation touched, the answer of a box some operation changed. A recipe weighs them in the loss."""
+
+
 @dataclass(frozen=True)
 class Episode:
     """One training row: token ids and, per id, whether it is an answer token.
@@ -192,40 +197,51 @@ class Episode:
         ids: Token ids, BOS first.
         answer: ``answer[j]`` is True when ``ids[j]`` is part of a query's answer (objects and ``;``).
         source: ``"boxes"``, ``"code"`` or ``"prose"``.
+        token_class: Per id, :data:`TOKEN_CONTEXT`, :data:`TOKEN_ANSWER` or :data:`TOKEN_ANSWER_OPERATED`
+            (empty for filler rows).
     """
 
     ids: tuple[int, ...]
     answer: tuple[bool, ...]
     source: str
+    token_class: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def boxes_episode(seed: int, index: int, ops_weights: Sequence[float]) -> Episode:
+def boxes_episode(
+    seed: int, index: int, ops_weights: Sequence[float], max_ops_per_box: int | None = None
+) -> Episode:
     """A compact boxes episode: description, ``k`` operations, then all 7 boxes queried in random order.
 
     Args:
         seed: Stream seed.
         index: Episode index.
-        ops_weights: Relative weight of ``k = 0, 1, 2, ...`` operations.
+        ops_weights: Relative weight of ``k = 0, 1, 2, ...`` operations in the episode.
+        max_ops_per_box: At most this many operations change any one box (K&S sampling, capped draws
+            redrawn; see :func:`entitylens.task.world.sample_operations`). ``None``: no cap.
 
     Returns:
-        The episode (answer tokens flagged).
+        The episode (answer tokens flagged, token classes set).
     """
     rng = _rng("boxes", seed, index)
     k = rng.choices(range(len(ops_weights)), weights=ops_weights)[0]
-    sc = sample_scenario(seed, index, TRAIN_OBJECTS, num_operations=k)
+    sc = sample_scenario(seed, index, TRAIN_OBJECTS, num_operations=k, max_ops_per_box=max_ops_per_box)
     final = ordered_contents(sc.initial, sc.operations)
+    touched = {b for op in sc.operations for b in op.boxes}
     words = context_words(sc.initial, sc.operations) + ["|"]
     answer = [False] * (len(words) + 1)  # + BOS
+    classes = [TOKEN_CONTEXT] * (len(words) + 1)
     order = list(range(NUM_BOXES))
     rng.shuffle(order)
     for b in order:
         q = query_words(b, final[b])
         words.extend(q)
         answer.extend([False] + [True] * (len(q) - 1))
-    return Episode(tuple(encode_words(words)), tuple(answer), "boxes")
+        kind = TOKEN_ANSWER_OPERATED if b in touched else TOKEN_ANSWER
+        classes.extend([TOKEN_CONTEXT] + [kind] * (len(q) - 1))
+    return Episode(tuple(encode_words(words)), tuple(answer), "boxes", tuple(classes))
 
 
 # ------------------------------------------------------------------------------------------------ code
@@ -423,6 +439,9 @@ def check_op_count_weights(weights: Sequence[float]) -> tuple[float, ...]:
 
 __all__ = [
     "SOURCES",
+    "TOKEN_ANSWER",
+    "TOKEN_ANSWER_OPERATED",
+    "TOKEN_CONTEXT",
     "TRAIN_OBJECTS",
     "Episode",
     "boxes_episode",

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from entitylens._io import atomic_write, sha256_json, write_json
@@ -55,11 +55,12 @@ STAGES: tuple[str, ...] = ("stem", "base", "code")
 FILLERS: Mapping[str, str | None] = {"stem": None, "base": "prose", "code": "code"}
 """What fills the non-boxes share of each stage's batches."""
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bumped whenever a data generator changes what a recipe produces (it is part of the recipe hash)."""
 
 LOG_COLUMNS: tuple[str, ...] = (
-    "step", "tokens", "lr", "loss", "boxes_loss", "filler_loss", "val_acc_numops0", "val_acc", "elapsed_s",
+    "step", "tokens", "lr", "loss", "boxes_loss", "filler_loss", "val_acc_numops0", "val_acc_numops1",
+    "val_acc_numops2", "val_acc_numops3plus", "val_acc", "elapsed_s",
 )  # fmt: skip
 """Columns of ``train_log.csv`` (losses are means over the steps since the previous row)."""
 
@@ -124,6 +125,10 @@ class Recipe:
         seed: Seed of the weight initialisation and of the filler stream.
         boxes_seed: Seed of the boxes episode stream (equal in both arms, so their boxes rows are identical).
         ops_weights: Relative weight of 0, 1, 2, ... operations in a boxes episode.
+        ops_per_box: At most this many operations change any one box of a training episode (the training
+            range; ``None``: no cap).
+        loss_weights: Weights of a boxes row's context tokens, answers of untouched boxes and answers of
+            boxes an operation changed, in its (weighted-mean) token loss.
         filler: ``None`` (stem), ``"prose"`` (base arm) or ``"code"`` (code arm).
         filler_rows: Rows per batch filled by the filler (the rest are boxes episodes).
         filler_tokens: Tokens in every filler row (BOS included).
@@ -151,6 +156,8 @@ class Recipe:
     seed: int = 0
     boxes_seed: int = 1000
     ops_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+    ops_per_box: int | None = None
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     filler: str | None = None
     filler_rows: int = 0
     filler_tokens: int = 96
@@ -170,6 +177,14 @@ class Recipe:
             object.__setattr__(self, "dims", ModelDims(**self.dims))
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "ops_weights", check_op_count_weights(self.ops_weights))
+        object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        if len(self.loss_weights) != 3 or any(w < 0 for w in self.loss_weights) or not sum(self.loss_weights) > 0:
+            raise EntitylensError(
+                f"Recipe.loss_weights={self.loss_weights!r} needs 3 non-negative weights (context, answer, "
+                "operated answer) with a positive sum"
+            )
+        if self.ops_per_box is not None and (isinstance(self.ops_per_box, bool) or self.ops_per_box < 1):
+            raise EntitylensError(f"Recipe.ops_per_box={self.ops_per_box!r} must be None or a positive integer")
         for name in ("steps", "batch_size", "eval_every", "val_states", "threads", "filler_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -196,6 +211,7 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         d["ops_weights"] = list(self.ops_weights)
+        d["loss_weights"] = list(self.loss_weights)
         return d
 
     @classmethod
@@ -205,6 +221,8 @@ class Recipe:
         d["dims"] = ModelDims(**d["dims"])
         d["betas"] = tuple(d["betas"])
         d["ops_weights"] = tuple(d["ops_weights"])
+        if "loss_weights" in d:
+            d["loss_weights"] = tuple(d["loss_weights"])
         return cls(**d)
 
     @property
@@ -236,32 +254,42 @@ class Recipe:
         return self.lr * (self.final_lr_frac + (1.0 - self.final_lr_frac) * cos)
 
 
+TRAIN_OPS_PER_BOX = 2
+"""The training range: no training episode changes any one box more than twice (evaluation goes to 8)."""
+
 STEM = Recipe(
     stage="stem",
     parent=None,
-    dims=ModelDims(d_model=64, layers=2, heads=4, kv_heads=4, d_mlp=256),
-    steps=3000,
+    dims=ModelDims(d_model=128, layers=4, heads=4, kv_heads=4, d_mlp=512),
+    steps=4000,
     batch_size=32,
-    lr=3e-3,
-    warmup_steps=100,
-    ops_weights=(1.0, 1.0, 1.0),
+    lr=2e-3,
+    warmup_steps=200,
+    ops_weights=(1.0,) * 11,
+    ops_per_box=TRAIN_OPS_PER_BOX,
+    loss_weights=(0.3, 1.0, 5.0),
     eval_every=250,
+    val_states=108,
 )
-"""The stem recipe."""
+"""The stem recipe: episodes of 0-10 operations (uniform), at most 2 per box, the loss weighted towards
+the answers of boxes an operation changed (see docs/testbed.md for the search that found it)."""
 
 _ARM = dict(
     parent="stem",
     dims=STEM.dims,
     steps=3000,
     batch_size=32,
-    lr=1.5e-3,
+    lr=1e-3,
     warmup_steps=100,
     boxes_seed=2000,
     seed=1,
-    ops_weights=(1.0, 2.0, 2.0),
+    ops_weights=(1.0,) * 11,
+    ops_per_box=TRAIN_OPS_PER_BOX,
+    loss_weights=(0.3, 1.0, 5.0),
     filler_rows=16,
     filler_tokens=96,
     eval_every=250,
+    val_states=108,
 )
 BASE = Recipe(stage="base", filler="prose", **_ARM)  # type: ignore[arg-type]
 """The base arm: boxes episodes + prose."""
@@ -334,18 +362,20 @@ class Batch:
         boxes_target: Where a boxes row's *next* token is in the loss (aligned with ``ids[:, 1:]``).
         filler_target: Where a filler row's next token is in the loss.
         tokens: Non-pad tokens per source.
+        boxes_weight: Loss weight of each boxes target (the recipe's weight of its token class).
     """
 
     ids: Int[Tensor, "batch pos"]
     boxes_target: Bool[Tensor, "batch pos_minus_1"]
     filler_target: Bool[Tensor, "batch pos_minus_1"]
     tokens: Mapping[str, int]
+    boxes_weight: Float[Tensor, "batch pos_minus_1"] | None = None
 
 
 def batch_episodes(recipe: Recipe, step: int) -> list[Episode]:
     """The rows of batch ``step``: ``boxes_rows`` boxes episodes, then ``filler_rows`` filler rows."""
     rows = [
-        boxes_episode(recipe.boxes_seed, step * recipe.boxes_rows + j, recipe.ops_weights)
+        boxes_episode(recipe.boxes_seed, step * recipe.boxes_rows + j, recipe.ops_weights, recipe.ops_per_box)
         for j in range(recipe.boxes_rows)
     ]
     if recipe.filler is not None:
@@ -363,6 +393,8 @@ def make_batch(recipe: Recipe, step: int, pad_id: int = 0) -> Batch:
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     boxes_t = torch.zeros((len(rows), width - 1), dtype=torch.bool)
     filler_t = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    weight = torch.zeros((len(rows), width - 1), dtype=torch.float32)
+    class_weights = torch.tensor(recipe.loss_weights, dtype=torch.float32)
     tokens = {"boxes": 0, "code": 0, "prose": 0}
     for r, e in enumerate(rows):
         n = len(e)
@@ -373,9 +405,10 @@ def make_batch(recipe: Recipe, step: int, pad_id: int = 0) -> Batch:
                 boxes_t[r, : n - 1] = torch.tensor(e.answer[1:], dtype=torch.bool)
             else:
                 boxes_t[r, : n - 1] = True
+            weight[r, : n - 1] = class_weights[torch.tensor(e.token_class[1:], dtype=torch.long)]
         else:
             filler_t[r, : n - 1] = True
-    return Batch(ids, boxes_t, filler_t, tokens)
+    return Batch(ids, boxes_t, filler_t, tokens, weight)
 
 
 def token_budget(recipe: Recipe, steps: int | None = None) -> dict[str, int]:
@@ -413,7 +446,12 @@ def batch_loss(model: Any, batch: Batch, recipe: Recipe) -> tuple[Tensor, float,
     """The training loss of a batch, with its boxes and filler parts (as floats, NaN when absent)."""
     logits = model(input_ids=batch.ids).logits[:, :-1].float()
     target = batch.ids[:, 1:]
-    boxes = F.cross_entropy(logits[batch.boxes_target], target[batch.boxes_target])
+    if batch.boxes_weight is None or recipe.loss_weights == (1.0, 1.0, 1.0):
+        boxes = F.cross_entropy(logits[batch.boxes_target], target[batch.boxes_target])
+    else:  # weighted mean over the token classes (context / answer / operated answer)
+        ce = F.cross_entropy(logits[batch.boxes_target], target[batch.boxes_target], reduction="none")
+        w = batch.boxes_weight[batch.boxes_target]
+        boxes = (ce * w).sum() / w.sum().clamp_min(1e-12)
     if recipe.filler is None or not bool(batch.filler_target.any()):
         return boxes, float(boxes.detach()), float("nan")
     filler = F.cross_entropy(logits[batch.filler_target], target[batch.filler_target])
@@ -440,7 +478,8 @@ class TrainResult:
     meta: Mapping[str, Any]
 
 
-def _validate(model: Any, states: Sequence[Any]) -> tuple[float, float]:
+def _validate(model: Any, states: Sequence[Any]) -> dict[str, float]:
+    """Validation accuracy (compact protocol) overall and by numops bucket 0, 1, 2, 3+."""
     from entitylens.testbed.protocol import compact_answers
     from entitylens.testbed.tokenizer import get_tokenizer
 
@@ -448,16 +487,17 @@ def _validate(model: Any, states: Sequence[Any]) -> tuple[float, float]:
     model.eval()
     answers = compact_answers(model, get_tokenizer(), states)
     model.train(was_training)
-    right0 = n0 = right = n = 0
+    right = [0, 0, 0, 0]
+    n = [0, 0, 0, 0]
     for s, ans in zip(states, answers):
         for b, a in enumerate(ans):
-            ok = a is not None and sorted(a) == sorted(s.contents[b])
-            right += ok
-            n += 1
-            if s.numops[b] == 0:
-                right0 += ok
-                n0 += 1
-    return (right0 / n0 if n0 else float("nan")), right / n
+            k = min(s.numops[b], 3)
+            right[k] += a is not None and sorted(a) == sorted(s.contents[b])
+            n[k] += 1
+    acc = {f"val_acc_numops{k}": (right[k] / n[k] if n[k] else float("nan")) for k in range(3)}
+    acc["val_acc_numops3plus"] = right[3] / n[3] if n[3] else float("nan")
+    acc["val_acc"] = sum(right) / sum(n)
+    return acc
 
 
 def train_stage(
@@ -554,7 +594,7 @@ def train_stage(
             acc_filler.append(filler_l)
             done = step + 1
             if done % rec.eval_every == 0 or done == rec.steps:
-                acc0, acc = _validate(model, val)
+                accs = _validate(model, val)
                 row = {
                     "step": done,
                     "tokens": sum(tokens.values()),
@@ -562,13 +602,15 @@ def train_stage(
                     "loss": sum(acc_loss) / len(acc_loss),
                     "boxes_loss": sum(acc_boxes) / len(acc_boxes),
                     "filler_loss": sum(acc_filler) / len(acc_filler),
-                    "val_acc_numops0": acc0,
-                    "val_acc": acc,
+                    **accs,
                     "elapsed_s": round(time.time() - t_start, 1),
                 }
                 log.append(row)
                 acc_loss, acc_boxes, acc_filler = [], [], []
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc0=f"{acc0:.2f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}", acc0=f"{accs['val_acc_numops0']:.2f}",
+                    acc1=f"{accs['val_acc_numops1']:.2f}", acc2=f"{accs['val_acc_numops2']:.2f}",
+                )  # fmt: skip
                 if callback is not None:
                     callback(row)
         train_seconds = time.time() - t_start
@@ -651,8 +693,7 @@ def _meta(
                 "boxes_loss": log[-1]["boxes_loss"],
                 "filler_loss": log[-1]["filler_loss"],
                 "last_step_loss": last_loss,
-                "val_acc_numops0": log[-1]["val_acc_numops0"],
-                "val_acc": log[-1]["val_acc"],
+                **{k: log[-1][k] for k in LOG_COLUMNS if k.startswith("val_acc")},
             },
             "eval": final_eval,
             "tokenizer_sha256": sha256_json(tokenizer_json()),
@@ -714,8 +755,9 @@ def plot_log(log: Sequence[Mapping[str, Any]], out: str | os.PathLike[str], titl
     ax1.set_xlabel("step")
     ax1.set_ylabel("cross-entropy")
     ax1.legend()
-    ax2.plot(steps, [r["val_acc_numops0"] for r in log], label="numops 0")
-    ax2.plot(steps, [r["val_acc"] for r in log], label="all rows")
+    for key, name in (("val_acc_numops0", "numops 0"), ("val_acc_numops1", "numops 1"),
+                      ("val_acc_numops2", "numops 2"), ("val_acc_numops3plus", "numops 3+")):  # fmt: skip
+        ax2.plot(steps, [r.get(key, math.nan) for r in log], label=name)
     ax2.set_ylim(0, 1)
     ax2.set_xlabel("step")
     ax2.set_ylabel("validation accuracy")
