@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,6 +47,58 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def check_output_apart(
+    out: str | os.PathLike[str], inputs: Iterable[tuple[str, str | os.PathLike[str] | None]]
+) -> None:
+    """Refuse an output path that is an input, holds an input or lies inside one (nothing is written).
+
+    Args:
+        out: The output file or directory (``--out``).
+        inputs: ``(what, path)`` pairs, e.g. ``("--cache", path)`` or ``("shard", path)``; ``None`` paths are
+            skipped.
+
+    Raises:
+        EntitylensError: ``out`` and an input are the same path, or one contains the other.
+    """
+    o = Path(out).expanduser().resolve()
+    for what, value in inputs:
+        if value is None:
+            continue
+        i = Path(value).expanduser().resolve()
+        if o == i or i.is_relative_to(o) or o.is_relative_to(i):
+            how = "is" if o == i else ("contains" if i.is_relative_to(o) else "lies inside")
+            raise EntitylensError(
+                f"--out {out} {how} the input {what} {value}; writing there would destroy it, so choose "
+                "another --out (nothing was changed)"
+            )
+
+
+def prepare_output_dir(out: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Create an output directory (or check an existing one) and check it is writable, before any work.
+
+    Args:
+        out: The directory.
+        option: How the user named it, for the message.
+
+    Returns:
+        The directory.
+
+    Raises:
+        EntitylensError: ``out`` is a file, or it cannot be created or written to.
+    """
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise EntitylensError(f"{option} {p} is a file; give a directory path (nothing was changed)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EntitylensError(f"cannot write to {option} {p} ({e.strerror}); choose a writable directory") from None
+    return p
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -44,7 +44,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from entitylens._io import atomic_write, sha256_file, sha256_json, write_json
+from entitylens._io import atomic_write, prepare_output_dir, sha256_file, sha256_json, write_json
 from entitylens.activations.hooks import HookSpec, resolve_model_hooks
 from entitylens.activations.roles import find_roles, tokenize_with_offsets, validate_roles
 from entitylens.errors import EntitylensError
@@ -662,7 +662,7 @@ def cache_activations(
                 )
             done[name] = entry
     meta["shards"] = dict(sorted(done.items()))
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out)
     rows_path = out / ROWS_FILE
     if not rows_path.exists() or sha256_file(rows_path) != meta["rows_sha256"]:
         with atomic_write(rows_path, "wb") as f:
@@ -831,9 +831,27 @@ class CachedActivations:
             ``[layer, rows, *feature]`` (``[layer, n, d_model]`` for residual hooks); NaN where the role
             is absent from a row (see :meth:`present`).
 
+        Raises:
+            EntitylensError: A present row holds NaN or infinite values (a cache written by other code, or
+                edited after its checksums were taken); the message names the shard and the rows.
+
         """
         self._check(hook, role)
-        return torch.cat(self._read(f"{hook}/{role}"), dim=1)
+        parts = self._read(f"{hook}/{role}")
+        present = self._read(f"present/{role}")
+        start = 0
+        for k, (t, here) in enumerate(zip(parts, present, strict=True)):
+            finite = torch.isfinite(t.float()).reshape(t.shape[0], t.shape[1], -1).all(dim=-1).all(dim=0)
+            bad = (~finite & here.bool()).nonzero().flatten().tolist()
+            if bad:
+                rows = [self.row_ids[start + i] for i in bad[:3]]
+                raise EntitylensError(
+                    f"{self.directory}/{shard_name(k)} holds NaN or infinite {hook} values at role {role!r} for "
+                    f"{len(bad)} row(s) ({', '.join(rows)}{', ...' if len(bad) > 3 else ''}); rebuild the cache "
+                    "with `entitylens cache --overwrite`"
+                )
+            start += t.shape[1]
+        return torch.cat(parts, dim=1)
 
     def present(self, role: str) -> Bool[Tensor, " n"]:
         """Which rows have ``role`` (all true unless the cache was built with ``allow_missing_roles``)."""

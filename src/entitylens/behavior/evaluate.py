@@ -318,8 +318,11 @@ def model_predictor(model: Any, config: EvalConfig, protocol: StatementProtocol 
 # ------------------------------------------------------------------------------------------ resumable log
 
 
-def _read_log(path: Path) -> tuple[list[Prediction], int]:
-    """Read complete lines of a predictions log; return rows and the byte length of the valid part."""
+def read_predictions_log(path: Path) -> tuple[list[Prediction], int]:
+    """Read complete lines of a predictions log; return rows and the byte length of the valid part.
+
+    A torn last line (the state ``kill -9`` mid-append leaves) and everything after it are left out.
+    """
     rows: list[Prediction] = []
     good = 0
     with open(path, "rb") as f:
@@ -355,7 +358,7 @@ def load_finished(path: Path, model: str, states_by_id: Mapping[str, State]) -> 
     """
     if not path.exists():
         return {}
-    rows, good = _read_log(path)
+    rows, good = read_predictions_log(path)
     if good != path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(good)

@@ -156,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     if missing:
         raise EntitylensError(f"missing {', '.join(missing)}; pass --model, --data and --out")
+    from entitylens._io import check_output_apart, prepare_output_dir
+
+    check_output_apart(args.out, [("--data", args.data)])
+    prepare_output_dir(args.out)  # before loading the model: a read-only or file --out fails at once
     prefix = read_prefix(args)
     config = CacheConfig(
         hooks=tuple(args.hooks),

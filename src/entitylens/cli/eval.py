@@ -48,6 +48,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--out", required=True, type=Path)
     m.set_defaults(func=run_merge_cmd)
 
+    c = sub.add_parser(
+        "compare",
+        help="combine finished runs of different models (same dataset and protocol) and compare them",
+        description="Combine finished, unsharded `entitylens eval` runs of different models on the same dataset "
+        "and protocol into one run directory with summary.csv, comparison.csv and the figure (e.g. a base "
+        "model evaluated on one machine and its code model on another).",
+    )
+    c.add_argument("dirs", nargs="+", type=Path, help="finished run directories (the --out of `entitylens eval`)")
+    c.add_argument("--out", required=True, type=Path, help="directory of the combined run")
+    c.add_argument("--pairs", nargs="+", metavar="BASE:VARIANT", help="comparison pairs (model labels); default: "
+                   "the first model vs each other one")
+    c.set_defaults(func=run_compare_cmd)
+
 
 def _models_and_pairs(args: argparse.Namespace) -> tuple[list, list[tuple[str, str]] | None]:
     from entitylens.experiments import models_and_pairs
@@ -83,4 +96,23 @@ def run_merge_cmd(args: argparse.Namespace) -> int:
 
     results = merge_runs(args.dirs, args.out)
     print(f"merged {len(args.dirs)} shards of {len(results)} model(s) into {args.out}")
+    return 0
+
+
+def run_compare_cmd(args: argparse.Namespace) -> int:
+    """Run ``entitylens compare``."""
+    from entitylens.behavior.runs import combine_runs, summary_table
+    from entitylens.errors import EntitylensError
+
+    pairs = None
+    if args.pairs:
+        bad = [p for p in args.pairs if ":" not in p]
+        if bad:
+            raise EntitylensError(f"--pairs {bad[0]!r} is not BASE:VARIANT (model labels, e.g. base:code)")
+        pairs = [tuple(p.split(":", 1)) for p in args.pairs]
+    results = combine_runs(args.dirs, args.out, pairs)
+    table = summary_table(results)
+    print(table.to_markdown(("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated")))
+    print(f"\ncombined {len(args.dirs)} runs ({len(results)} models) into {args.out}: predictions.jsonl, "
+          "summary.csv, comparison.csv, accuracy_by_numops.png/.pdf")
     return 0

@@ -160,8 +160,11 @@ def run_pairs(args: argparse.Namespace) -> int:
 
     if args.kind not in PAIR_KINDS:
         raise EntitylensError(f"unknown pair kind {args.kind!r}; use one of {', '.join(PAIR_KINDS)}")
+    from entitylens._io import check_output_apart
+
     if args.out.is_dir():
         raise EntitylensError(f"--out {args.out} is a directory; give a file path such as {args.out}/pairs.jsonl")
+    check_output_apart(args.out, [("--data", args.data)])
     prefix = read_prefix(args)
     data: Any = None
     if args.data is not None:

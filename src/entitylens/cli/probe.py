@@ -52,19 +52,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default=None, help="model label in the figure and in --compare (default: the cached "
                    "model's label, as in `entitylens eval`)")
     p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a probe run of another cache or configuration "
+                   "in --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``entitylens probe``."""
+    from entitylens._io import check_output_apart
     from entitylens.probing.linear import ProbeConfig
-    from entitylens.probing.run import ProbeRunConfig, compare_probe_runs, run_probes, write_probe_outputs
+    from entitylens.probing.run import (
+        ProbeRunConfig,
+        check_probe_dir,
+        compare_probe_runs,
+        probe_identity,
+        run_probes,
+        write_probe_outputs,
+    )
 
     if args.out is None:
         raise EntitylensError("--out is required; pass the output directory, e.g. --out runs/probe/M")
     if args.compare is not None:
         if args.cache is not None:
             raise EntitylensError("--compare draws existing runs and takes no --cache; run them separately")
+        check_output_apart(args.out, [("probe run", d) for d in args.compare])
         paths = compare_probe_runs(args.compare[0], args.compare[1], args.out, metric=args.metric)
         print(f"wrote {', '.join(str(p) for p in paths)}")
         return 0
@@ -75,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ProbeRunConfig(target=args.target, roles=args.roles, hook=args.hook, layers=args.layers,
                          min_count=args.min_count, heldout_object_fraction=args.disjoint_objects,
                          control=not args.no_control, bootstrap=args.bootstrap, probe=probe)
+    check_output_apart(args.out, [("--cache", args.cache), ("--random-cache", args.random_cache)])
+    check_probe_dir(args.out, probe_identity(args.cache, cfg), args.overwrite)  # before any work
     result = run_probes(args.cache, cfg, random_cache=args.random_cache)
     paths = write_probe_outputs(args.out, result, label=args.label)
     t = result.target

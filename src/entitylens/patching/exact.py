@@ -1061,7 +1061,14 @@ def _check_tokens(model: Any, pairs: Sequence[PatchPair]) -> None:
     tok = getattr(model, "tokenizer", None)
     fp = None
     d_vocab = int(model.cfg.d_vocab)
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
     for i, p in enumerate(pairs):
+        longest = max(len(p.clean_tokens), len(p.corrupted_tokens))
+        if n_ctx and longest > n_ctx:
+            raise EntitylensError(
+                f"pair {i}: prompt has {longest} tokens, more than the model's context of {n_ctx}; shorten the "
+                "prompts (drop the few-shot prefix) or use a model with a longer context"
+            )
         if p.tokenizer_fingerprint is not None and tok is not None:
             fp = fp or tokenizer_fingerprint(tok)
             if p.tokenizer_fingerprint != fp:

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from entitylens._io import write_json
+from entitylens._io import prepare_output_dir, write_json
 from entitylens.errors import EntitylensError
 from entitylens.probing import metrics as M
 from entitylens.probing.controls import control_labels
@@ -383,6 +383,57 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
                     random_model=random_results, config=cfg, cache_meta=dict(c.meta))
 
 
+PROBE_FILES: tuple[str, ...] = ("probe.csv", "probe_by_layer.png", "probe_by_layer.pdf", "meta.json")
+"""What a probe run writes into its output directory."""
+
+
+def probe_identity(cache_dir: str | os.PathLike[str], config: ProbeRunConfig) -> dict[str, Any]:
+    """What must match for a probe run to replace an earlier one in the same directory: cache and config."""
+    try:
+        meta = json.loads((Path(cache_dir) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    return {"cache_fingerprint": meta.get("fingerprint"), "config": config.to_json()}
+
+
+def check_probe_dir(out: str | os.PathLike[str], identity: Mapping[str, Any], overwrite: bool = False) -> Path:
+    """Check a probe output directory before any work: writable, and not holding something else.
+
+    Refused without ``overwrite``: a directory whose ``meta.json`` is not a probe run's (an activation cache,
+    say) or belongs to a probe run of another cache or configuration. A rerun of the same probe is fine.
+
+    Args:
+        out: The output directory.
+        identity: :func:`probe_identity` of the run about to start.
+        overwrite: Replace an earlier probe run of another configuration.
+
+    Returns:
+        The directory.
+
+    Raises:
+        EntitylensError: As above, or the directory cannot be written.
+    """
+    out = prepare_output_dir(out)
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        try:
+            old = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError:
+            old = {}
+        if not (isinstance(old, dict) and "target" in old and "config" in old):
+            raise EntitylensError(
+                f"{out} holds a meta.json that is not a probe run's (an activation cache?); write the probes "
+                "to another --out (nothing was changed)"
+            )
+        same = old.get("identity") == json.loads(json.dumps(dict(identity)))
+        if not same and not overwrite:
+            raise EntitylensError(
+                f"{out} holds a probe run of another cache or configuration; use another --out or pass "
+                "--overwrite (nothing was changed)"
+            )
+    return out
+
+
 def write_probe_outputs(
     out_dir: str | os.PathLike[str], run: ProbeRun, *, title: str | None = None, label: str | None = None
 ) -> list[Path]:
@@ -400,8 +451,7 @@ def write_probe_outputs(
     """
     from entitylens.plots import plot_probe_by_layer
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir)
     csv_path = out / "probe.csv"
     run.table.to_csv(csv_path)
     model = label or _cache_label(run.cache_meta)
@@ -409,6 +459,7 @@ def write_probe_outputs(
     pngs = plot_probe_by_layer(run.table, out / "probe_by_layer", title=fig_title)
     meta = {
         "label": model,
+        "identity": {"cache_fingerprint": run.cache_meta.get("fingerprint"), "config": run.config.to_json()},
         "target": run.target.name,
         "target_names": list(run.target.target_names),
         "n_rows": len(run.target.rows),
