@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,7 +36,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=parent)
     except OSError as e:
         raise EntitylensError(f"cannot write {path}: {e.strerror}; choose a writable output path") from e
     try:
@@ -43,10 +46,92 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise EntitylensError(os_error_message(e, path)) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def os_error_message(err: OSError, path: str | os.PathLike[str] | None = None) -> str:
+    """One line for a failed read or write: what failed, why, and what to do (nothing written is lost).
+
+    Args:
+        err: The error.
+        path: The file involved (default: the error's own file name).
+
+    Returns:
+        The message (without the ``error:`` prefix).
+    """
+    where = path if path is not None else (err.filename or "a file")
+    why = err.strerror or str(err) or type(err).__name__
+    if err.errno == errno.ENOSPC or err.errno == getattr(errno, "EDQUOT", -1):
+        fix = "free disk space (or choose --out on another disk) and rerun: finished work is kept and resumed"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable location for --out (nothing already written was changed)"
+    elif err.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        fix = "a file stands where a directory is needed (or the reverse); choose another path"
+    elif err.errno == errno.ENOENT:
+        fix = "check the path"
+    else:
+        fix = "check the path and the disk, then rerun (finished work is kept)"
+    return f"cannot write or read {where} ({why}); {fix}"
+
+
+_TEMP = re.compile(r"^\..+\.pid(\d+)\.[^.]*\.tmp$")
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of a temporary file or directory beside ``name``, recording the writing process's id.
+
+    A later run can so tell a temporary left by a killed process (:func:`clean_stale_temps`) from a live one.
+    """
+    return f".{name}.pid{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files and directories that killed processes left in ``directory``.
+
+    Every entitylens temporary is named ``.<name>.pid<PID>.<random>.tmp`` (:func:`temp_prefix`) and renamed
+    into place only when complete, so one whose process no longer runs is garbage: a ``kill -9`` mid-write
+    leaves such files (a testbed stage leaves a whole model copy). Live processes' temporaries are kept.
+
+    Args:
+        directory: Where to look (not recursive); a missing directory is fine.
+
+    Returns:
+        What was deleted.
+    """
+    d = Path(directory)
+    removed: list[Path] = []
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        m = _TEMP.match(p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    return removed
 
 
 def check_output_apart(
@@ -91,6 +176,7 @@ def prepare_output_dir(out: str | os.PathLike[str], option: str = "--out") -> Pa
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise EntitylensError(f"{option} {p} is a file; give a directory path (nothing was changed)")
+    clean_stale_temps(p)
     try:
         p.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=p)
@@ -99,6 +185,28 @@ def prepare_output_dir(out: str | os.PathLike[str], option: str = "--out") -> Pa
     except OSError as e:
         raise EntitylensError(f"cannot write to {option} {p} ({e.strerror}); choose a writable directory") from None
     return p
+
+
+TIMING_FILE = "timing.json"
+"""Wall-clock times of a run live here, apart from its artifacts, so a rerun gives byte-identical artifacts."""
+
+
+def write_timing(directory: str | os.PathLike[str], key: str, seconds: Any) -> None:
+    """Record wall-clock times of one step of a run in ``<directory>/timing.json`` (merged by ``key``).
+
+    Args:
+        directory: The run directory.
+        key: What was timed (e.g. ``"patch resid_pre"``).
+        seconds: A number or a JSON-ready mapping of numbers.
+    """
+    path = Path(directory) / TIMING_FILE
+    doc: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(loaded, dict):
+            doc = loaded
+    doc[key] = seconds
+    write_json(path, doc)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from entitylens._io import atomic_write, write_json
+from entitylens._io import atomic_write, temp_prefix, write_json
 from entitylens.errors import EntitylensError
 from entitylens.estimate import (
     ASSUMED_UTILIZATION,
@@ -422,7 +422,7 @@ def prepare_data(out: str | os.PathLike[str], seed: int) -> Path:
         raise EntitylensError(f"output directory {out} is not writable ({e.strerror}); choose another --out") from e
     path = out / "data.jsonl"
     states = generate_states(GeneratorConfig(seed=seed, profile="paper"))
-    fd, tmp_name = tempfile.mkstemp(prefix=".data.", suffix=".tmp", dir=out)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix("data"), suffix=".tmp", dir=out)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -678,7 +678,7 @@ def run_experiment(
         read_dataset,
         run_config,
         run_eval,
-        shard_states,
+        select_states,
     )
 
     if experiment not in EXPERIMENT_SCRIPTS:
@@ -699,8 +699,7 @@ def run_experiment(
         say(f"data: paper-profile test set, seed {seed} -> {data_path}")
     else:
         data_path = Path(data)
-    states = read_dataset(data_path)
-    selected = shard_states(states, shard_t)[:limit]
+    selected = select_states(read_dataset(data_path), shard, limit)
     # Refuse a directory holding another run before anything else is written into it (run_eval writes run.json).
     if (out / RUN_FILE).exists():
         record = run_config(data_path, models, config, dtype, shard_t, pair_list, [s.state_id for s in selected])

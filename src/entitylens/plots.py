@@ -38,15 +38,7 @@ class CurvePoint:
 
 
 def _save(fig: plt.Figure, out: str | os.PathLike[str], formats: Sequence[str]) -> list[Path]:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        p = out.with_suffix(f".{fmt}")
-        fig.savefig(p, dpi=150, bbox_inches="tight", metadata={"Software": None} if fmt == "png" else None)
-        paths.append(p)
-    plt.close(fig)
-    return paths
+    return _save_atomic(fig, out, formats)
 
 
 def plot_accuracy_by_numops(

@@ -839,16 +839,16 @@ def run_patch_study(
             res = run_patching(model, plist, cfg.component, grid, roles=cols, layers=cfg.layers, method=cfg.method,
                                batch_cells=cfg.batch_cells)
             info: dict[str, Any] = {"model": spec, "pairs": str(pairs_file), "method": cfg.method,
-                                    "roles": cols if cols is not None else "all positions",
-                                    "seconds": round(time.perf_counter() - t1, 3), "study": settings}
+                                    "roles": cols if cols is not None else "all positions", "study": settings}
+            timing = {"seconds": time.perf_counter() - t1}
             attr = None
             if cfg.attribution:
                 t2 = time.perf_counter()
                 attr = run_attribution(model, plist, cfg.component, grid, roles=cols, layers=cfg.layers)
-                info["attribution_seconds"] = round(time.perf_counter() - t2, 3)
+                timing["attribution_seconds"] = time.perf_counter() - t2
                 attributions[arm] = attr
             write_patch_outputs(run_dir, res, attribution=attr, k=cfg.k, label=_label(arm, spec), identity=identity,
-                                info=info, overwrite=cfg.overwrite)
+                                info=info, overwrite=cfg.overwrite, timing=timing)
             write_patch_pairs(run_dir / "pairs_tokens.jsonl", plist)
             results[arm] = res
         run_dirs[arm] = run_dir

@@ -174,3 +174,25 @@ def test_eval_that_fails_before_its_first_result_keeps_no_config(tmp_path, data,
     assert not (out / "run.json").exists()
     assert main(["--quiet", "eval", "--models", "tiny:llama", "--data", str(data), "--out", str(out),
                  "--limit", "1"]) == 0  # fmt: skip
+
+
+def test_reruns_give_byte_identical_artifacts_timings_apart(tmp_path, data):
+    import time
+
+    pairs = tmp_path / "pairs.jsonl"
+    assert main(["--quiet", "patch", "pairs", "--data", str(data), "--kind", "drop_op", "--max-pairs", "3",
+                 "--out", str(pairs)]) == 0  # fmt: skip
+    outs = []
+    for k in range(2):
+        e, p = tmp_path / f"eval{k}", tmp_path / f"patch{k}"
+        assert main(["--quiet", "eval", "--models", "random", "initial", "--data", str(data), "--out", str(e)]) == 0
+        assert main(["--quiet", "patch", "run", "--model", "tiny:llama", "--pairs", str(pairs), "--component",
+                     "resid_pre", "--out", str(p)]) == 0  # fmt: skip
+        outs.append((e, p))
+        time.sleep(1.1)  # a PDF CreationDate or a wall-clock field would now differ
+    for a, b in zip(outs[0], outs[1]):
+        sa, sb = snapshot(a), snapshot(b)
+        assert "accuracy_by_numops.pdf" in sa or "patch.csv" in sa
+        sa.pop("timing.json", None), sb.pop("timing.json", None)
+        assert sa == sb
+    assert json.loads((outs[0][1] / "timing.json").read_text())["patch/resid_pre"]["seconds"] > 0

@@ -29,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from entitylens import __version__
-from entitylens._io import atomic_write, check_output_apart, sha256_file, sha256_json, write_json
+from entitylens._io import (
+    atomic_write,
+    check_output_apart,
+    clean_stale_temps,
+    sha256_file,
+    sha256_json,
+    write_json,
+)
 from entitylens.behavior.baselines import BASELINES
 from entitylens.behavior.evaluate import (
     PREDICTIONS_FILE,
@@ -348,6 +355,27 @@ def read_dataset(path: str | os.PathLike[str]) -> list[State]:
     return states
 
 
+def select_states(states: Sequence[State], shard: str | None, limit: int | None) -> list[State]:
+    """The states a run evaluates: shard ``i/n`` of the dataset, then its first ``limit``; never none.
+
+    Raises:
+        EntitylensError: A bad shard or limit, or a selection with no states (saying which option emptied it).
+    """
+    shard_t = parse_shard(shard)
+    selected = shard_states(states, shard_t)
+    if not selected:
+        i, n = shard_t  # type: ignore[misc]
+        raise EntitylensError(
+            f"--shard {i}/{n} selects no state: the dataset has {len(states)} states, so use at most "
+            f"{len(states)} shards"
+        )
+    if limit is not None:
+        if limit < 1:
+            raise EntitylensError(f"--limit {limit} selects no state; pass --limit N with N >= 1 (or drop it)")
+        selected = selected[:limit]
+    return selected
+
+
 def run_eval(
     models: Sequence[ModelRun],
     dataset: str | os.PathLike[str],
@@ -384,11 +412,8 @@ def run_eval(
     config = config or EvalConfig()
     out = Path(out)
     dataset = Path(dataset)
-    states = read_dataset(dataset)
+    states = select_states(read_dataset(dataset), shard, limit)
     shard_t = parse_shard(shard)
-    states = shard_states(states, shard_t)
-    if limit is not None:
-        states = states[:limit]
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise EntitylensError(f"model labels must be unique, got {labels}; pass each model once")
@@ -417,6 +442,7 @@ def claim_run_dir(out: Path, record: Mapping[str, Any]) -> bool:
     """:func:`check_or_write_config`, returning whether this call created ``run.json`` (a new run)."""
     created = not (out / RUN_FILE).exists()
     check_or_write_config(out, record)
+    clean_stale_temps(out)
     return created
 
 

@@ -45,7 +45,8 @@ def _one_line_warning(message: Any, *args: Any, **kwargs: Any) -> None:
 def guarded(run: Callable[[], int | None]) -> int:
     """Call ``run`` the way every entitylens command line does: bad input -> one line, exit status 2.
 
-    Warnings are printed as one ``warning: ...`` line (no file name, no source line).
+    Warnings are printed as one ``warning: ...`` line (no file name, no source line); operating-system
+    errors (disk full, a read-only or missing path) as one ``error: ...`` line naming the file and the fix.
 
     Args:
         run: The command's body; returns its exit status (``None`` = 0).
@@ -60,6 +61,11 @@ def guarded(run: Callable[[], int | None]) -> int:
             return int(run() or 0)
         except EntitylensError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # disk full, read-only or missing paths the commands did not foresee
+            from entitylens._io import os_error_message
+
+            print(f"error: {' '.join(os_error_message(e).split())}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -85,13 +85,19 @@ def _detect_format(path: Path) -> str:
         return "text"
     import json
 
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
+    first = ""
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            if line.strip():
+                first = line
+                break
+    if not first:
+        raise EntitylensError(f"dataset {path} has no rows; generate one with `entitylens data generate`")
     try:
         rec = json.loads(first)
     except ValueError:
         raise EntitylensError(
-            f"{path} line 1 is not JSON; pass a K&S/P24 JSONL file, or a .txt file with one prompt per line"
+            f"{path}: the first row is not JSON; pass a K&S/P24 JSONL file, or a .txt file with one prompt per line"
         ) from None
     masked = str(rec.get("sentence_masked", "")) if isinstance(rec, dict) else ""
     return "p24" if " is in Box " in masked and " contains " not in masked.split(". Box")[0] else "ks"

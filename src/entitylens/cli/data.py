@@ -105,9 +105,10 @@ def print_stats(path: str | os.PathLike[str], as_json: bool = False) -> None:
         as_json: Print JSON instead of the readable table.
 
     """
-    from entitylens.task.io import dataset_stats, format_stats, read_ks_jsonl
+    from entitylens.behavior.runs import read_dataset
+    from entitylens.task.io import dataset_stats, format_stats
 
-    st = dataset_stats(read_ks_jsonl(path))
+    st = dataset_stats(read_dataset(path))
     if as_json:
         print(json.dumps(asdict(st), sort_keys=True))
     else:

@@ -86,7 +86,8 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     )  # fmt: skip
     table = summary_table(results, {m.label: m.spec for m in models})
     print(table.to_markdown(("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated", "paper_accuracy")))
-    print(f"\nwrote {args.out}/predictions.jsonl, summary.csv, comparison.csv, accuracy_by_numops.png/.pdf")
+    compared = "comparison.csv, " if (args.out / "comparison.csv").is_file() and len(models) > 1 else ""
+    print(f"\nwrote {args.out}/predictions.jsonl, summary.csv, {compared}accuracy_by_numops.png/.pdf")
     return 0
 
 

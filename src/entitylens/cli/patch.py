@@ -271,9 +271,10 @@ def run_run(args: argparse.Namespace) -> int:
     _announce(len(plist), model.cfg.n_layers if args.layers is None else len(args.layers), cols, args.component,
               grid, args.method)  # fmt: skip
     t0 = time.perf_counter()
+    partial = args.out / PARTIAL_DIR / f"patch_{args.component}"
     result = run_patching(
         model, plist, args.component, grid, roles=roles, layers=args.layers, method=args.method,
-        batch_cells=args.batch_cells,
+        batch_cells=args.batch_cells, partial_dir=partial,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     attribution = None
@@ -284,17 +285,18 @@ def run_run(args: argparse.Namespace) -> int:
         "pairs": str(args.pairs),
         "roles": cols if cols is not None else "all positions",
         "method": args.method,
-        "seconds": round(seconds, 3),
     }
+    timing = {"seconds": seconds}
     if args.attribution:
         t1 = time.perf_counter()
         attribution = run_attribution(model, plist, args.component, grid, roles=roles, layers=args.layers)
-        info["attribution_seconds"] = round(time.perf_counter() - t1, 3)
+        timing["attribution_seconds"] = time.perf_counter() - t1
     files = write_patch_outputs(
         args.out, result, attribution=attribution, k=args.k, label=label, identity=identity, info=info,
-        overwrite=args.overwrite, vmax=args.vmax,
+        overwrite=args.overwrite, vmax=args.vmax, timing=timing,
     )  # fmt: skip
     write_patch_pairs(args.out / "pairs_tokens.jsonl", plist)
+    _drop_partial(args.out, partial)
     print(
         f"patched {len(result.pair_names)} pairs x {len(result.layers)} layers x {len(result.cells)} cells "
         f"({args.component}, {grid}) with {result.path} in {seconds:.1f} s "
@@ -312,6 +314,20 @@ def run_run(args: argparse.Namespace) -> int:
         )
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
+
+
+PARTIAL_DIR = ".partial"
+"""Finished chunks of an interrupted patching run live in ``<out>/.partial/`` until the run completes."""
+
+
+def _drop_partial(out: Path, partial: Path) -> None:
+    import shutil
+
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        (out / PARTIAL_DIR).rmdir()
+    except OSError:
+        pass
 
 
 def _announce(n_pairs: int, n_layers: int, cols: Any, component: str, grid: str, method: str) -> None:
@@ -377,9 +393,10 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
     _announce(len(plist), target.cfg.n_layers if args.layers is None else len(args.layers), cols, args.component,
               grid, args.method)  # fmt: skip
     t0 = time.perf_counter()
+    partial = args.out / PARTIAL_DIR / f"cross_{args.component}"
     result = run_cross(
         source, target, plist, args.component, grid, side=args.side, roles=roles, layers=args.layers,
-        method=args.method, batch_cells=args.batch_cells,
+        method=args.method, batch_cells=args.batch_cells, partial_dir=partial,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     label = f"{model_label(args.source)} -> {model_label(args.target)}"
@@ -390,12 +407,12 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
         "pairs": str(args.pairs),
         "roles": cols if cols is not None else "all positions",
         "method": args.method,
-        "seconds": round(seconds, 3),
     }
     files = write_patch_outputs(
         args.out, result, label=label, identity=identity, info=info,
-        overwrite=args.overwrite, vmax=args.vmax,
+        overwrite=args.overwrite, vmax=args.vmax, timing={"seconds": seconds},
     )  # fmt: skip
+    _drop_partial(args.out, partial)
     print(
         f"cross-model patched {len(result.pair_names)} {args.side} prompts x {len(result.layers)} layers x "
         f"{len(result.cells)} cells ({args.component}) with {result.path} in {seconds:.1f} s"

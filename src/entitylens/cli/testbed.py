@@ -118,7 +118,7 @@ def run_train_cmd(args: argparse.Namespace) -> int:
         f"{args.stage}: {res.recipe.steps} steps, final loss {res.final_loss:.4f}, "
         f"val acc numops0 {m['final']['val_acc_numops0']:.3f}"
         + (f", eval overall {acc:.3f}" if acc is not None else "")
-        + f", {m['wall_time_s']:.0f}s -> {res.out}"
+        + f", {_train_seconds(res.out):.0f}s -> {res.out}"
     )
     return 0
 
@@ -163,10 +163,21 @@ def run_info_cmd(args: argparse.Namespace) -> int:
         print(
             f"{stage}: recipe {meta['recipe_hash'][:12]} ({match} the code), "
             f"{meta['recipe']['steps']} steps, "
-            f"{meta['tokens']['total']:,} tokens, {meta['wall_time_s']:.0f}s, eval overall "
+            f"{meta['tokens']['total']:,} tokens, {_train_seconds(d):.0f}s, eval overall "
             f"{ev.get('overall', float('nan')):.3f}"
         )
     if args.json:
         json.dump(rows, sys.stdout, indent=2, sort_keys=True)
         print()
     return 0
+
+
+def _train_seconds(directory: Path) -> float:
+    """A checkpoint's training time from its ``timing.json`` (NaN when it has none)."""
+    import json
+    import math
+
+    try:
+        return float(json.loads((Path(directory) / "timing.json").read_text(encoding="utf-8"))["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.nan

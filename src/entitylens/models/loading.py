@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from entitylens._io import sha256_file, write_json
+from entitylens._io import clean_stale_temps, sha256_file, temp_prefix, write_json
 from entitylens.errors import EntitylensError
 from entitylens.models._constants import DTYPE_CHOICES
 from entitylens.models.metadata import chat_from_metadata, gguf_chat, hf_dir_metadata, read_gguf_metadata
@@ -501,7 +501,8 @@ def gguf_to_cache(path: str | os.PathLike[str], sha256: str | None = None) -> Pa
         return dest
     model, tokenizer = _dequantize_gguf(p)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", suffix=".tmp", dir=dest.parent))
+    clean_stale_temps(dest.parent)  # a conversion killed mid-write leaves a whole model copy
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(digest[:16]), suffix=".tmp", dir=dest.parent))
     try:
         with _hf_progress_bars():
             model.save_pretrained(tmp)

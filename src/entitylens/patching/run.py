@@ -25,16 +25,19 @@ another pairs file's results into it is refused unless ``overwrite`` (nothing al
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from entitylens._io import write_json
+from entitylens._io import clean_stale_temps, sha256_json, write_json, write_timing
 from entitylens.errors import EntitylensError
 from entitylens.patching.attribution import agreement, attribution_grid
 from entitylens.patching.cross_model import cross_model_patch
@@ -143,6 +146,97 @@ def prepare_pairs(
     return patch_pairs, wanted
 
 
+CHUNK_PAIRS = 8
+"""Pairs per resumable chunk of a patching run (see :func:`resumable`)."""
+
+
+def concat_results(parts: Sequence[PatchResult]) -> PatchResult:
+    """Join results of the same grid computed on consecutive groups of pairs (exact: pairs are independent)."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.kind, p.component, p.grid, p.path, p.layers, p.cells) != (
+            first.kind, first.component, first.grid, first.path, first.layers, first.cells,
+        ):  # fmt: skip
+            raise EntitylensError("cannot join patch results of different grids; rerun with --overwrite")
+
+    def cat(name: str) -> Any:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else torch.cat(values)
+
+    return dataclasses.replace(
+        first,
+        pair_names=tuple(n for p in parts for n in p.pair_names),
+        normalised=cat("normalised"),
+        logit_diff=cat("logit_diff"),
+        prob=cat("prob"),
+        top1=cat("top1"),
+        source_logit_diff=cat("source_logit_diff"),
+        target_logit_diff=cat("target_logit_diff"),
+        source_prob=cat("source_prob"),
+        target_prob=cat("target_prob"),
+        n_forward_cells=sum(p.n_forward_cells for p in parts),
+        n_noop_cells=sum(p.n_noop_cells for p in parts),
+    )
+
+
+def resumable(
+    compute: Callable[[Sequence[PatchPair]], PatchResult],
+    pairs: Sequence[PatchPair],
+    partial_dir: str | os.PathLike[str] | None,
+    settings: Mapping[str, Any],
+    chunk_pairs: int | None = None,
+) -> PatchResult:
+    """Run ``compute`` on chunks of pairs, keeping each finished chunk on disk so a killed run resumes.
+
+    Chunk ``i`` is saved as ``<partial_dir>/chunk_<i>.safetensors`` once computed, beside a
+    ``settings.json`` (a hash of everything that determines the numbers: model, pairs, component, grid,
+    roles, layers, engine). A rerun with the same settings reuses the finished chunks and computes the rest;
+    other settings start afresh. The joined result equals a single uninterrupted run (pairs are
+    independent), and the directory is deleted by the caller once the outputs are written.
+
+    Args:
+        compute: Patches a list of pairs.
+        pairs: All pairs, in order.
+        partial_dir: Where chunks live (``None``: no resume, one call).
+        settings: What determines the numbers (JSON-ready).
+        chunk_pairs: Pairs per chunk (default :data:`CHUNK_PAIRS`).
+
+    Returns:
+        The joined result.
+    """
+    if partial_dir is None:
+        return compute(pairs)
+    chunk_pairs = chunk_pairs or CHUNK_PAIRS
+    d = Path(partial_dir)
+    digest = sha256_json({**dict(settings), "pairs": [p.name for p in pairs], "chunk_pairs": chunk_pairs})
+    settings_path = d / "settings.json"
+    try:
+        same = json.loads(settings_path.read_text(encoding="utf-8")).get("sha256") == digest
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(d, ignore_errors=True)
+        write_json(settings_path, {"sha256": digest})
+    parts = []
+    for k, start in enumerate(range(0, len(pairs), chunk_pairs)):
+        path = d / f"chunk_{k:05d}.safetensors"
+        part = None
+        if path.is_file():
+            with contextlib.suppress(EntitylensError):
+                part = PatchResult.load(path)
+        if part is None:
+            part = compute(pairs[start : start + chunk_pairs])
+            part.save(path)
+        parts.append(part)
+    return concat_results(parts)
+
+
+def _fingerprint(model: Any) -> str:
+    from entitylens.activations.cache import model_fingerprint
+
+    return str(model_fingerprint(model))
+
+
 def run_patching(
     model: Any,
     pairs: Sequence[TextPair] | Sequence[PatchPair],
@@ -153,6 +247,7 @@ def run_patching(
     layers: Sequence[int] | None = None,
     method: str = "fast",
     batch_cells: int = 32,
+    partial_dir: str | os.PathLike[str] | None = None,
 ) -> PatchResult:
     """Exact activation patching (clean -> corrupted) of every (layer x role) or (layer x head) cell.
 
@@ -165,13 +260,21 @@ def run_patching(
         layers: Grid rows (default all).
         method: ``fast`` or ``hooks`` (see :func:`~entitylens.patching.exact.patch_grid`).
         batch_cells: Most cells per forward.
+        partial_dir: Keep finished chunks of pairs here so a killed run resumes (see :func:`resumable`).
 
     Returns:
         The :class:`PatchResult` (``kind="activation"``).
     """
     grid = grid or default_grid(component)
     plist, cols = prepare_pairs(model, pairs, grid, roles)
-    return patch_grid(model, plist, component, grid, roles=cols, layers=layers, method=method, batch_cells=batch_cells)  # type: ignore[arg-type]
+
+    def compute(chunk: Sequence[PatchPair]) -> PatchResult:
+        return patch_grid(model, chunk, component, grid, roles=cols, layers=layers, method=method,  # type: ignore[arg-type]
+                          batch_cells=batch_cells)  # fmt: skip
+
+    settings = {"model": _fingerprint(model), "component": component, "grid": grid, "roles": cols,
+                "layers": None if layers is None else list(layers), "method": method}  # fmt: skip
+    return resumable(compute, plist, partial_dir, settings)
 
 
 def run_attribution(
@@ -201,19 +304,28 @@ def run_cross(
     layers: Sequence[int] | None = None,
     method: str = "fast",
     batch_cells: int = 32,
+    partial_dir: str | os.PathLike[str] | None = None,
 ) -> PatchResult:
     """Cross-model patching: model A's (``source``) activations into model B (``target``) on the same prompts.
 
     The metric is B's logit difference between the pair's two answers on the ``side`` prompt; the result's
     ``normalised`` is the fraction of A's behaviour that transfers (see
-    :func:`~entitylens.patching.cross_model.cross_model_patch`).
+    :func:`~entitylens.patching.cross_model.cross_model_patch`). ``partial_dir`` makes the run resumable
+    (see :func:`resumable`).
     """
     grid = grid or default_grid(component)
     plist, cols = prepare_pairs(target, pairs, grid, roles)
-    return cross_model_patch(
-        source, target, plist, component, grid, side=side, roles=cols, layers=layers, method=method,  # type: ignore[arg-type]
-        batch_cells=batch_cells,
-    )  # fmt: skip
+
+    def compute(chunk: Sequence[PatchPair]) -> PatchResult:
+        return cross_model_patch(
+            source, target, chunk, component, grid, side=side, roles=cols, layers=layers, method=method,  # type: ignore[arg-type]
+            batch_cells=batch_cells,
+        )  # fmt: skip
+
+    settings = {"source": _fingerprint(source), "target": _fingerprint(target), "component": component,
+                "grid": grid, "side": side, "roles": cols, "layers": None if layers is None else list(layers),
+                "method": method}  # fmt: skip
+    return resumable(compute, plist, partial_dir, settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,6 +440,7 @@ def check_run_dir(out: str | os.PathLike[str], identity: Mapping[str, Any], over
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EntitylensError(f"--out {out} is a file; give a directory such as runs/patch/MODEL")
+    clean_stale_temps(out)
     old = read_manifest(out)
     if old is None:
         return
@@ -372,6 +485,7 @@ def write_patch_outputs(
     info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     vmax: float | None = 1.0,
+    timing: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
     """Write a patching (or cross-model) result, and optionally its attribution estimate, into a run directory.
 
@@ -383,7 +497,9 @@ def write_patch_outputs(
         k: Top-k size for the agreement's overlap.
         label: Model label shown in heatmap titles.
         identity: What must match earlier results in ``out`` (see :func:`check_run_dir`); stored in ``run.json``.
-        info: Extra fields for this result's ``run.json`` entry (e.g. seconds, roles, model specs).
+        info: Extra fields for this result's ``run.json`` entry (e.g. roles, model specs).
+        timing: Wall-clock seconds of this result (written to ``timing.json``, never to ``run.json``, so a
+            rerun gives byte-identical artifacts).
         overwrite: Replace an incompatible earlier run.
         vmax: Symmetric colour limit of the heatmaps (default 1: ``[-1, 1]``, exact and attribution on the same
             scale); ``None`` = the largest absolute value of both.
@@ -483,6 +599,8 @@ def write_patch_outputs(
     manifest.setdefault("results", {})[f"{stem}/{c}"] = _json_safe(entry)
     write_json(out / "run.json", manifest)
     files["manifest"] = out / "run.json"
+    if timing:
+        write_timing(out, f"{stem}/{c}", {k: round(float(v), 3) for k, v in timing.items()})
     return files
 
 

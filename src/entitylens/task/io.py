@@ -142,7 +142,7 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, An
     """
     p = Path(path)
     try:
-        f = open(p, encoding="utf-8")
+        f = open(p, encoding="utf-8-sig")  # a byte-order mark (some editors write one) is not part of the data
     except OSError as e:
         raise EntitylensError(f"cannot read {p}: {e.strerror}; check the path") from None
     with f:

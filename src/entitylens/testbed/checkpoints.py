@@ -35,7 +35,7 @@ SPEC_PREFIX = "testbed:"
 
 CHECKPOINT_FILES: tuple[str, ...] = (
     "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "meta.json",
-    "train_log.csv", "train_log.png",
+    "train_log.csv", "train_log.png", "timing.json",
 )  # fmt: skip
 """Files every checkpoint directory holds."""
 

@@ -19,8 +19,9 @@ final loss (to 1e-6; in practice bit-identical).
 Outputs of a stage, written to a temporary directory and moved into place only when complete:
 ``model.safetensors``, ``config.json`` (Hugging Face Llama config), ``tokenizer.json`` (+
 ``tokenizer_config.json``, so the directory is also a plain HF model directory), ``meta.json`` (recipe,
-recipe hash, token counts per source, final losses, evaluation accuracy by ``numops``, versions, wall
-time, machine), ``train_log.csv`` and ``train_log.png``.
+recipe hash, token counts per source, final losses, evaluation accuracy by ``numops``, versions,
+machine), ``train_log.csv`` and ``train_log.png`` -- all byte-identical on a retrain -- and ``timing.json``
+(wall-clock seconds, which differ from run to run).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from entitylens._io import atomic_write, sha256_json, write_json
+from entitylens._io import atomic_write, clean_stale_temps, sha256_json, temp_prefix, write_json
 from entitylens.errors import EntitylensError
 from entitylens.progress import progress
 from entitylens.testbed.data import Episode, boxes_episode, check_op_count_weights, filler_episode
@@ -60,9 +61,11 @@ FORMAT_VERSION = 2
 
 LOG_COLUMNS: tuple[str, ...] = (
     "step", "tokens", "lr", "loss", "boxes_loss", "filler_loss", "val_acc_numops0", "val_acc_numops1",
-    "val_acc_numops2", "val_acc_numops3plus", "val_acc", "elapsed_s",
+    "val_acc_numops2", "val_acc_numops3plus", "val_acc",
 )  # fmt: skip
-"""Columns of ``train_log.csv`` (losses are means over the steps since the previous row)."""
+"""Columns of ``train_log.csv`` (losses are means over the steps since the previous row). Wall-clock times
+go to ``timing.json`` (``elapsed_s`` per logged step, ``train_seconds``), so a retrain reproduces every
+other file byte for byte."""
 
 
 @dataclass(frozen=True)
@@ -617,8 +620,9 @@ def train_stage(
         model.eval()
         final_eval = _final_eval(model, eval_num_states) if evaluate_final else None
 
-    meta = _meta(rec, base_recipe, steps, tokens, log, last_loss, train_seconds, final_eval, parent_meta)
-    _write_checkpoint(model, out, meta, log)
+    meta = _meta(rec, base_recipe, steps, tokens, log, last_loss, final_eval, parent_meta)
+    timing = {"train_seconds": round(train_seconds, 1), "elapsed_s": {str(r["step"]): r["elapsed_s"] for r in log}}
+    _write_checkpoint(model, out, meta, log, timing)
     return TrainResult(out, rec, float(log[-1]["loss"]), last_loss, meta)
 
 
@@ -668,7 +672,6 @@ def _meta(
     tokens: Mapping[str, int],
     log: Sequence[Mapping[str, Any]],
     last_loss: float,
-    seconds: float,
     final_eval: Mapping[str, Any] | None,
     parent_meta: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
@@ -703,7 +706,6 @@ def _meta(
                 "transformers": transformers.__version__,
                 "python": platform.python_version(),
             },
-            "wall_time_s": round(seconds, 1),
             "machine": {
                 "platform": platform.platform(),
                 "processor": platform.processor() or platform.machine(),
@@ -772,15 +774,17 @@ def plot_log(log: Sequence[Mapping[str, Any]], out: str | os.PathLike[str], titl
 
 
 def _write_checkpoint(
-    model: Any, out: Path, meta: Mapping[str, Any], log: Sequence[Mapping[str, Any]]
+    model: Any, out: Path, meta: Mapping[str, Any], log: Sequence[Mapping[str, Any]], timing: Mapping[str, Any]
 ) -> None:
     from entitylens.testbed.checkpoints import save_hf_checkpoint
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    clean_stale_temps(out.parent)  # a killed earlier run's partial checkpoint
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), suffix=".tmp", dir=out.parent))
     try:
         save_hf_checkpoint(model, tmp)
         write_json(tmp / "meta.json", meta)
+        write_json(tmp / "timing.json", timing)
         _write_log_csv(tmp / "train_log.csv", log)
         plot_log(log, tmp / "train_log.png", title=f"testbed {meta['stage']} ({meta['recipe_hash'][:12]})")
         os.chmod(tmp, 0o755)
