@@ -280,7 +280,7 @@ def test_cli_errors(w: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFi
                     "resid_pre", "--out", str(tmp_path / "x"))  # fmt: skip
     assert "bad.jsonl line 1" in msg and "answers are both" in msg
     msg = cli_error(capsys, "patch", "compare", str(w["run_a"]), str(w["cross"]), "--out", str(tmp_path / "c"))
-    assert "no patch result for a common component" in msg
+    assert "no activation result for a common component" in msg
     assert not (tmp_path / "x").exists()
 
 
@@ -329,3 +329,19 @@ def test_smollm2_exact_attribution_and_outputs(smollm2: Any, tmp_path: Path) -> 
     assert agree["n_cells"] == 6 and -1 <= agree["pearson"] <= 1
     # the first-order estimate of that cell (exactly 1) is only bent by the final RMSNorm: it points the same way
     assert float(approx.mean()[1, 2]) > 0.5
+
+
+def test_compare_kinds_are_those_of_patch_csv(w: dict[str, Path], tmp_path: Path) -> None:
+    kinds = {r["kind"] for r in rows(w["run_a"] / "patch.csv")}
+    assert kinds == {"activation", "attribution"}
+    for kind in (*sorted(kinds), "patch"):  # every kind patch.csv names works, and the short alias
+        out = tmp_path / f"cmp-{kind}"
+        assert main("--quiet", "patch", "compare", str(w["run_a"]), str(w["run_a"]), "--out", str(out),
+                    "--kind", kind, "--component", "resid_pre") == 0  # fmt: skip
+        assert {r["kind"] for r in rows(out / "compare.csv")} == {
+            "attribution" if kind == "attribution" else "activation"
+        }
+    cross = {r["kind"] for r in rows(w["cross"] / "cross.csv")}
+    out = tmp_path / "cmp-cross"
+    assert main("--quiet", "patch", "compare", str(w["cross"]), str(w["cross"]), "--out", str(out), "--kind",
+                cross.pop()) == 0  # fmt: skip

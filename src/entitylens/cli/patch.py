@@ -100,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("b", type=Path, help="second run directory (e.g. the variant)")
     c.add_argument("--out", type=Path, required=True, help="output directory")
     c.add_argument("--component", type=csv_list, default=None, help="components to compare (default: all in both)")
-    c.add_argument("--kind", default="patch", help="patch (default), attribution or cross")
+    c.add_argument("--kind", default="activation", help="a kind of patch.csv: activation (exact patching, default; "
+                   "alias patch), attribution or cross_model (alias cross)")
     c.add_argument(
         "--labels", type=csv_list, default=None, help="two labels, e.g. base,code (default: the run's models)"
     )

@@ -61,7 +61,11 @@ __all__ = [
     "write_patch_outputs",
 ]
 
-RESULT_STEMS: dict[str, str] = {"patch": "result", "attribution": "attribution", "cross": "cross"}
+RESULT_STEMS: dict[str, str] = {"activation": "result", "attribution": "attribution", "cross_model": "cross"}
+"""Result file stem of each result kind (the ``kind`` column of ``patch.csv`` / ``cross.csv``)."""
+
+KIND_ALIASES: dict[str, str] = {"patch": "activation", "exact": "activation", "cross": "cross_model"}
+"""Short names ``patch compare --kind`` also accepts."""
 """File stem of each result kind in a run directory (``result_<component>.safetensors`` ...)."""
 
 CSV_COLUMNS: tuple[str, ...] = (
@@ -681,7 +685,7 @@ def compare_patch_runs(
     b: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    kind: str = "patch",
+    kind: str = "activation",
     components: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
     vmax: float | None = 1.0,
@@ -694,7 +698,8 @@ def compare_patch_runs(
         b: Second run directory (e.g. the code model's).
         out: Output directory: ``compare_<component>.png``/``.pdf`` and ``compare.csv`` (columns ``kind``,
             ``component``, ``layer``, ``cell``, ``a``, ``b``, ``b_minus_a``; pair-averaged metrics).
-        kind: ``"patch"`` (exact), ``"attribution"`` or ``"cross"``.
+        kind: A ``kind`` of ``patch.csv``: ``"activation"`` (exact; alias ``"patch"``), ``"attribution"`` or
+            ``"cross_model"`` (alias ``"cross"``). ``compare.csv`` uses the same names.
         components: Components to compare (default: every one both runs have).
         labels: Two panel labels (default: the runs' model labels).
         vmax: Colour-scale limit (``None``: from both results).
@@ -709,8 +714,12 @@ def compare_patch_runs(
     from entitylens.plots import patch_color_limit, plot_patch_comparison
 
     a, b, out = Path(a), Path(b), Path(out)
+    kind = KIND_ALIASES.get(kind, kind)
     if kind not in RESULT_STEMS:
-        raise EntitylensError(f"unknown --kind {kind!r}; use patch, attribution or cross")
+        raise EntitylensError(
+            f"unknown --kind {kind!r}; use a kind of patch.csv: activation, attribution or cross_model "
+            "(or patch / cross)"
+        )
     stem = RESULT_STEMS[kind]
     for d in (a, b):
         if not d.is_dir():
@@ -734,7 +743,7 @@ def compare_patch_runs(
         rb = PatchResult.load(_result_path(b, stem, comp))
         ma, mb = ra.mean(), rb.mean()
         limit = patch_color_limit(ma, mb) if vmax is None else vmax
-        cbar = "transfer (1 = behaves like A)" if kind == "cross" else "normalised (1 = clean, 0 = corrupted)"
+        cbar = "transfer (1 = behaves like A)" if kind == "cross_model" else "normalised (1 = clean, 0 = corrupted)"
         written += plot_patch_comparison(
             [(names[0], ma.numpy(), ra.layers, ra.cells), (names[1], mb.numpy(), rb.layers, rb.cells)],
             out / f"compare_{comp}",
