@@ -49,24 +49,41 @@ def plot_accuracy_by_numops(
     paper: Mapping[str, Sequence[float]] | None = None,
     title: str | None = None,
     formats: Sequence[str] = ("png", "pdf"),
+    references: Mapping[str, Sequence[CurvePoint]] | None = None,
+    interval: str = "95% interval",
+    bucket_labels: Mapping[int, str] | None = None,
 ) -> list[Path]:
     """Paper-style figure: accuracy vs number of operations, one line per model with 95% bands.
+
+    Every panel shares the x and y axes; baselines (``references``) are drawn in every panel as grey
+    reference lines; the number of box rows behind each point is written under its x tick; the interval
+    method is stated under the figure.
 
     Args:
         curves: Model label → points (one per numops bucket).
         panels: Model labels per panel, e.g. ``[("llama2-7b", "codellama-7b"), ...]`` (one panel per pair).
         out: Output path without extension (``.png`` / ``.pdf`` are added).
         paper: Optional model label → the paper's accuracy per numops (fractions), drawn dashed.
-        title: Optional figure title.
+        title: Figure title (default: what the figure shows).
         formats: File formats to write.
+        references: Baseline label → points, drawn in every panel (no bands).
+        interval: How the bands were computed (for the caption).
+        bucket_labels: Tick label per bucket (e.g. ``{7: "7+"}``).
 
     Returns:
         The files written.
 
     """
     n = max(1, len(panels))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 4.0), squeeze=False, sharey=True, sharex=True)
+    refs = dict(references or {})
+    all_x = sorted({p.x for pts in [*curves.values(), *refs.values()] for p in pts})
+    if paper:
+        shown = {m for ms in panels for m in ms}
+        all_x = sorted(set(all_x) | {x for m, ys in paper.items() if m in shown for x in range(len(ys))})
+    styles = (":", "-.", (0, (1, 3)), (0, (5, 2)))
     for ax, models in zip(axes[0], panels):
+        n_by_x: dict[int, int] = {}
         for i, label in enumerate(models):
             pts = sorted(curves.get(label, ()), key=lambda p: p.x)
             if not pts:
@@ -75,17 +92,33 @@ def plot_accuracy_by_numops(
             xs = [p.x for p in pts]
             ax.plot(xs, [p.y for p in pts], marker="o", color=color, label=label)
             ax.fill_between(xs, [p.low for p in pts], [p.high for p in pts], color=color, alpha=0.2)
+            for p in pts:
+                n_by_x.setdefault(p.x, p.n)
             if paper and label in paper:
                 ys = list(paper[label])
                 ax.plot(range(len(ys)), ys, ls="--", color=color, alpha=0.7, label=f"{label} (paper)")
-        ax.set_xlabel("operations affecting the queried box")
+        for j, (label, pts) in enumerate(sorted(refs.items())):
+            if label in models:
+                continue
+            pts = sorted(pts, key=lambda p: p.x)
+            ax.plot([p.x for p in pts], [p.y for p in pts], color="0.45", lw=1.0, ls=styles[j % len(styles)],
+                    label=f"{label} (baseline)")  # fmt: skip
+            for p in pts:
+                n_by_x.setdefault(p.x, p.n)
+        ax.set_xticks(all_x)
+        ax.set_xticklabels(
+            [f"{(bucket_labels or {}).get(x, x)}\nn={n_by_x[x]}" if x in n_by_x else str(x) for x in all_x],
+            fontsize=7,
+        )
+        ax.set_xlabel("operations that changed the queried box")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title(" vs ".join(models), fontsize=9)
-    axes[0][0].set_ylabel("accuracy")
-    if title:
-        fig.suptitle(title)
+    axes[0][0].set_ylabel("accuracy (fraction of boxes right)")
+    fig.suptitle(title or "Accuracy by number of operations on the queried box", fontsize=10, y=0.99)
+    fig.text(0.5, 0.005, f"bands: {interval}; n = box rows per point", ha="center", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
     return _save(fig, out, formats)
 
 

@@ -860,7 +860,9 @@ def run_patch_study(
         del model
     labels = [_label("base", cfg.base), _label("variant", cfg.variant)]
     compare_dir = cfg.out / "compare"
-    kinds = [("activation", compare_dir)] + ([("attribution", cfg.out / "compare-attribution")] if cfg.attribution else [])
+    kinds = [("activation", compare_dir)]
+    if cfg.attribution:
+        kinds.append(("attribution", cfg.out / "compare-attribution"))
     for kind, d in kinds:
         written, _ = compare_patch_runs(run_dirs["base"], run_dirs["variant"], d, kind=kind,
                                         components=[cfg.component], labels=labels, vmax=1.0, say=say)

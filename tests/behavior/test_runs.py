@@ -3,14 +3,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from entitylens.behavior.baselines import mentioned_objects, random_contents
 from entitylens.behavior.evaluate import EvalConfig, evaluate, load_finished
 from entitylens.behavior.runs import ModelRun, compare, merge_runs, run_eval, summary_table
-from entitylens.behavior.stats import mcnemar_p
 from entitylens.errors import EntitylensError
 from entitylens.models.registry import PAPER_RANDOM_BASELINE
+from entitylens.stats import mcnemar_p
 from entitylens.task import GeneratorConfig, generate_dataset, generate_states
 from entitylens.task.types import BoxRow
 
@@ -117,7 +118,7 @@ def test_run_writes_all_outputs_and_summary_matches_predictions(dataset, tmp_pat
     assert results[0].model == "random"
 
 
-def test_comparison_uses_exact_mcnemar_over_the_same_items(dataset):
+def test_comparison_tests_with_the_state_as_unit_and_keeps_row_mcnemar(dataset):
     _, states = dataset
     a = evaluate("nothing", states)
     b = evaluate("initial", states)
@@ -128,9 +129,21 @@ def test_comparison_uses_exact_mcnemar_over_the_same_items(dataset):
     b_only = sum(x and not y for x, y in zip(xs, ys))
     c_only = sum(y and not x for x, y in zip(xs, ys))
     assert (overall["base_only"], overall["variant_only"]) == (b_only, c_only)
-    assert overall["p_value"] == pytest.approx(mcnemar_p(b_only, c_only))
+    assert overall["p_value_rows"] == pytest.approx(mcnemar_p(b_only, c_only))
+    assert overall["test_rows"].startswith("exact McNemar over box rows")
     assert overall["difference"] == pytest.approx(sum(ys) / len(ys) - sum(xs) / len(xs))
+    assert overall["ci_low"] <= overall["difference"] <= overall["ci_high"]
     assert sum(r["n"] for r in table.rows if r["bucket"] != "overall") == len(xs)
+    # p_value: sign-flip test over states, written here as a Monte Carlo over whole states
+    per_state: dict[str, int] = {}
+    for pa, pb in zip(a.predictions, b.predictions):
+        per_state[pa.state_id] = per_state.get(pa.state_id, 0) + int(pb.correct) - int(pa.correct)
+    assert overall["n_states"] == len(per_state) == len(states)
+    d = np.array(list(per_state.values()))
+    flips = np.random.default_rng(0).choice([-1, 1], size=(20000, len(d)))
+    mc = float(np.mean(np.abs(flips @ d) >= abs(d.sum())))
+    assert overall["p_value"] == pytest.approx(mc, abs=0.01)
+    assert overall["test"] == "paired randomization test over states (exact, two-sided)"
 
 
 def test_resume_after_torn_write_equals_uninterrupted_run(dataset, tmp_path):
@@ -206,17 +219,26 @@ def test_bad_input_errors(dataset, tmp_path):
     assert blocker.read_text() == "x"
 
 
-def test_summary_table_intervals_are_wald(dataset):
+def test_summary_intervals_cluster_rows_by_state(dataset):
+    from entitylens.stats import clustered_wilson, wilson_interval
+
     _, states = dataset
     res = evaluate("initial", states)
     t = summary_table([res])
+    by_bucket: dict[str, tuple[list[bool], list[str]]] = {}
+    for p in res.predictions:
+        key = str(min(p.numops, 7)) if p.numops < 7 else "7+"
+        for k in (key, "overall"):
+            ys, cs = by_bucket.setdefault(k, ([], []))
+            ys.append(p.correct)
+            cs.append(p.state_id)
     for r in t.rows:
-        if r["bucket"] in ("state",) or r["n"] == 0:
+        if r["bucket"] == "state" or r["n"] == 0:
             continue
-        p = r["accuracy"]
-        half = 1.96 * math.sqrt(p * (1 - p) / r["n"])
-        assert r["ci_low"] == pytest.approx(max(0.0, p - half))
-        assert r["ci_high"] == pytest.approx(min(1.0, p + half))
+        ys, cs = by_bucket[r["bucket"]]
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(clustered_wilson(ys, cs))
+        plain = wilson_interval(sum(ys), len(ys))
+        assert r["ci_low"] <= plain[0] + 1e-12 and r["ci_high"] >= plain[1] - 1e-12  # never narrower
 
 
 def test_prompt_longer_than_context_is_refused_with_the_overshoot(dataset, tiny_model, monkeypatch):

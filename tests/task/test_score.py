@@ -1,4 +1,4 @@
-"""Scorer: set vs strict box correctness, Wald intervals by hand, aggregation against the paper's table."""
+"""Scorer: set vs strict box correctness, clustered Wilson intervals by hand, aggregation against the paper's table."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from entitylens.task.score import (
     box_correct,
     score_state,
     score_statement,
-    wald_interval,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
@@ -86,23 +85,25 @@ def test_score_state_records():
         score_state(p, [("a",), ("b",)], [0], "7:2")
 
 
-def test_wald_by_hand():
-    # 3/4: p = .75, half = 1.96*sqrt(.75*.25/4) = 0.42435..., high clipped to 1.
-    low, high = wald_interval(3, 4)
-    assert low == pytest.approx(0.75 - 1.96 * math.sqrt(0.1875 / 4)) and low == pytest.approx(0.325648, abs=1e-6)
-    assert high == 1.0
-    # 1/10: half = 1.96*sqrt(.09/10) = 0.185942, low clipped to 0.
-    assert wald_interval(1, 10) == (0.0, pytest.approx(0.285942, abs=1e-6))
-    # 50/100: half = 1.96*.05 = .098.
-    assert wald_interval(50, 100) == (pytest.approx(0.402), pytest.approx(0.598))
-    assert wald_interval(0, 5) == (0.0, 0.0) and wald_interval(5, 5) == (1.0, 1.0)
-    lo, hi = wald_interval(0, 0)
-    assert math.isnan(lo) and math.isnan(hi)
+def _wilson(k: float, n: float, z: float = 1.959963984540054) -> tuple[float, float]:
+    # written out from the formula: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def test_intervals_are_wilson_and_never_collapse():
+    a = Accuracy.from_counts(0, 5)
+    assert a.low == 0.0 and a.high == pytest.approx(_wilson(0, 5)[1]) and a.high > 0.4  # Wald gave [0, 0]
+    b = Accuracy.from_counts(3, 4)
+    assert (b.low, b.high) == (pytest.approx(_wilson(3, 4)[0]), pytest.approx(_wilson(3, 4)[1])) and b.high < 1
 
 
 def test_accuracy_from_counts():
     a = Accuracy.from_counts(3, 4)
-    assert (a.correct, a.n, a.accuracy, a.high) == (3, 4, 0.75, 1.0)
+    assert (a.correct, a.n, a.accuracy) == (3, 4, 0.75)
     assert math.isnan(Accuracy.from_counts(0, 0).accuracy)
     assert Accuracy.from_counts(0, 0).to_dict() == {
         "correct": 0,
@@ -132,8 +133,13 @@ def test_aggregate_hand_case():
     r = aggregate(rows)
     assert (r.overall.correct, r.overall.n) == (4, 7)
     assert r.overall.accuracy == pytest.approx(4 / 7)
-    half = 1.96 * math.sqrt((4 / 7) * (3 / 7) / 7)
-    assert (r.overall.low, r.overall.high) == (pytest.approx(4 / 7 - half), pytest.approx(4 / 7 + half))
+    # rows clustered by state: a = 3/3, b = 1/3, c = 0/1; Kish design effect by hand, then Wilson on n / deff
+    p, n = 4 / 7, 7
+    robust = 3 / 2 * ((3 - 3 * p) ** 2 + (1 - 3 * p) ** 2 + (0 - 1 * p) ** 2) / n**2
+    deff = max(1.0, robust / (p * (1 - p) / n))
+    assert deff > 1
+    lo, hi = _wilson(p * n / deff, n / deff)
+    assert (r.overall.low, r.overall.high) == (pytest.approx(lo), pytest.approx(hi))
     assert (r.state.correct, r.state.n) == (1, 3)
     assert list(r.by_numops) == list(range(8))
     counts = {k: (a.correct, a.n) for k, a in r.by_numops.items()}

@@ -40,7 +40,7 @@ _LAZY = {
     "load_run": "entitylens.behavior.runs",
     "compare": "entitylens.behavior.runs",
     "summary_table": "entitylens.behavior.runs",
-    "exact_mcnemar": "entitylens.behavior.stats",
+    "exact_mcnemar": "entitylens.stats",
     "BASELINES": "entitylens.behavior.baselines",
 }
 

@@ -161,7 +161,7 @@ class EvalResult:
     info: Mapping[str, Any] = field(default_factory=dict)
 
     def report(self) -> ScoreReport:
-        """Accuracy overall, by numops (0..max_numops) and per state, with 95% Wald intervals."""
+        """Accuracy overall, by numops (0..max_numops) and per state, with 95% intervals (rows clustered by state)."""
         return aggregate(
             (RowScore(p.state_id, p.box, p.numops, p.correct) for p in self.predictions),
             max_numops=self.config.max_numops,

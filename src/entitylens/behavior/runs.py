@@ -7,10 +7,13 @@ A run directory holds
   into the directory with a different config is refused (use a new ``--out``).
 * ``predictions.jsonl`` — one row per (model, state, box); appended per batch, rewritten in canonical
   order when the run completes.
-* ``summary.csv`` — model × numops bucket → accuracy, n, 95% Wald interval, truncated rows, the paper's
+* ``summary.csv`` — model × numops bucket → accuracy, n, 95% interval (Wilson on the effective n, rows
+  clustered by state: :data:`entitylens.stats.INTERVAL_METHOD`), truncated rows, the paper's
   figure for registry models; plus ``overall`` and ``state`` rows.
-* ``comparison.csv`` — per (base, variant) pair and bucket: both accuracies, the difference, and the
-  exact McNemar test over the same items (:mod:`entitylens.behavior.stats`).
+* ``comparison.csv`` — per (base, variant) pair and bucket: both accuracies, the difference with its 95%
+  cluster-bootstrap interval over states, and the p-value of the exact paired randomization test over states
+  (the state is the unit: its 7 answers come from one generation); the row-level exact McNemar p-value is a
+  labelled secondary column (:mod:`entitylens.stats`).
 * ``accuracy_by_numops.png`` / ``.pdf`` — one panel per pair.
 
 ``shard="i/n"`` evaluates the states whose dataset index is ``i`` mod ``n``; :func:`merge_runs` combines
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,9 +49,9 @@ from entitylens.behavior.evaluate import (
     evaluate,
     read_predictions_log,
 )
-from entitylens.behavior.stats import exact_mcnemar
 from entitylens.errors import EntitylensError
 from entitylens.plots import CurvePoint, plot_accuracy_by_numops
+from entitylens.stats import INTERVAL_METHOD, PAIRED_TEST, ROW_TEST, paired_state_test
 from entitylens.table import Table
 from entitylens.task.score import Accuracy
 from entitylens.task.types import State
@@ -59,10 +61,10 @@ SUMMARY_COLUMNS = (
     "model", "spec", "bucket", "n", "correct", "accuracy", "ci_low", "ci_high", "truncated", "paper_accuracy",
 )  # fmt: skip
 COMPARISON_COLUMNS = (
-    "base", "variant", "bucket", "n", "base_accuracy", "variant_accuracy", "difference",
-    "base_only", "variant_only", "p_value", "test",
+    "base", "variant", "bucket", "n", "n_states", "base_accuracy", "variant_accuracy", "difference",
+    "ci_low", "ci_high", "p_value", "test", "base_only", "variant_only", "p_value_rows", "test_rows",
 )  # fmt: skip
-TEST_NAME = "exact McNemar (two-sided)"
+TEST_NAME = PAIRED_TEST
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,12 @@ def summary_table(results: Sequence[EvalResult], specs: Mapping[str, str] | None
 
 
 def compare(results: Sequence[EvalResult], pairs: Sequence[tuple[str, str]] | None = None) -> Table:
-    """Paired base-vs-variant comparison per numops bucket, with the exact McNemar test.
+    """Paired base-vs-variant comparison per numops bucket, with the state as the unit of inference.
+
+    Per bucket (and overall): both accuracies, the difference with its 95% cluster-bootstrap interval over
+    states, the exact paired randomization test over states (``p_value``), and -- secondary, labelled --
+    the row-level exact McNemar test (``p_value_rows``), which treats the 7 boxes of a statement as
+    independent and so overstates the evidence.
 
     Args:
         results: Evaluation results (same states for every model).
@@ -280,19 +287,19 @@ def compare(results: Sequence[EvalResult], pairs: Sequence[tuple[str, str]] | No
             items = buckets[bucket]
             xs = [a[k].correct for k in items]
             ys = [b[k].correct for k in items]
-            t = exact_mcnemar(xs, ys)
-            acc_a = sum(xs) / len(xs) if items else math.nan
-            acc_b = sum(ys) / len(ys) if items else math.nan
+            t = paired_state_test(xs, ys, [k[0] for k in items])
             rows.append({
-                "base": base, "variant": variant, "bucket": bucket, "n": len(items),
-                "base_accuracy": acc_a, "variant_accuracy": acc_b, "difference": acc_b - acc_a,
-                "base_only": t.base_only, "variant_only": t.variant_only, "p_value": t.p_value, "test": TEST_NAME,
+                "base": base, "variant": variant, "bucket": bucket, "n": len(items), "n_states": t.n_clusters,
+                "base_accuracy": t.base_accuracy, "variant_accuracy": t.variant_accuracy, "difference": t.difference,
+                "ci_low": t.ci_low, "ci_high": t.ci_high, "p_value": t.p_value, "test": TEST_NAME,
+                "base_only": t.base_only, "variant_only": t.variant_only, "p_value_rows": t.p_value_rows,
+                "test_rows": ROW_TEST,
             })  # fmt: skip
     return Table(COMPARISON_COLUMNS, tuple(rows))
 
 
 def curves(results: Sequence[EvalResult]) -> dict[str, list[CurvePoint]]:
-    """Accuracy-by-numops curves (with Wald bands) per model, for plotting."""
+    """Accuracy-by-numops curves (with 95% bands, :data:`entitylens.stats.INTERVAL_METHOD`) per model."""
     out: dict[str, list[CurvePoint]] = {}
     for res in results:
         report = res.report()
@@ -318,13 +325,22 @@ def write_outputs(
     if pairs:
         compare(results, pairs).to_csv(out / "comparison.csv")
         written["comparison"] = out / "comparison.csv"
-    panels = [list(p) for p in pairs] or [[r.model for r in results]]
+    baselines = [r.model for r in results if specs.get(r.model, r.model) in BASELINES]
+    models = [r.model for r in results if r.model not in baselines]
+    # A panel per compared pair that holds a model; baselines are reference lines in every panel.
+    panels = [list(p) for p in pairs if not set(p) <= set(baselines)] or [models or baselines]
+    all_curves = curves(results)
+    refs = {b: all_curves[b] for b in baselines if models}
     paper = {}
     for r in results:
         _, curve = _paper_curve(specs.get(r.model, r.model))
         if curve is not None:
             paper[r.model] = curve
-    figs = plot_accuracy_by_numops(curves(results), panels, out / "accuracy_by_numops", paper=paper or None)
+    cap = results[0].config.max_numops if results else 7
+    figs = plot_accuracy_by_numops(
+        all_curves, panels, out / "accuracy_by_numops", paper=paper or None, references=refs or None,
+        interval=f"95% {INTERVAL_METHOD}", bucket_labels={cap: f"{cap}+"},
+    )  # fmt: skip
     written["figure"] = figs[0]
     return written
 

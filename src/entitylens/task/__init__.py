@@ -54,7 +54,6 @@ from entitylens.task.score import (
     box_correct,
     score_state,
     score_statement,
-    wald_interval,
 )
 from entitylens.task.splits import DEFAULT_FRACTIONS, SPLIT_NAMES, signature, signature_split, split_by_signature
 from entitylens.task.text import (
@@ -157,5 +156,4 @@ __all__ += [
     "score_statement",
     "statement_text",
     "supports_system_role",
-    "wald_interval",
 ]

@@ -6,7 +6,8 @@
   ``"nothing"``). An :data:`~entitylens.task.parse.INVALID` box is wrong in both modes.
 * Accuracy is reported per ``numops`` bucket (0 .. ``max_numops``, the last bucket pooling every row with
   ``numops >= max_numops``: "7+"), overall (mean over all rows) and per state (all boxes of a state right),
-  each with a 95% Wald interval ``p ± 1.96·sqrt(p(1-p)/n)`` clipped to [0, 1] (``nan`` when ``n == 0``).
+  each with a 95% interval: the Wilson score interval on the effective sample size, the box rows being
+  clustered by state (:func:`entitylens.stats.clustered_wilson`; ``nan`` when ``n == 0``).
 
 No torch here: records are plain Python values.
 """
@@ -20,14 +21,15 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from entitylens.errors import EntitylensError
+from entitylens.stats import Z95, clustered_wilson, wilson_interval
 from entitylens.task.parse import INVALID, BoxPrediction, ParsedStatement
 from entitylens.task.prompts import box_phrase
 
 ScoreMode = Literal["set", "strict"]
 SCORE_MODES: tuple[str, ...] = ("set", "strict")
 
-Z_95 = 1.96
-"""Normal quantile for the 95% Wald interval."""
+Z_95 = Z95
+"""Normal quantile of the 95% interval."""
 
 
 def _check_mode(mode: str) -> None:
@@ -130,18 +132,9 @@ def score_state(
     return tuple(RowScore(state, b, int(n), c) for b, (n, c) in enumerate(zip(numops, correct, strict=True)))
 
 
-def wald_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Return the Wald interval ``p ± z·sqrt(p(1-p)/n)``, ``p = correct/n``, clipped to [0, 1]; nan if n=0."""
-    if n == 0:
-        return math.nan, math.nan
-    p = correct / n
-    half = z * math.sqrt(p * (1.0 - p) / n)
-    return max(0.0, p - half), min(1.0, p + half)
-
-
 @dataclass(frozen=True)
 class Accuracy:
-    """An accuracy with its 95% Wald interval.
+    """An accuracy with its 95% interval (:data:`entitylens.stats.INTERVAL_METHOD`).
 
     Attributes:
         correct: Correct rows.
@@ -164,12 +157,19 @@ class Accuracy:
 
     @classmethod
     def from_counts(cls, correct: int, n: int, z: float = Z_95) -> Accuracy:
-        """Build from counts, computing the accuracy and its Wald interval."""
+        """Build from counts of independent rows: the accuracy and its Wilson interval."""
         correct, n = int(correct), int(n)
         if n < 0 or not 0 <= correct <= n:
             raise EntitylensError(f"accuracy needs 0 <= correct <= n, got {correct}/{n}; fix the counts")
-        low, high = wald_interval(correct, n, z)
+        low, high = wilson_interval(correct, n, z)
         return cls(correct, n, correct / n if n else math.nan, low, high)
+
+    @classmethod
+    def from_rows(cls, correct: Sequence[bool], clusters: Sequence[Any], z: float = Z_95) -> Accuracy:
+        """Build from rows clustered by state: the accuracy and its clustered Wilson interval."""
+        k, n = sum(bool(c) for c in correct), len(correct)
+        low, high = clustered_wilson(correct, clusters, z)
+        return cls(k, n, k / n if n else math.nan, low, high)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (``nan`` becomes ``None``)."""
@@ -236,24 +236,27 @@ def aggregate(records: Iterable[RowScore], *, max_numops: int | None = 7, z: flo
     if max_numops is not None and (isinstance(max_numops, bool) or not isinstance(max_numops, int) or max_numops < 0):
         raise EntitylensError(f"max_numops must be an integer >= 0 or None, got {max_numops!r}")
     seen: set[tuple[str, int]] = set()
-    buckets: dict[int, list[int]] = {k: [0, 0] for k in range(max_numops + 1)} if max_numops is not None else {}
+    buckets: dict[int, tuple[list[bool], list[str]]] = (
+        {k: ([], []) for k in range(max_numops + 1)} if max_numops is not None else {}
+    )
     states: dict[str, bool] = {}
-    correct = n = 0
+    rows: list[bool] = []
+    row_states: list[str] = []
     for r in records:
         key = (r.state, r.box)
         if key in seen:
             raise EntitylensError(f"row state={r.state!r} box={r.box} appears twice; score each box of a state once")
         seen.add(key)
         k = r.numops if max_numops is None else min(r.numops, max_numops)
-        bucket = buckets.setdefault(k, [0, 0])
-        bucket[0] += r.correct
-        bucket[1] += 1
-        correct += r.correct
-        n += 1
+        ys, cs = buckets.setdefault(k, ([], []))
+        ys.append(bool(r.correct))
+        cs.append(r.state)
+        rows.append(bool(r.correct))
+        row_states.append(r.state)
         states[r.state] = states.get(r.state, True) and r.correct
     return ScoreReport(
-        overall=Accuracy.from_counts(correct, n, z),
-        by_numops={k: Accuracy.from_counts(c, m, z) for k, (c, m) in buckets.items()},
+        overall=Accuracy.from_rows(rows, row_states, z),
+        by_numops={k: Accuracy.from_rows(ys, cs, z) for k, (ys, cs) in buckets.items()},
         state=Accuracy.from_counts(sum(states.values()), len(states), z),
         max_numops=max_numops,
     )
