@@ -248,6 +248,7 @@ def plot_patch_comparison(
     difference: bool = True,
     colorbar_label: str = "normalised (1 = clean, 0 = corrupted)",
     formats: Sequence[str] = ("png",),
+    ylabel: str = "layer",
 ) -> list[Path]:
     """Patching heatmaps side by side on one colour scale (e.g. a base model and its code variant).
 
@@ -259,6 +260,7 @@ def plot_patch_comparison(
         difference: With two panels on the same grid, add a third: second minus first (same scale).
         colorbar_label: Colour bar label.
         formats: File formats to write.
+        ylabel: Label of the rows' axis (``"layer"``, or a relative depth for models of different depth).
 
     Returns:
         The files written.
@@ -282,10 +284,11 @@ def plot_patch_comparison(
     for ax, (lab, v, ly, ce) in zip(axes[0], items):
         im = _draw_patch_grid(ax, v, ly, ce, vmax, None)
         ax.set_title(lab, fontsize=9)
+        ax.set_ylabel(ylabel)
     ext = _extend(np.concatenate([v.ravel() for _, v, _, _ in items]), vmax)
     fig.colorbar(im, ax=list(axes[0]), label=colorbar_label, fraction=0.03, extend=ext)
     if title:
-        fig.suptitle(title, fontsize=10, y=1.06)
+        fig.suptitle(title, fontsize=10)
     return _save_atomic(fig, out, formats)
 
 
@@ -350,8 +353,15 @@ def plot_probe_by_layer(
         for k, role in enumerate(roles):
             col = colors[k % len(colors)]
             xs, ys, lo, hi = _probe_series(table, role, metric)
-            ax.plot(xs, ys, marker="o", ms=3, color=col, label=role)
+            n = next((int(r["n"]) for r in table.rows if r["role"] == role and r["metric"] == metric), 0)
+            ax.plot(xs, ys, marker="o", ms=3, color=col, label=f"{role} (n={n})")
             ax.fill_between(xs, lo, hi, color=col, alpha=0.2, linewidth=0)
+            if metric.startswith("exact_match"):
+                for b, ls in (("baseline_majority", ":"), ("baseline_sibling_lookup", "-.")):
+                    bx, by, _, _ = _probe_series(table, role, b + metric[len("exact_match"):])
+                    if bx:
+                        ax.plot(bx, by, ls=ls, lw=0.9, color=col,
+                                label=f"{role} {b.removeprefix('baseline_').replace('_', ' ')} baseline")  # fmt: skip
             if metric == "balanced_accuracy" and "selectivity" in present:
                 sx, sy, slo, shi = _probe_series(table, role, "selectivity")
                 ax.plot(sx, sy, linestyle="--", color=col, label=f"{role} selectivity")
@@ -363,8 +373,10 @@ def plot_probe_by_layer(
         ax.set_ylim(-0.05 if metric != "balanced_accuracy" or "selectivity" not in present else -0.55, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title or "Linear probes by layer", fontsize=10)
+    fig.text(0.5, 0.005, "bands: 95% (exact match: Wilson on the clustered effective n; means: bootstrap over test "
+             "scenarios); n = test rows", ha="center", fontsize=7)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save_atomic(fig, out, formats)
 
 
@@ -375,8 +387,14 @@ def plot_probe_compare(
     metric: str = "exact_match",
     title: str | None = None,
     formats: Sequence[str] = ("png",),
+    x_scales: Mapping[str, float] | None = None,
 ) -> list[Path]:
-    """Two (or more) probe runs on one figure: one panel per role, one colour per run; selectivity dashed.
+    """Two (or more) probe runs on one figure: one panel per role, one colour per run.
+
+    The first row draws ``metric`` with its 95% band; for exact-match metrics each run's majority-set and
+    sibling-lookup baselines are drawn as thin lines of its colour. When every run has ``selectivity`` (and
+    ``metric`` is not it), a second row draws selectivity on its own axis. Only lines actually drawn get a
+    legend entry.
 
     Args:
         tables: Run name (e.g. ``"base"``, ``"code"``) -> probe table.
@@ -384,6 +402,8 @@ def plot_probe_compare(
         metric: Metric drawn solid with its 95% band.
         title: Figure title (default: the metric).
         formats: File formats.
+        x_scales: Run name -> factor turning its layer numbers into the x axis (``1 / (layers - 1)`` for a
+            relative-depth axis); ``None``: layer numbers.
 
     Returns:
         The written paths.
@@ -393,24 +413,41 @@ def plot_probe_compare(
     roles: list[str] = []
     for t in tables.values():
         roles += [r for r in _probe_roles(t) if r not in roles]
-    fig, axes = plt.subplots(1, len(roles), figsize=(5.0 * len(roles), 3.6), squeeze=False)
+    with_sel = metric != "selectivity" and all("selectivity" in {r["metric"] for r in t.rows} for t in tables.values())
+    n_rows = 2 if with_sel else 1
+    fig, axes = plt.subplots(n_rows, len(roles), figsize=(5.0 * len(roles), 3.4 * n_rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, role in zip(axes[0], roles, strict=True):
-        for k, (name, t) in enumerate(tables.items()):
-            col = colors[k % len(colors)]
-            xs, ys, lo, hi = _probe_series(t, role, metric)
-            if xs:
-                ax.plot(xs, ys, marker="o", ms=3, color=col, label=f"{name}")
+    xlabel = "relative depth (layer / (layers - 1))" if x_scales else "layer"
+    names = [m.replace("_", " ") for m in (metric, "selectivity")]
+    for c, role in enumerate(roles):
+        for row, (m, label) in enumerate(zip((metric, "selectivity")[:n_rows], names)):
+            ax = axes[row][c]
+            for k, (name, t) in enumerate(tables.items()):
+                col = colors[k % len(colors)]
+                scale = (x_scales or {}).get(name, 1.0)
+                xs, ys, lo, hi = _probe_series(t, role, m)
+                if not xs:
+                    continue
+                xs = [x * scale for x in xs]
+                n = next((int(r["n"]) for r in t.rows if r["role"] == role and r["metric"] == m), 0)
+                ax.plot(xs, ys, marker="o", ms=3, color=col, label=f"{name} (n={n})")
                 ax.fill_between(xs, lo, hi, color=col, alpha=0.2, linewidth=0)
-            sx, sy, _, _ = _probe_series(t, role, "selectivity")
-            if sx:
-                ax.plot(sx, sy, linestyle="--", color=col, label=f"{name} selectivity")
-        ax.set_title(role)
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(metric.replace("_", " "))
-        ax.axhline(0.0, color="0.7", linewidth=0.5)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title or f"probe {metric.replace('_', ' ')}: " + " vs ".join(tables))
+                if m.startswith("exact_match"):
+                    for b, ls in (("baseline_majority", ":"), ("baseline_sibling_lookup", "-.")):
+                        bm = b + m[len("exact_match"):]
+                        bx, by, _, _ = _probe_series(t, role, bm)
+                        if bx:
+                            ax.plot([x * scale for x in bx], by, ls=ls, lw=0.9, color=col,
+                                    label=f"{name} {b.removeprefix('baseline_').replace('_', ' ')}")  # fmt: skip
+            ax.set_title(role, fontsize=9)
+            ax.set_xlabel(xlabel)
+            if not x_scales:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(label)
+            ax.axhline(0.0, color="0.7", linewidth=0.5)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.suptitle(title or f"probe {names[0]}: " + " vs ".join(tables) + " (bands: 95%)", fontsize=10)
+    fig.tight_layout()
     return _save_atomic(fig, out, formats)

@@ -839,7 +839,8 @@ def run_patch_study(
             res = run_patching(model, plist, cfg.component, grid, roles=cols, layers=cfg.layers, method=cfg.method,
                                batch_cells=cfg.batch_cells)
             info: dict[str, Any] = {"model": spec, "pairs": str(pairs_file), "method": cfg.method,
-                                    "roles": cols if cols is not None else "all positions", "study": settings}
+                                    "roles": cols if cols is not None else "all positions", "study": settings,
+                                    "n_layers": int(model.cfg.n_layers)}
             timing = {"seconds": time.perf_counter() - t1}
             attr = None
             if cfg.attribution:

@@ -30,13 +30,13 @@ def test_data_is_registered():
 def test_generate_then_stats(run, tmp_path):
     out = tmp_path / "d.jsonl"
     rc, stdout, _ = run("data", "generate", "--seed", "3", "--out", str(out), "--states", "26", "--form", "t5")
-    assert rc == 0 and f"wrote 182 rows (26 states, 2 scenarios) to {out}" in stdout
+    assert rc == 0 and f"wrote 182 rows (26 states, 26 scenarios) to {out}" in stdout  # one state per scenario
     states = read_ks_jsonl(out)
     assert len(states) == 26 and states[0].extra["form"] == "t5"
     rc, stdout, _ = run("data", "stats", str(out))
     assert rc == 0
     lines = stdout.splitlines()
-    assert "rows       182" in lines and "states     26" in lines and "scenarios  2" in lines
+    assert "rows       182" in lines and "states     26" in lines and "scenarios  26" in lines
     header = next(line for line in lines if line.startswith("numops"))
     counts = next(line for line in lines if line.startswith("rows ") and len(line.split()) == 9)
     assert header.split()[1:] == ["0", "1", "2", "3", "4", "5", "6", "7+"]
@@ -49,6 +49,23 @@ def test_generate_then_stats(run, tmp_path):
     st = json.loads(stdout)
     assert st["rows"] == 182 and st["states"] == 26 and sum(st["numops_histogram"]) == 182
     assert set(st["by_op"]) == {"move", "remove", "put"}
+
+
+def test_all_prefixes_takes_every_prefix_of_few_scenarios(run, tmp_path):
+    out = tmp_path / "p.jsonl"
+    rc, stdout, _ = run("data", "generate", "--seed", "3", "--out", str(out), "--states", "26", "--all-prefixes")
+    assert rc == 0 and "(26 states, 2 scenarios)" in stdout
+    states = read_ks_jsonl(out)
+    assert [s.num_operations for s in states[:13]] == list(range(13))
+
+
+def test_distinct_states_come_from_distinct_scenarios_at_spread_prefixes(run, tmp_path):
+    out = tmp_path / "d.jsonl"
+    assert run("data", "generate", "--seed", "5", "--out", str(out), "--states", "60")[0] == 0
+    states = read_ks_jsonl(out)
+    assert len({s.sample_id for s in states}) == 60
+    ops = [s.num_operations for s in states]
+    assert min(ops) <= 1 and max(ops) >= 11 and len(set(ops)) >= 10  # prefixes drawn uniformly from 0..12
 
 
 def test_paper_profile_from_the_cli(run, tmp_path):
@@ -94,7 +111,7 @@ def test_generate_errors_exit_2_and_keep_existing_file(run, tmp_path, extra, fra
 
 def test_stats_errors(run, tmp_path):
     rc, _, stderr = run("data", "stats", str(tmp_path / "missing.jsonl"))
-    assert rc == 2 and "cannot read" in stderr
+    assert rc == 2 and "does not exist" in stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"sentence": "x"}\n')
     rc, _, stderr = run("data", "stats", str(bad))

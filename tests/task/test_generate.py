@@ -50,7 +50,7 @@ def test_config_is_frozen():
 
 
 def test_layout_states_per_scenario_in_order():
-    states = generate_states(GeneratorConfig(seed=2, num_states=30))
+    states = generate_states(GeneratorConfig(seed=2, num_states=30, sampling="prefixes"))
     assert len(states) == 30
     # 13 prefixes per scenario (k = 0..12), scenarios in stream order, the last one truncated
     assert [s.num_operations for s in states] == list(range(13)) * 2 + [0, 1, 2, 3]
@@ -66,8 +66,8 @@ def test_layout_states_per_scenario_in_order():
 
 
 def test_num_operations_and_train_on_n_ops():
-    full = generate_states(GeneratorConfig(seed=4, num_states=13 * 10))
-    short = generate_states(GeneratorConfig(seed=4, max_prefix_ops=2, num_states=30))
+    full = generate_states(GeneratorConfig(seed=4, num_states=13 * 10, sampling="prefixes"))
+    short = generate_states(GeneratorConfig(seed=4, max_prefix_ops=2, num_states=30, sampling="prefixes"))
     assert max(s.num_operations for s in short) == 2
     assert [s.num_operations for s in short[:6]] == [0, 1, 2, 0, 1, 2]
     # K&S train-on-2: the same 12-operation scenarios, truncated to prefixes <= 2 ops
@@ -76,6 +76,18 @@ def test_num_operations_and_train_on_n_ops():
         if (s.sample_id, s.num_operations) in by_key:
             assert s == by_key[(s.sample_id, s.num_operations)]
     assert max(s.num_operations for s in generate_states(GeneratorConfig(num_operations=3, num_states=20))) == 3
+
+
+def test_distinct_sampling_is_one_state_per_scenario_at_a_seeded_prefix():
+    states = generate_states(GeneratorConfig(seed=2, num_states=40))
+    assert len({s.sample_id for s in states}) == 40
+    prefixes = generate_states(GeneratorConfig(seed=2, num_states=13 * 40, sampling="prefixes"))
+    by_key = {(s.sample_id, s.num_operations): s for s in prefixes}
+    for s in states:  # the same worlds as the K&S layout, one prefix each
+        assert s == by_key[(s.sample_id, s.num_operations)]
+    short = generate_states(GeneratorConfig(seed=2, num_states=40, max_prefix_ops=2))
+    assert {s.num_operations for s in short} <= {0, 1, 2}
+    assert generate_states(GeneratorConfig(seed=2, num_states=40)) == states  # deterministic
 
 
 def test_variants_describe_the_same_worlds():

@@ -39,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--form", default="fewshot", help=f"{' | '.join(FORMS)}: 'contains nothing' (default) or T5 'is empty'"
     )
     g.add_argument("--ops", type=int, default=12, help="operations per scenario (default 12)")
-    g.add_argument("--states", type=int, default=None, help="states to write (default 1000; 716 for --profile)")
+    g.add_argument("--states", type=int, default=None, help="states to write (default 1000; 716 for --profile), "
+                   "each from its own scenario at a random prefix")
+    g.add_argument("--all-prefixes", action="store_true", help="write every prefix of each scenario, as K&S's "
+                   "generator does (states of one scenario share almost all their text)")
     g.add_argument("--profile", default=None, help=f"{' | '.join(PROFILES)}: 716 states with KST24's numops profile")
     g.add_argument(
         "--max-prefix-ops",
@@ -88,6 +91,7 @@ def run_generate(args: argparse.Namespace) -> int:
         max_prefix_ops=args.max_prefix_ops,
         split=args.split,
         split_fractions=_fractions(args.split_fractions),  # type: ignore[arg-type]
+        sampling="prefixes" if args.all_prefixes else "distinct",
     )
     if args.out.is_dir():
         raise EntitylensError(f"--out {args.out} is a directory; give a file path such as {args.out}/data.jsonl")

@@ -106,6 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--labels", type=csv_list, default=None, help="two labels, e.g. base,code (default: the run's models)"
     )
     c.add_argument("--vmax", type=_vmax, default=1.0, help=_VMAX_HELP)
+    c.add_argument("--depth", choices=("layer", "relative"), default="layer",
+                   help="rows by layer (default; refused for models of different depth) or by relative depth "
+                   "layer / (layers - 1), the deeper model interpolated")
     _quiet_arg(c)
     c.set_defaults(func=run_compare)
 
@@ -286,6 +289,7 @@ def run_run(args: argparse.Namespace) -> int:
         "pairs": str(args.pairs),
         "roles": cols if cols is not None else "all positions",
         "method": args.method,
+        "n_layers": int(model.cfg.n_layers),
     }
     timing = {"seconds": seconds}
     if args.attribution:
@@ -408,6 +412,7 @@ def run_cross_cmd(args: argparse.Namespace) -> int:
         "pairs": str(args.pairs),
         "roles": cols if cols is not None else "all positions",
         "method": args.method,
+        "n_layers": int(target.cfg.n_layers),
     }
     files = write_patch_outputs(
         args.out, result, label=label, identity=identity, info=info,
@@ -434,6 +439,6 @@ def run_compare(args: argparse.Namespace) -> int:
     from entitylens.patching.run import compare_patch_runs
 
     written, _ = compare_patch_runs(args.a, args.b, args.out, kind=args.kind, components=args.component,
-                                    labels=args.labels, vmax=args.vmax, say=print)
+                                    labels=args.labels, vmax=args.vmax, say=print, depth=args.depth)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hook", default="resid_post", help="cached hook key (default resid_post)")
     p.add_argument("--layers", type=layer_list, default=None, help="comma-separated cached layers (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, folds and control labels")
+    p.add_argument("--split", choices=("scenario", "state"), default="scenario",
+                   help="keep whole scenarios (default) or only whole states on one side of the split; by state, "
+                   "a probe can look answers up from sibling prefixes of a test state's scenario")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of states in the test split")
     p.add_argument("--disjoint-objects", type=float, nargs="?", const=0.1, default=0.0, metavar="FRACTION",
                    help="hold this fraction of the objects out of training (default when given: 0.1)")
@@ -49,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
                    help="draw two probe output directories on one figure (probe_compare.png)")
     p.add_argument("--metric", default="exact_match", help="metric drawn by --compare (default exact_match)")
+    p.add_argument("--depth", choices=("layer", "relative"), default="layer",
+                   help="--compare x axis: layer (default; refused for models of different depth) or relative depth "
+                   "layer / (layers - 1)")
     p.add_argument("--label", default=None, help="model label in the figure and in --compare (default: the cached "
                    "model's label, as in `entitylens eval`)")
     p.add_argument("--out", type=Path, help="output directory")
@@ -76,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         if args.cache is not None:
             raise EntitylensError("--compare draws existing runs and takes no --cache; run them separately")
         check_output_apart(args.out, [("probe run", d) for d in args.compare])
-        paths = compare_probe_runs(args.compare[0], args.compare[1], args.out, metric=args.metric)
+        paths = compare_probe_runs(args.compare[0], args.compare[1], args.out, metric=args.metric,
+                                   depth=args.depth)
         print(f"wrote {', '.join(str(p) for p in paths)}")
         return 0
     if args.cache is None:
@@ -85,15 +92,36 @@ def run(args: argparse.Namespace) -> int:
                         device=args.device)
     cfg = ProbeRunConfig(target=args.target, roles=args.roles, hook=args.hook, layers=args.layers,
                          min_count=args.min_count, heldout_object_fraction=args.disjoint_objects,
-                         control=not args.no_control, bootstrap=args.bootstrap, probe=probe)
+                         control=not args.no_control, bootstrap=args.bootstrap, probe=probe, split=args.split)
     check_output_apart(args.out, [("--cache", args.cache), ("--random-cache", args.random_cache)])
     check_probe_dir(args.out, probe_identity(args.cache, cfg), args.overwrite)  # before any work
     result = run_probes(args.cache, cfg, random_cache=args.random_cache)
     paths = write_probe_outputs(args.out, result, label=args.label)
+    if cfg.split == "state":
+        import sys
+
+        from entitylens.probing.run import STATE_SPLIT_WARNING
+
+        print(f"warning: {STATE_SPLIT_WARNING}", file=sys.stderr)
     t = result.target
-    print(f"probed {len(t.rows)} rows ({len(result.split.test)} test), {len(t.target_names)} {t.name} labels, "
-          f"{len(result.layers)} layers x {len(cfg.roles)} roles")
-    best = max((r for r in result.table.rows if r["metric"] == "exact_match"), key=lambda r: r["value"])
-    print(f"best exact-set accuracy {best['value']:.3f} at layer {best['layer']} ({best['role']})")
+    unit = "scenarios" if cfg.split == "scenario" else "states"
+    n_units = len({(t.scenarios if cfg.split == "scenario" else t.groups)[i] for i in result.split.test.tolist()})
+    print(f"probed {len(t.rows)} rows ({len(result.split.test)} test rows from {n_units} test {unit}), "
+          f"{len(t.target_names)} {t.name} labels, {len(result.layers)} layers x {len(cfg.roles)} roles")
+    print(verdict(result.table))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def verdict(table: object) -> str:
+    """The summary line of a probe run: the best layer against the baselines, with its interval."""
+    from entitylens.probing.run import best_against_baselines
+
+    b = best_against_baselines(table)  # type: ignore[arg-type]
+    line = (f"best exact-set accuracy {b['value']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}] at layer "
+            f"{b['layer']} ({b['role']}); baselines: always empty {b['baseline_empty']:.3f}, majority set "
+            f"{b['baseline_majority']:.3f}, sibling lookup {b['baseline_sibling_lookup']:.3f}")  # fmt: skip
+    if not b["beats_baselines"]:
+        line += (f"\nthe best layer does NOT beat the best baseline ({b['best_baseline']:.3f}) with its interval: "
+                 "these probes show no decodable state beyond what the baselines know")
+    return line

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from entitylens._io import clean_stale_temps, sha256_json, write_json, write_timing
 from entitylens.errors import EntitylensError
@@ -669,6 +670,37 @@ def run_label(run_dir: str | os.PathLike[str]) -> str:
     return run_dir.name
 
 
+def run_depth(run_dir: str | os.PathLike[str]) -> int:
+    """The number of layers of a patch run's model (``n_layers`` in ``run.json``; else the largest layer + 1)."""
+    run_dir = Path(run_dir)
+    try:
+        results = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("results", {})
+    except (OSError, ValueError):
+        results = {}
+    depths = {int(e["n_layers"]) for e in results.values() if e.get("n_layers")}
+    if depths:
+        return max(depths)
+    layers = [int(x) for e in results.values() for x in e.get("layers", [])]
+    return max(layers) + 1 if layers else 0
+
+
+def _interpolate_depth(values: Tensor, layers: Sequence[int], depth: int, at_layers: Sequence[int],
+                       at_depth: int) -> Tensor:
+    """``values[layer, cell]`` of one model, linearly interpolated at another model's relative depths."""
+    src = torch.tensor([x / max(1, depth - 1) for x in layers], dtype=torch.float64)
+    out = torch.empty(len(at_layers), values.shape[1], dtype=values.dtype)
+    for i, x in enumerate(at_layers):
+        r = x / max(1, at_depth - 1)
+        j = int(torch.searchsorted(src, torch.tensor(r, dtype=torch.float64)).clamp(1, max(1, len(src) - 1)))
+        if len(src) == 1:
+            out[i] = values[0]
+            continue
+        lo_r, hi_r = float(src[j - 1]), float(src[j])
+        w = 0.0 if hi_r == lo_r else min(1.0, max(0.0, (r - lo_r) / (hi_r - lo_r)))
+        out[i] = (1 - w) * values[j - 1] + w * values[j]
+    return out
+
+
 def _components(run_dir: Path, stem: str) -> set[str]:
     return {p.name[len(stem) + 1 : -len(".safetensors")] for p in run_dir.glob(f"{stem}_*.safetensors")}
 
@@ -690,8 +722,15 @@ def compare_patch_runs(
     labels: Sequence[str] | None = None,
     vmax: float | None = 1.0,
     say: Any = None,
+    depth: str = "layer",
 ) -> tuple[list[Path], Table]:
     """Draw two run directories' heatmaps side by side on one colour scale, and tabulate both.
+
+    Models of different depth (Gemma-3-270M's 18 layers against Qwen2.5-0.5B's 24) cannot be subtracted layer
+    by layer: that would compare one model's last layer with the other's middle. With ``depth="layer"``
+    (default) such runs are refused; ``depth="relative"`` puts both on the relative depth
+    ``layer / (layers - 1)``: the deeper model's values are interpolated linearly at the shallower model's
+    relative depths, the difference is taken there, and the figure's and table's rows are relative depths.
 
     Args:
         a: First run directory (e.g. the base model's ``entitylens patch run --out``).
@@ -704,9 +743,11 @@ def compare_patch_runs(
         labels: Two panel labels (default: the runs' model labels).
         vmax: Colour-scale limit (``None``: from both results).
         say: Optional callable for one progress line.
+        depth: ``"layer"`` or ``"relative"`` (see above).
 
     Returns:
-        The files written (figures, then ``compare.csv``) and the table.
+        The files written (figures, then ``compare.csv``, whose ``relative_depth`` column is filled with
+        ``depth="relative"``) and the table.
 
     Raises:
         EntitylensError: Unknown kind, missing run directories or results, or bad labels.
@@ -714,6 +755,8 @@ def compare_patch_runs(
     from entitylens.plots import patch_color_limit, plot_patch_comparison
 
     a, b, out = Path(a), Path(b), Path(out)
+    if depth not in ("layer", "relative"):
+        raise EntitylensError(f"unknown --depth {depth!r}; use layer or relative")
     kind = KIND_ALIASES.get(kind, kind)
     if kind not in RESULT_STEMS:
         raise EntitylensError(
@@ -738,28 +781,49 @@ def compare_patch_runs(
         )
     rows = []
     written: list[Path] = []
+    depth_a, depth_b = run_depth(a), run_depth(b)
+    if depth == "layer" and depth_a != depth_b:
+        raise EntitylensError(
+            f"{names[0]} has {depth_a} layers and {names[1]} {depth_b}: a layer-by-layer difference would compare "
+            "different depths; pass --depth relative (layer / (layers - 1), interpolated)"
+        )
     for comp in comps:
         ra = PatchResult.load(_result_path(a, stem, comp))
         rb = PatchResult.load(_result_path(b, stem, comp))
         ma, mb = ra.mean(), rb.mean()
         limit = patch_color_limit(ma, mb) if vmax is None else vmax
         cbar = "transfer (1 = behaves like A)" if kind == "cross_model" else "normalised (1 = clean, 0 = corrupted)"
+        if depth == "relative":
+            la = [f"{x / max(1, depth_a - 1):.2f}" for x in ra.layers]
+            lb = [f"{x / max(1, depth_b - 1):.2f}" for x in rb.layers]
+            ylabel = "relative depth (layer / (layers - 1))"
+        else:
+            la, lb, ylabel = list(ra.layers), list(rb.layers), "layer"
+        panels = [(names[0], ma.numpy(), la, ra.cells), (names[1], mb.numpy(), lb, rb.cells)]
+        if depth == "relative":
+            mb_on_a = _interpolate_depth(mb, rb.layers, depth_b, ra.layers, depth_a)
+            if ra.cells == rb.cells:
+                panels.append((f"{names[1]} - {names[0]}", (mb_on_a - ma).numpy(), la, ra.cells))
         written += plot_patch_comparison(
-            [(names[0], ma.numpy(), ra.layers, ra.cells), (names[1], mb.numpy(), rb.layers, rb.cells)],
-            out / f"compare_{comp}",
-            title=f"{kind} {comp}: {names[0]} vs {names[1]}",
-            vmax=limit,
-            colorbar_label=cbar,
-        )
+            panels, out / f"compare_{comp}", title=f"{kind} {comp}: {names[0]} vs {names[1]}", vmax=limit,
+            colorbar_label=cbar, difference=depth == "layer", ylabel=ylabel,
+        )  # fmt: skip
         b_index = {(layer, cell): (li, ci) for li, layer in enumerate(rb.layers) for ci, cell in enumerate(rb.cells)}
+        b_cells = {cell: ci for ci, cell in enumerate(rb.cells)}
         for li, layer in enumerate(ra.layers):
             for ci, cell in enumerate(ra.cells):
                 va = float(ma[li, ci])
-                j = b_index.get((layer, cell))
-                vb = float(mb[j]) if j is not None else float("nan")
-                rows.append({"kind": kind, "component": comp, "layer": layer, "cell": cell,
+                if depth == "relative":
+                    j2 = b_cells.get(cell)
+                    vb = float(mb_on_a[li, ci]) if j2 is not None and ra.cells == rb.cells else float("nan")
+                    rel: float | None = layer / max(1, depth_a - 1)
+                else:
+                    j = b_index.get((layer, cell))
+                    vb = float(mb[j]) if j is not None else float("nan")
+                    rel = None
+                rows.append({"kind": kind, "component": comp, "layer": layer, "relative_depth": rel, "cell": cell,
                              "a": va, "b": vb, "b_minus_a": vb - va})  # fmt: skip
-    table = Table(("kind", "component", "layer", "cell", "a", "b", "b_minus_a"), tuple(rows))
+    table = Table(("kind", "component", "layer", "relative_depth", "cell", "a", "b", "b_minus_a"), tuple(rows))
     table.to_csv(out / "compare.csv")
     if say is not None:
         say(f"compared {len(comps)} component(s): {names[0]} (a) vs {names[1]} (b)")

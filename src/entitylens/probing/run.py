@@ -20,12 +20,12 @@ from torch import Tensor
 
 from entitylens._io import prepare_output_dir, write_json
 from entitylens.errors import EntitylensError
-from entitylens.probing import metrics as M
 from entitylens.probing.controls import control_labels
 from entitylens.probing.linear import ProbeConfig, ProbeResult, fit_probes
 from entitylens.probing.splits import Split, split_by_group
 from entitylens.probing.targets import TARGETS, ProbeTarget, build_target
 from entitylens.progress import progress
+from entitylens.stats import clustered_wilson
 from entitylens.table import Table, read_csv
 
 __all__ = [
@@ -42,6 +42,19 @@ __all__ = [
 PROBE_COLUMNS = ("layer", "role", "metric", "value", "ci_low", "ci_high", "n")
 """Columns of ``probe.csv`` (long format: one row per layer x role x metric)."""
 
+SPLIT_UNITS = ("scenario", "state")
+"""What a probe split keeps on one side: whole scenarios (default) or whole states."""
+
+STATE_SPLIT_WARNING = (
+    "split by state: test states can be prefixes of scenarios whose other prefixes are in training, so a probe "
+    "may look answers up from sibling states (compare with baseline_sibling_lookup); use --split scenario"
+)
+
+BASELINES = ("baseline_empty", "baseline_majority", "baseline_sibling_lookup")
+"""Reference predictions reported beside every exact-match metric: every label false (the queried box holds
+nothing), the most frequent training label set, and -- using no activations at all -- the label set of the
+closest training state of the same scenario (same queried box), else the majority set."""
+
 
 @dataclass(frozen=True)
 class ProbeRunConfig:
@@ -57,8 +70,11 @@ class ProbeRunConfig:
             0 = off). Metrics are then also reported on test rows with / without a held-out object.
         control: Also fit the control task (one random label set per object type: the queried box's initial
             contents) and report selectivity.
-        bootstrap: Resamples of the test states for the intervals of averaged metrics (0 = none).
+        bootstrap: Resamples of the test scenarios (states) for the intervals of averaged metrics (0 = none).
         probe: The :class:`~entitylens.probing.linear.ProbeConfig` (seed, test fraction, Cs, ...).
+        split: ``"scenario"`` (default): no scenario (``sample_id``) has states on both sides of the split or
+            of a cross-validation fold, so a probe cannot look answers up from sibling prefixes of the same
+            scenario. ``"state"`` splits by state only (the earlier behaviour; outputs carry a warning).
     """
 
     target: str = "box_contents"
@@ -70,8 +86,11 @@ class ProbeRunConfig:
     control: bool = True
     bootstrap: int = 200
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    split: str = "scenario"
 
     def __post_init__(self) -> None:
+        if self.split not in SPLIT_UNITS:
+            raise EntitylensError(f"unknown split {self.split!r}; use one of {', '.join(SPLIT_UNITS)}")
         if self.target not in TARGETS:
             raise EntitylensError(f"unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
         roles = tuple(self.roles)
@@ -232,17 +251,82 @@ def _reference_rows(role: str, layers: Sequence[int], n: int, met: dict[str, Ten
     return rows + _rows_for(role, layers, difference_name, diff, dlo, dhi, n)
 
 
+def baseline_predictions(target: ProbeTarget, split: Split) -> dict[str, Tensor]:
+    """The :data:`BASELINES`' predicted label sets for the test rows, ``{name: [n_test, target]}``.
+
+    The sibling lookup looks inside a row's own scenario; under the default scenario split no sibling is in
+    training, so it falls back to the majority set -- which is the point of that split.
+
+    Args:
+        target: The probe target.
+        split: The train/test split.
+
+    Returns:
+        Boolean predictions per baseline.
+    """
+    tr, te = split.train.tolist(), split.test.tolist()
+    y = target.labels
+    counts: dict[tuple[bool, ...], int] = {}
+    for j in tr:
+        key = tuple(bool(v) for v in y[j].tolist())
+        counts[key] = counts.get(key, 0) + 1
+    majority = max(sorted(counts), key=lambda k: counts[k]) if counts else (False,) * y.shape[1]
+    maj = torch.tensor(majority, dtype=torch.bool)
+    by_scenario: dict[str, list[int]] = {}
+    for j in tr:
+        by_scenario.setdefault(target.scenarios[j], []).append(j)
+    same_box = target.name == "box_contents"
+    lookup = torch.zeros(len(te), y.shape[1], dtype=torch.bool)
+    for r, i in enumerate(te):
+        cands = [j for j in by_scenario.get(target.scenarios[i], [])
+                 if not same_box or target.boxes[j] == target.boxes[i]]  # fmt: skip
+        if not cands:
+            lookup[r] = maj
+            continue
+        ops = target.prefix_ops[i]
+        best = min(cands, key=lambda j: (abs(target.prefix_ops[j] - ops), target.prefix_ops[j], j))
+        lookup[r] = y[best]
+    return {
+        "baseline_empty": torch.zeros(len(te), y.shape[1], dtype=torch.bool),
+        "baseline_majority": maj.expand(len(te), -1).clone(),
+        "baseline_sibling_lookup": lookup,
+    }
+
+
+def _clustered_rows(role: str, layers: Sequence[int], metric: str, correct: Bool[Tensor, "layer n"],
+                    clusters: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of an exact-match metric with the one interval method of entitylens (rows clustered by unit)."""
+    n = correct.shape[-1]
+    values = correct.double().mean(-1) if n else torch.full((correct.shape[0],), float("nan"))
+    lows, highs = [], []
+    for li in range(correct.shape[0]):
+        lo, hi = clustered_wilson(correct[li].tolist(), clusters)
+        lows.append(lo)
+        highs.append(hi)
+    return _rows_for(role, layers, metric, values, torch.tensor(lows), torch.tensor(highs), n)
+
+
 def _role_rows(role: str, layers: Sequence[int], task: ProbeResult, control: ProbeResult | None,
                y_control: Tensor | None, random: ProbeResult | None, target: ProbeTarget, split: Split,
-               weights: Tensor | None) -> list[dict[str, Any]]:
+               weights: Tensor | None, units: Sequence[str] | None = None,
+               baselines: Mapping[str, Tensor] | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     te = split.test
     y = target.labels[te]
     n = len(te)
+    units = list(target.scenarios) if units is None else list(units)
+    test_units = [units[i] for i in te.tolist()]
     correct = task.correct("test")  # [L, n] exact set match
-    k = correct.sum(-1)
-    lo, hi = M.wilson_interval(k, torch.tensor(n))
-    out += _rows_for(role, layers, "exact_match", task.metrics("test")["exact_match"], lo, hi, n)
+    out += _clustered_rows(role, layers, "exact_match", correct, test_units)
+    numops_all = target.numops[te]
+    strata = sorted(set(numops_all.tolist())) if bool((numops_all >= 0).all()) else []
+    for name, pred in (baselines or {}).items():
+        ok = (pred == y).all(-1)[None].expand(len(layers), -1)
+        out += _clustered_rows(role, layers, name, ok, test_units)
+        for s in strata:
+            mask = numops_all == s
+            out += _clustered_rows(role, layers, f"{name}_numops={s}", ok[:, mask],
+                                   [u for u, m in zip(test_units, mask.tolist()) if m])
     held_names = {target.vocabulary[i] for i in split.heldout_objects}
     held_cols = torch.tensor([o in held_names for o in target.column_objects], dtype=torch.bool)
     cols = _evaluable(y) & ~held_cols  # a held-out object's column has no training positive: left out
@@ -262,25 +346,18 @@ def _role_rows(role: str, layers: Sequence[int], task: ProbeResult, control: Pro
     if random is not None:
         out += _reference_rows(role, layers, n, met, boot_t, random, y, cols, weights,
                                "random_model_balanced_accuracy", "over_random")
-        rk = random.correct("test").sum(-1)
-        rlo2, rhi2 = M.wilson_interval(rk, torch.tensor(n))
-        out += _rows_for(role, layers, "random_model_exact_match", random.metrics("test")["exact_match"], rlo2, rhi2,
-                         n)
+        out += _clustered_rows(role, layers, "random_model_exact_match", random.correct("test"), test_units)
     if split.heldout_objects and split.test_heldout is not None:
         seen_ok = (task.predictions("test").bool() == y)[..., ~held_cols].all(-1)  # [L, n]
         for flag, name in ((True, "exact_match_rows_with_heldout"), (False, "exact_match_rows_without_heldout")):
             mask = split.test_heldout == flag
-            m = int(mask.sum())
-            if m:
-                kk = seen_ok[:, mask].sum(-1)
-                lo2, hi2 = M.wilson_interval(kk, torch.tensor(m))
-                out += _rows_for(role, layers, name, kk.double() / m, lo2, hi2, m)
-    numops = target.numops[te]
-    if bool((numops >= 0).all()):
-        strat = task.stratified(numops, "test")
-        for j, s in enumerate(strat.strata.tolist()):
-            out += _rows_for(role, layers, f"exact_match_numops={int(s)}", strat.accuracy[:, j], strat.low[:, j],
-                             strat.high[:, j], int(strat.count[j]))
+            if int(mask.sum()):
+                out += _clustered_rows(role, layers, name, seen_ok[:, mask],
+                                       [u for u, m in zip(test_units, mask.tolist()) if m])
+    for s in strata:
+        mask = numops_all == s
+        out += _clustered_rows(role, layers, f"exact_match_numops={int(s)}", correct[:, mask],
+                               [u for u, m in zip(test_units, mask.tolist()) if m])
     return out
 
 
@@ -347,13 +424,15 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
         if tuple(rc.layers(cfg.hook)) != cached_layers:
             raise EntitylensError("the random-model cache has other layers than the cache; cache the same layers")
     pc = cfg.probe
+    units = list(target.scenarios if cfg.split == "scenario" else target.groups)
     if cfg.heldout_object_fraction > 0:
-        split = split_by_group(list(target.groups), pc.test_fraction, pc.seed, objects=target.objects,
+        split = split_by_group(units, pc.test_fraction, pc.seed, objects=target.objects,
                                heldout_object_fraction=cfg.heldout_object_fraction)
     else:
-        split = split_by_group(list(target.groups), pc.test_fraction, pc.seed)
-    test_groups = [target.groups[i] for i in split.test.tolist()]
-    weights = _bootstrap_weights(test_groups, cfg.bootstrap, pc.seed) if cfg.bootstrap else None
+        split = split_by_group(units, pc.test_fraction, pc.seed)
+    test_units = [units[i] for i in split.test.tolist()]
+    weights = _bootstrap_weights(test_units, cfg.bootstrap, pc.seed) if cfg.bootstrap else None
+    baselines = baseline_predictions(target, split)
     ctl_labels = None
     if cfg.control:
         if bool((target.types < 0).any()):
@@ -366,21 +445,42 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
     random_results: dict[str, ProbeResult] = {}
     for role in progress(cfg.roles, desc="probing roles", unit="role"):
         feats = c.features(cfg.hook, role)[layer_idx][:, target.rows].float()
-        task = fit_probes(feats, target.labels, list(target.groups), pc, split=split)
+        task = fit_probes(feats, target.labels, units, pc, split=split)
         results[role] = task
         ctl = None
         if ctl_labels is not None:
-            ctl = fit_probes(feats, ctl_labels, list(target.groups), pc, split=split)
+            ctl = fit_probes(feats, ctl_labels, units, pc, split=split)
             controls[role] = ctl
         rand = None
         if rc is not None:
             rfeats = rc.features(cfg.hook, role)[layer_idx][:, target.rows].float()
-            rand = fit_probes(rfeats, target.labels, list(target.groups), pc, split=split)
+            rand = fit_probes(rfeats, target.labels, units, pc, split=split)
             random_results[role] = rand
-        rows += _role_rows(role, layers, task, ctl, ctl_labels, rand, target, split, weights)
+        rows += _role_rows(role, layers, task, ctl, ctl_labels, rand, target, split, weights, units, baselines)
     table = Table(PROBE_COLUMNS, tuple(rows))
     return ProbeRun(table=table, target=target, split=split, layers=layers, results=results, controls=controls,
                     random_model=random_results, config=cfg, cache_meta=dict(c.meta))
+
+
+def best_against_baselines(table: Table) -> dict[str, Any]:
+    """The best layer x role by exact-set accuracy, its interval, and the baselines of its role.
+
+    Returns:
+        ``value``, ``ci_low``, ``ci_high``, ``layer``, ``role``, one entry per :data:`BASELINES`, the
+        ``best_baseline`` and ``beats_baselines`` (the interval's lower end above every baseline).
+    """
+    rows = [r for r in table.rows if r["metric"] == "exact_match"]
+    if not rows:
+        raise EntitylensError("the probe table has no exact_match rows; run entitylens probe first")
+    best = max(rows, key=lambda r: (float(r["value"]), -int(r["layer"])))
+    out: dict[str, Any] = {k: best[k] for k in ("value", "ci_low", "ci_high", "layer", "role")}
+    for name in BASELINES:
+        vals = [float(r["value"]) for r in table.rows if r["metric"] == name and r["role"] == best["role"]]
+        out[name] = vals[0] if vals else float("nan")
+    out["best_baseline"] = max(out[name] for name in BASELINES)
+    low = float(best["ci_low"]) if best["ci_low"] is not None else float(best["value"])
+    out["beats_baselines"] = low > out["best_baseline"]
+    return out
 
 
 PROBE_FILES: tuple[str, ...] = ("probe.csv", "probe_by_layer.png", "probe_by_layer.pdf", "meta.json")
@@ -459,6 +559,8 @@ def write_probe_outputs(
     pngs = plot_probe_by_layer(run.table, out / "probe_by_layer", title=fig_title)
     meta = {
         "label": model,
+        "split": run.config.split,
+        "warning": STATE_SPLIT_WARNING if run.config.split == "state" else None,
         "identity": {"cache_fingerprint": run.cache_meta.get("fingerprint"), "config": run.config.to_json()},
         "target": run.target.name,
         "target_names": list(run.target.target_names),
@@ -466,6 +568,8 @@ def write_probe_outputs(
         "n_train": len(run.split.train),
         "n_test": len(run.split.test),
         "n_test_states": len(set(run.target.groups[i] for i in run.split.test.tolist())),
+        "n_test_scenarios": len(set(run.target.scenarios[i] for i in run.split.test.tolist())),
+        "n_train_scenarios": len(set(run.target.scenarios[i] for i in run.split.train.tolist())),
         "heldout_objects": [run.target.vocabulary[i] for i in run.split.heldout_objects],
         "dropped_states": list(run.target.dropped_states),
         "layers": list(run.layers),
@@ -527,6 +631,7 @@ def compare_probe_runs(
     *,
     metric: str = "exact_match",
     labels: tuple[str, str] | None = None,
+    depth: str = "layer",
 ) -> list[Path]:
     """Draw two probe runs (base vs variant) on one figure, ``probe_compare.png``.
 
@@ -534,9 +639,12 @@ def compare_probe_runs(
         base: Output directory of the base model's ``entitylens probe`` run.
         variant: Output directory of the variant's run.
         out_dir: Where to write ``probe_compare.png``.
-        metric: Metric to draw (a value of the ``metric`` column; selectivity is always added dashed
-            when both runs have it).
-        labels: Legend names (default: the model specs recorded in the runs).
+        metric: Metric to draw (a value of the ``metric`` column), with its band; the runs' majority and
+            sibling-lookup baselines are drawn thin for exact-match metrics, and selectivity gets its own
+            row of panels when both runs have it.
+        labels: Legend names (default: the runs' model labels).
+        depth: ``"layer"`` (default; refused for models of different depth) or ``"relative"``: the x axis is
+            ``layer / (layers - 1)`` so models of different depth line up by relative position.
 
     Returns:
         The written paths.
@@ -552,6 +660,30 @@ def compare_probe_runs(
     names = labels or (_label(a), _label(b))
     if names[0] == names[1]:
         names = (f"{names[0]} ({a.name})", f"{names[1]} ({b.name})")
+    if depth not in ("layer", "relative"):
+        raise EntitylensError(f"unknown --depth {depth!r}; use layer or relative")
+    da, db = _probe_depth(a), _probe_depth(b)
+    scales: dict[str, float] | None = None
+    if da != db and depth == "layer":
+        raise EntitylensError(
+            f"{names[0]} has {da} layers and {names[1]} {db}: layer numbers do not line up across depths; pass "
+            "--depth relative (layer / (layers - 1))"
+        )
+    if depth == "relative":
+        scales = {names[0]: 1.0 / max(1, da - 1), names[1]: 1.0 / max(1, db - 1)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return plot_probe_compare({names[0]: ta, names[1]: tb}, out / "probe_compare", metric=metric)
+    return plot_probe_compare({names[0]: ta, names[1]: tb}, out / "probe_compare", metric=metric, x_scales=scales)
+
+
+def _probe_depth(run_dir: Path) -> int:
+    """Layers of the model behind a probe run (its cache's ``n_layers``; else the largest probed layer + 1)."""
+    try:
+        doc = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+        n = doc["cache"]["model"]["n_layers"]
+        if n:
+            return int(n)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    layers = [int(r["layer"]) for r in read_probe_table(run_dir).rows]
+    return max(layers) + 1 if layers else 0

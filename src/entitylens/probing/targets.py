@@ -10,9 +10,11 @@ state queried at one box): ``state_id``, ``box``, ``numops``, ``gold`` (the quer
   column per (box, object) pair that is true in at least ``min_count`` rows. The contents of the other
   boxes come from the state's other rows; states not cached at every box are left out.
 
-Every target also carries the groups (state ids, so no state is split across train and test), numops
-per row (for numops-stratified accuracy, target c), the control-task type of each row and the objects each
-row's labels involve (for disjoint-object splits).
+Every target also carries the groups (state ids) and the scenarios (``sample_id``: states that are
+prefixes of one scenario share their initial description and all but their last operations, so a probe
+could look answers up from sibling states; the probe run splits by scenario by default), numops per row
+(for numops-stratified accuracy, target c), the number of operations of each row's state, the control-task
+type of each row and the objects each row's labels involve (for disjoint-object splits).
 
 The control-task *type* of a row is its **object type**: the object(s) the queried box holds in the
 state's initial description (``"bottle"``, ``"apple+bottle"``, or ``""`` for an empty box). A Hewitt &
@@ -49,7 +51,11 @@ class ProbeTarget:
         rows: ``[n]`` indices of the cache rows used (all rows unless states were incomplete).
         labels: ``[n, target]`` binary labels.
         target_names: One name per label column (``"bottle"`` or ``"box3:bottle"``).
-        groups: ``[n]`` state id per row (split key).
+        groups: ``[n]`` state id per row.
+        scenarios: ``[n]`` scenario (``sample_id``) per row -- the default split key; the state id where a
+            row has no ``sample_id``.
+        boxes: ``[n]`` queried box per row.
+        prefix_ops: ``[n]`` operations in each row's state (``-1`` when unknown).
         numops: ``[n]`` numops of the queried box per row (``-1`` where the cache has none).
         types: ``[n]`` control-task type code per row: the queried box's initial contents, an index into
             ``type_names`` (``-1`` for every row of a cache without ``initial`` metadata).
@@ -73,9 +79,18 @@ class ProbeTarget:
     column_objects: tuple[str, ...] = ()
     dropped_states: tuple[str, ...] = ()
     type_names: tuple[str, ...] = ()
+    scenarios: tuple[str, ...] = ()
+    boxes: tuple[str, ...] = ()
+    prefix_ops: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.rows)
+        if not self.scenarios:
+            object.__setattr__(self, "scenarios", tuple(self.groups))
+        if not self.boxes:
+            object.__setattr__(self, "boxes", ("",) * n)
+        if not self.prefix_ops:
+            object.__setattr__(self, "prefix_ops", (-1,) * n)
         if self.labels.shape[0] != n or len(self.groups) != n or len(self.numops) != n or len(self.types) != n:
             raise EntitylensError("ProbeTarget fields must have one entry per row; build it with build_target")
         if self.labels.shape[1] != len(self.target_names):
@@ -194,7 +209,18 @@ def build_target(
     else:  # caches written before rows carried their initial contents
         type_names = ()
         types = torch.full((len(keep),), -1, dtype=torch.int64)
+    def scenario(i: int) -> str:
+        sid = meta_rows[i].get("sample_id")
+        return str(sid) if sid is not None else groups[i]
+
+    def ops_of(i: int) -> int:
+        v = meta_rows[i].get("num_operations")
+        return int(v) if v is not None else -1
+
     return ProbeTarget(
+        scenarios=tuple(scenario(i) for i in keep),
+        boxes=tuple(str(meta_rows[i].get("box")) for i in keep),
+        prefix_ops=tuple(ops_of(i) for i in keep),
         name=target,
         rows=torch.tensor(keep, dtype=torch.int64),
         labels=labels,

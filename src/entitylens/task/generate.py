@@ -3,9 +3,14 @@
 A dataset is a list of :class:`~entitylens.task.types.State`. The generator draws scenarios ``0, 1, 2, ...``
 of the seed (see :mod:`entitylens.task.world`), skips exact duplicates of an earlier initial state (as K&S
 do) and, with ``split`` set, scenarios whose signature belongs to another split
-(:func:`~entitylens.task.splits.signature_split`). Every scenario yields its prefixes ``k = 0 ..
-max_prefix_ops`` (default: all ``num_operations`` operations, i.e. 13 states for 12 operations), in order;
-the first ``num_states`` states are kept. ``sample_id`` is the scenario's index in the seed's stream, so
+(:func:`~entitylens.task.splits.signature_split`).
+
+``sampling="distinct"`` (default): every state comes from its own scenario, at a prefix length ``k`` drawn
+uniformly from ``0 .. max_prefix_ops`` (seeded by the scenario), so a small dataset is not a handful of
+scenarios seen at many prefixes -- states that share a scenario share almost their whole text, which lets
+a probe look answers up from siblings. ``sampling="prefixes"`` (K&S's generator): every scenario yields all
+its prefixes ``k = 0 .. max_prefix_ops`` (13 states for 12 operations), in order, and the first
+``num_states`` states are kept. ``sample_id`` is the scenario's index in the seed's stream, so
 datasets generated from one seed with different options (variant, form, split, number of states) describe
 the same worlds under the same ids. With ``profile="paper"`` the 716 states are selected as described in
 :mod:`entitylens.task.profile`.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +52,9 @@ PROFILES: tuple[str, ...] = ("paper",)
 DEFAULT_NUM_STATES = 1000
 """States generated when neither ``num_states`` nor a profile is given."""
 
+SAMPLINGS: tuple[str, ...] = ("distinct", "prefixes")
+"""How states are drawn from scenarios (see the module docstring)."""
+
 _OBJECT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
 _MAX_REJECTED = 10_000  # consecutive rejected scenarios before giving up (tiny worlds run out of new states)
 
@@ -70,6 +79,8 @@ class GeneratorConfig:
         expected_per_box: Poisson mean of initial objects per box (2).
         objects: A custom object vocabulary (overrides ``vocab``).
         scenario_pool: Scenarios sampled as profile candidates (doubled automatically if too few).
+        sampling: ``"distinct"`` (one state per scenario, default) or ``"prefixes"`` (every prefix of each
+            scenario, as K&S's generator writes them). Ignored by the paper profile.
 
     """
 
@@ -88,6 +99,7 @@ class GeneratorConfig:
     expected_per_box: float = 2.0
     objects: tuple[str, ...] | None = None
     scenario_pool: int = 4000
+    sampling: str = "distinct"
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int, hi: int | None = None) -> None:
@@ -97,6 +109,8 @@ class GeneratorConfig:
                 raise EntitylensError(f"{name} must be an integer {rng}, got {v!r}; pass a valid {name}")
 
         _int("seed", -(2**63), 2**63)
+        if self.sampling not in SAMPLINGS:
+            raise EntitylensError(f"unknown sampling {self.sampling!r}; use one of: {', '.join(SAMPLINGS)}")
         check_variant(self.variant)
         check_form(self.form)
         _int("num_operations", 0, 10_000)
@@ -302,6 +316,12 @@ def generate_states(config: GeneratorConfig) -> list[State]:
     states: list[State] = []
     bar = progress(total=want, desc="generating states", unit="state")
     try:
+        if config.sampling == "distinct":
+            for sc in itertools.islice(scenario_stream(config), want):
+                k = random.Random(f"entitylens:prefix:{config.seed}:{sc.sample_id}").randrange(per)
+                states.append(make_state(sc, k, config.variant, config.form, config.max_per_box))
+                bar.update(1)
+            return states
         for sc in itertools.islice(scenario_stream(config), math.ceil(want / per)):
             for k in range(per):
                 if len(states) == want:
