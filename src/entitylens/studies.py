@@ -710,14 +710,10 @@ def _write_pairs_if_changed(path: Path, pairs: Sequence[Any]) -> bool:
 
 
 def _agreement_line(run_dir: Path, component: str) -> str:
+    from entitylens.patching.attribution import agreement_line
+
     data = _read_json(run_dir / "agreement.json") or {}
-    a = (data.get(component) or {}).get("pair_mean") or {}
-    if not a:
-        return "no agreement recorded"
-    def f(x: Any) -> str:
-        return "nan" if x is None else f"{float(x):.3f}"
-    return f"pearson {f(a.get('pearson'))}, spearman {f(a.get('spearman'))}, top-{a.get('k')} overlap " \
-           f"{f(a.get('topk_overlap'))} over {a.get('n_cells')} cells"
+    return agreement_line((data.get(component) or {}).get("pair_mean") or {})
 
 
 def run_patch_study(

@@ -95,7 +95,7 @@ def test_agreement_is_reported_on_a_real_grid(tiny_model: Any, pair: PatchPair) 
     exact = patch_grid(tiny_model, pair, "resid_pre", "layer_pos")
     attr = attribution_grid(tiny_model, pair, "resid_pre", "layer_pos")
     rep = agreement(exact, attr, k=5)
-    assert set(rep) == {"pearson", "spearman", "topk_overlap", "k", "n_cells"}
+    assert {"pearson", "spearman", "topk_overlap", "k", "n_cells", "important_cells", "verdict"} <= set(rep)
     assert rep["n_cells"] == exact.normalised[0].numel() and rep["k"] == 5
     a = exact.mean().flatten().double().numpy()
     b = attr.mean().flatten().double().numpy()
@@ -155,3 +155,26 @@ def test_attribution_leaves_parameters_trainable(tiny_model: Any, pair: PatchPai
     attribution_grid(tiny_model, pair, "resid_pre", "layer_role")
     assert [p.requires_grad for p in tiny_model.parameters()] == flags
     assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_verdict_follows_the_cells_that_matter_not_the_rank_correlation() -> None:
+    from entitylens.patching.attribution import agreement, agreement_line
+
+    # 300 cells near zero on which both grids agree, 5 cells where exact patching restores 0.94 of the
+    # behaviour and attribution says 0.1-0.3 (what SmolLM2 showed): Spearman stays high, the verdict must not.
+    rng = np.random.default_rng(0)
+    small = rng.normal(0, 0.01, size=300)
+    exact = np.concatenate([small, [0.94, 0.9, 0.95, 0.92, 0.93]])
+    approx = np.concatenate([small + rng.normal(0, 0.001, size=300), [0.1, 0.2, 0.3, 0.15, 0.25]])
+    a = agreement(torch.tensor(exact), torch.tensor(approx), k=5)
+    assert a["spearman"] > 0.9
+    assert a["important_cells"] == 5 and a["important_mean_abs_error"] == pytest.approx(0.728, abs=1e-3)
+    assert a["verdict"] == "disagrees" and any("mean |error|" in r for r in a["reasons"])
+    assert "DISAGREES" in agreement_line(a)
+    # Attribution close to exact where it matters: agrees.
+    close = agreement(torch.tensor(exact), torch.tensor(exact + rng.normal(0, 0.02, size=305)), k=5)
+    assert close["verdict"] == "agrees" and "AGREES" in agreement_line(close)
+    # The wrong sign on important cells is caught even when magnitudes match.
+    flipped = exact.copy()
+    flipped[-5:] *= -1
+    assert agreement(torch.tensor(exact), torch.tensor(flipped), k=5)["important_sign_agreement"] == 0.0

@@ -312,11 +312,10 @@ def run_run(args: argparse.Namespace) -> int:
     if attribution is not None:
         import json
 
+        from entitylens.patching.attribution import agreement_line
+
         agree = json.loads((args.out / "agreement.json").read_text(encoding="utf-8"))[args.component]["pair_mean"]
-        print(
-            f"attribution vs exact: pearson {_fmt(agree['pearson'])}, spearman {_fmt(agree['spearman'])}, "
-            f"top-{agree['k']} overlap {_fmt(agree['topk_overlap'])} over {agree['n_cells']} cells"
-        )
+        print(agreement_line(agree))
     print("wrote " + ", ".join(str(p) for p in files.values()))
     return 0
 
@@ -344,10 +343,6 @@ def _announce(n_pairs: int, n_layers: int, cols: Any, component: str, grid: str,
         f"patching {n_pairs} pairs x {n_layers} layers x {n_cols} ({component}, {grid}) with the {method} engine",
         file=sys.stderr,
     )
-
-
-def _fmt(x: Any) -> str:
-    return "nan" if x is None else f"{float(x):.3f}"
 
 
 def _check_grid(component: str, grid: str, method: str) -> None:

@@ -16,7 +16,8 @@ large attribution sweep.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -214,27 +215,71 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denom) if denom > 0 else float("nan")
 
 
+def agreement_line(a: Mapping[str, Any]) -> str:
+    """One human line for an :func:`agreement` record: the verdict first, then the numbers behind it."""
+
+    def f(x: Any) -> str:
+        return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.3f}"
+
+    if not a:
+        return "no agreement recorded"
+    verdict = a.get("verdict", "")
+    head = {
+        "agrees": "attribution AGREES with exact patching where it matters",
+        "disagrees": "attribution DISAGREES with exact patching where it matters (use exact patching; "
+        + "; ".join(a.get("reasons") or []) + ")",
+        "no important cells": f"exact patching finds no cell at |effect| >= {a.get('important_threshold')}",
+    }.get(verdict, verdict)
+    return (f"{head}: top-{a.get('k')} overlap {f(a.get('topk_overlap'))}; on the {a.get('important_cells')} cells "
+            f"with |exact| >= {a.get('important_threshold')}: mean |error| {f(a.get('important_mean_abs_error'))}, "
+            f"sign agreement {f(a.get('important_sign_agreement'))} (over all {a.get('n_cells')} cells: pearson "
+            f"{f(a.get('pearson'))}, spearman {f(a.get('spearman'))})")  # fmt: skip
+
+
+IMPORTANT_EFFECT = 0.2
+"""Cells exact patching puts at ``|normalised| >=`` this are the ones attribution must get right."""
+
+MIN_TOPK_OVERLAP = 0.8
+"""Verdict threshold: top-k overlap of the largest cells."""
+
+MIN_SIGN_AGREEMENT = 0.9
+"""Verdict threshold: fraction of important cells whose sign attribution gets right."""
+
+MAX_IMPORTANT_ERROR = 0.1
+"""Verdict threshold: mean ``|attribution - exact|`` on important cells (normalised scale)."""
+
+
 def agreement(
     exact: PatchResult | Float[Tensor, "..."],
     approx: PatchResult | Float[Tensor, "..."],
     *,
     k: int = 10,
     per_pair: bool = False,
-) -> dict[str, float]:
-    """How well an approximate grid (attribution patching) tracks exact patching.
+    important: float = IMPORTANT_EFFECT,
+) -> dict[str, Any]:
+    """How well an approximate grid (attribution patching) tracks exact patching, where it matters.
 
     Compares the normalised grids averaged over pairs (or every pair's cells when ``per_pair``), over the
-    cells that are finite in both.
+    cells that are finite in both. Correlations over *all* cells are dominated by the many cells near zero
+    in both grids (a Spearman of 0.98 next to a top-10 overlap of 0 is common), so the verdict is taken on
+    the cells that matter: the top-k overlap, and on the cells exact patching puts at ``|effect| >=
+    important`` the mean absolute error and the sign agreement. ``verdict`` is ``"agrees"`` when the top-k
+    overlap is at least :data:`MIN_TOPK_OVERLAP`, the sign agreement at least :data:`MIN_SIGN_AGREEMENT` and
+    the mean error on important cells at most :data:`MAX_IMPORTANT_ERROR`; ``"disagrees"`` otherwise (with
+    the ``reasons``); ``"no important cells"`` when exact patching finds none.
 
     Args:
         exact: The exact :class:`PatchResult` (or a tensor of normalised values).
         approx: The approximation, same shape.
         k: Size of the top-k sets (by absolute value).
         per_pair: Compare every (pair, layer, cell) instead of the pair-averaged (layer, cell) grid.
+        important: Threshold on ``|exact|`` (normalised scale: 1 = the whole clean-corrupted gap).
 
     Returns:
-        ``{"pearson", "spearman", "topk_overlap", "k", "n_cells"}``: Pearson and Spearman (average ranks
-        for ties) correlations, and ``|top-k(|exact|) & top-k(|approx|)| / k``.
+        ``pearson``, ``spearman`` (average ranks for ties), ``topk_overlap`` (``|top-k(|exact|) &
+        top-k(|approx|)| / k``), ``k``, ``n_cells``, ``important_threshold``, ``important_cells``,
+        ``important_mean_abs_error``, ``important_max_abs_error``, ``important_sign_agreement``, ``verdict``
+        and ``reasons``.
 
     Raises:
         EntitylensError: when the grids have different shapes or labels, or ``k`` is not positive.
@@ -265,14 +310,40 @@ def agreement(
     a_np, b_np = a_np[ok], b_np[ok]
     n = int(a_np.size)
     kk = min(k, n)
+    nan = float("nan")
     if n == 0:
-        return {"pearson": float("nan"), "spearman": float("nan"), "topk_overlap": float("nan"), "k": 0, "n_cells": 0}
+        return {"pearson": nan, "spearman": nan, "topk_overlap": nan, "k": 0, "n_cells": 0,
+                "important_threshold": float(important), "important_cells": 0, "important_mean_abs_error": nan,
+                "important_max_abs_error": nan, "important_sign_agreement": nan, "verdict": "no cells",
+                "reasons": []}  # fmt: skip
     top_a = set(np.argsort(-np.abs(a_np), kind="stable")[:kk].tolist())
     top_b = set(np.argsort(-np.abs(b_np), kind="stable")[:kk].tolist())
+    overlap = len(top_a & top_b) / kk
+    big = np.abs(a_np) >= important
+    m = int(big.sum())
+    err = np.abs(b_np[big] - a_np[big])
+    mae = float(err.mean()) if m else nan
+    sign = float(np.mean(np.sign(b_np[big]) == np.sign(a_np[big]))) if m else nan
+    reasons = []
+    if m:
+        if overlap < MIN_TOPK_OVERLAP:
+            reasons.append(f"top-{kk} overlap {overlap:.2f} < {MIN_TOPK_OVERLAP}")
+        if sign < MIN_SIGN_AGREEMENT:
+            reasons.append(f"sign agreement {sign:.2f} < {MIN_SIGN_AGREEMENT} on the {m} important cells")
+        if mae > MAX_IMPORTANT_ERROR:
+            reasons.append(f"mean |error| {mae:.2f} > {MAX_IMPORTANT_ERROR} on the {m} important cells")
+    verdict = "no important cells" if not m else ("disagrees" if reasons else "agrees")
     return {
         "pearson": _pearson(a_np, b_np),
         "spearman": _pearson(_average_ranks(a_np), _average_ranks(b_np)),
-        "topk_overlap": len(top_a & top_b) / kk,
+        "topk_overlap": overlap,
         "k": kk,
         "n_cells": n,
+        "important_threshold": float(important),
+        "important_cells": m,
+        "important_mean_abs_error": mae,
+        "important_max_abs_error": float(err.max()) if m else nan,
+        "important_sign_agreement": sign,
+        "verdict": verdict,
+        "reasons": reasons,
     }
