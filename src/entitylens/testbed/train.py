@@ -264,7 +264,7 @@ STEM = Recipe(
     stage="stem",
     parent=None,
     dims=ModelDims(d_model=128, layers=4, heads=4, kv_heads=4, d_mlp=512),
-    steps=4000,
+    steps=5000,
     batch_size=32,
     lr=2e-3,
     warmup_steps=200,
