@@ -1,20 +1,19 @@
-"""Small I/O helpers shared by every module: atomic writes and stable hashing."""
+"""Small I/O helpers shared by every module: atomic writes, stable hashing and the run-directory contract."""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from entitylens.errors import EntitylensError
+from entitylens.errors import EntitylensError, os_error_message
 
 
 @contextlib.contextmanager
@@ -54,31 +53,6 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def os_error_message(err: OSError, path: str | os.PathLike[str] | None = None) -> str:
-    """One line for a failed read or write: what failed, why, and what to do (nothing written is lost).
-
-    Args:
-        err: The error.
-        path: The file involved (default: the error's own file name).
-
-    Returns:
-        The message (without the ``error:`` prefix).
-    """
-    where = path if path is not None else (err.filename or "a file")
-    why = err.strerror or str(err) or type(err).__name__
-    if err.errno == errno.ENOSPC or err.errno == getattr(errno, "EDQUOT", -1):
-        fix = "free disk space (or choose --out on another disk) and rerun: finished work is kept and resumed"
-    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "choose a writable location for --out (nothing already written was changed)"
-    elif err.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
-        fix = "a file stands where a directory is needed (or the reverse); choose another path"
-    elif err.errno == errno.ENOENT:
-        fix = "check the path"
-    else:
-        fix = "check the path and the disk, then rerun (finished work is kept)"
-    return f"cannot write or read {where} ({why}); {fix}"
 
 
 _TEMP = re.compile(r"^\..+\.pid(\d+)\.[^.]*\.tmp$")
@@ -228,3 +202,97 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Hex SHA-256 of the canonical JSON encoding of ``obj`` (sorted keys, no whitespace)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class RunDir:
+    """The one run-directory contract of entitylens (eval, cache, probe, patch and study directories).
+
+    A run directory holds a *record* file (``run.json``, ``meta.json`` or ``study.json``) whose ``identity`` key
+    is a JSON object naming what its results belong to: model and tokenizer fingerprints, dataset or pairs
+    hashes, the settings that change the numbers. Before any work, :meth:`check` compares the identity of the
+    run about to start with the recorded one: equal -- resume or reuse; another identity -- refused with one
+    line naming the keys that differ, unless ``overwrite`` (then ``on_replace`` removes the old results); a
+    record that is not this kind's -- always refused, so ``--overwrite`` never clobbers another kind of
+    directory.
+
+    Args:
+        path: The directory.
+        record: Name of the record file.
+        what: What the directory holds, with its article, for messages (``"an evaluation run"``, ``"a cache"`` ...).
+        is_mine: Whether a record is this kind's (default: it is a JSON object with an ``identity``).
+        identity_of: The identity a record holds (default: its ``identity``; a kind whose older records
+            predate the key computes it from their fields).
+        fix: What the refusal of another identity tells the user to do.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        record: str = "run.json",
+        what: str = "a run",
+        is_mine: Callable[[Mapping[str, Any]], bool] | None = None,
+        identity_of: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+        fix: str = "use another --out or pass --overwrite",
+    ) -> None:
+        self.path = Path(path)
+        self.record_file = self.path / record
+        self.what = what
+        self._is_mine = is_mine or (lambda rec: isinstance(rec.get("identity"), dict))
+        self._identity_of = identity_of or (lambda rec: rec.get("identity") or {})
+        self.fix = fix
+
+    def read(self) -> dict[str, Any] | None:
+        """The record, ``None`` when there is none; ``{}`` when it is unreadable."""
+        if not self.record_file.is_file():
+            return None
+        try:
+            data = json.loads(self.record_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def check(
+        self,
+        identity: Mapping[str, Any],
+        *,
+        overwrite: bool = False,
+        on_replace: Callable[[Mapping[str, Any]], None] | None = None,
+    ) -> bool:
+        """Check the directory before any work; True when it holds results of this very identity.
+
+        Args:
+            identity: The identity of the run about to start (JSON-ready).
+            overwrite: Replace results of another identity instead of refusing.
+            on_replace: Called with the old record when it is to be replaced (removes the old results; the
+                record itself is replaced, atomically, when the new run writes its own).
+
+        Returns:
+            Whether an earlier run of the same identity is there (resume or reuse it).
+
+        Raises:
+            EntitylensError: ``path`` is a file, the record is another kind's, or another identity (no overwrite).
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise EntitylensError(f"--out {self.path} is a file; give a directory path (nothing was changed)")
+        clean_stale_temps(self.path)
+        old = self.read()
+        if old is None:
+            return False
+        if not self._is_mine(old):
+            raise EntitylensError(
+                f"{self.path} holds a {self.record_file.name} that is not {self.what}'s; write to another --out "
+                "(nothing was changed)"
+            )
+        new = json.loads(json.dumps(dict(identity)))
+        recorded = json.loads(json.dumps(dict(self._identity_of(old))))
+        if recorded == new:
+            return True
+        if not overwrite:
+            diff = sorted(k for k in set(recorded) | set(new) if recorded.get(k) != new.get(k))
+            raise EntitylensError(
+                f"{self.path} holds {self.what} of other inputs (different {', '.join(diff) or 'identity'}); "
+                f"{self.fix} (nothing was changed)"
+            )
+        if on_replace is not None:
+            on_replace(old)
+        return False
