@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import entitylens.models.loading as loading
+import entitylens.models.gguf as gguf_mod
 from entitylens.errors import EntitylensError
 from entitylens.models import gguf_cache_dir, gguf_sha256, load_model, model_info
 from entitylens.models.tiny import build_tiny_hf, parse_tiny_spec
@@ -62,7 +62,7 @@ def fake_dequantize(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         calls.append(path)
         return build_tiny_hf(parse_tiny_spec("tiny:llama?seed=7"))
 
-    monkeypatch.setattr(loading, "_dequantize_gguf", dequantize)
+    monkeypatch.setattr(gguf_mod, "_dequantize_gguf", dequantize)
     return calls
 
 
@@ -75,7 +75,7 @@ def test_hash_is_sha256_and_memoised(cache: Path, fake_gguf: Path, monkeypatch: 
     def no_read(*a, **k):
         raise AssertionError("re-hashed an unchanged file")
 
-    monkeypatch.setattr(loading, "sha256_file", no_read)
+    monkeypatch.setattr(gguf_mod, "sha256_file", no_read)
     assert gguf_sha256(fake_gguf) == expected
     # a changed file (size/mtime) is hashed again
     monkeypatch.undo()
@@ -102,7 +102,7 @@ def test_first_load_writes_cache_second_load_reads_only_cache(
     assert (info.kind, info.source, info.source_hash, info.path) == ("gguf", "gguf", digest, str(cached))
 
     # Second load: must not dequantize, and must not even read the GGUF file's bytes again.
-    monkeypatch.setattr(loading, "sha256_file", lambda *a, **k: pytest.fail("GGUF file was read again"))
+    monkeypatch.setattr(gguf_mod, "sha256_file", lambda *a, **k: pytest.fail("GGUF file was read again"))
     second = load_model(str(fake_gguf))
     assert len(fake_dequantize) == 1
     toks = first.to_tokens("Box 1 contains the")
@@ -122,7 +122,7 @@ def test_failed_dequantize_leaves_no_cache(cache: Path, fake_gguf: Path, monkeyp
         model.save_pretrained = fail
         return model, tok
 
-    monkeypatch.setattr(loading, "_dequantize_gguf", broken)
+    monkeypatch.setattr(gguf_mod, "_dequantize_gguf", broken)
     with pytest.raises(OSError, match="disk full"):
         load_model(str(fake_gguf))
     gguf_dir = cache / "gguf"

@@ -98,7 +98,7 @@ def test_errors_are_one_line_with_fix(spec: str, pattern: str) -> None:
 
 
 def test_testbed_specs_delegate_to_testbed_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    checkpoints = pytest.importorskip("entitylens.testbed.checkpoints")
+    checkpoints = pytest.importorskip("entitylens.models.testbed.checkpoints")
     with pytest.raises(EntitylensError, match="unknown testbed model"):
         resolve_spec("testbed:nonsense")
     calls = []
@@ -122,13 +122,13 @@ def test_transformers_loading_bars_follow_ours_and_are_restored(quiet, monkeypat
     from transformers.utils import logging as hf_logging
 
     from entitylens import progress
-    from entitylens.models.loading import _hf_progress_bars
+    from entitylens.models.hf import hf_progress_bars
 
     monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True)
     progress.set_quiet(quiet)
     try:
         hf_logging.enable_progress_bar()
-        with _hf_progress_bars():
+        with hf_progress_bars():
             assert hf_logging.is_progress_bar_enabled() is (not quiet)
         assert hf_logging.is_progress_bar_enabled()  # the caller's setting is back
     finally:

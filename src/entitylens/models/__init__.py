@@ -1,4 +1,4 @@
-"""Models: one loading path from a spec (registry key, hub id, local dir, GGUF, tiny) to a TransformerBridge.
+"""Models: one loading path from a spec (registry key, hub id, local dir, GGUF, tiny, testbed) to a TransformerBridge.
 
 Public API (imported lazily, so ``import entitylens.models`` does not import torch until needed):
 
@@ -13,21 +13,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
-    # loading
-    "ModelInfo": "loading",
-    "ResolvedSpec": "loading",
-    "cache_root": "loading",
-    "check_device_dtype": "loading",
-    "gguf_cache_dir": "loading",
-    "gguf_sha256": "loading",
-    "gguf_to_cache": "loading",
+    # loading and its parts
+    "ModelInfo": "info",
+    "ResolvedSpec": "specs",
+    "cache_root": "gguf",
+    "check_device_dtype": "dtypes",
+    "gguf_cache_dir": "gguf",
+    "gguf_sha256": "gguf",
+    "gguf_to_cache": "gguf",
     "load_model": "loading",
     "load_tokenizer": "loading",
-    "model_info": "loading",
-    "model_label": "loading",
-    "parse_dtype": "loading",
-    "resolve_spec": "loading",
-    "tokenizer_prepends_bos": "loading",
+    "model_info": "info",
+    "model_label": "specs",
+    "parse_dtype": "dtypes",
+    "resolve_spec": "specs",
+    "tokenizer_prepends_bos": "hf",
     "DTYPE_CHOICES": "_constants",
     # registry
     "EXPERIMENTS": "registry",
@@ -94,22 +94,11 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from entitylens.models._constants import DTYPE_CHOICES
-    from entitylens.models.loading import (
-        ModelInfo,
-        ResolvedSpec,
-        cache_root,
-        check_device_dtype,
-        gguf_cache_dir,
-        gguf_sha256,
-        gguf_to_cache,
-        load_model,
-        load_tokenizer,
-        model_info,
-        model_label,
-        parse_dtype,
-        resolve_spec,
-        tokenizer_prepends_bos,
-    )
+    from entitylens.models.dtypes import check_device_dtype, parse_dtype
+    from entitylens.models.gguf import cache_root, gguf_cache_dir, gguf_sha256, gguf_to_cache
+    from entitylens.models.hf import tokenizer_prepends_bos
+    from entitylens.models.info import ModelInfo, model_info
+    from entitylens.models.loading import load_model, load_tokenizer
     from entitylens.models.registry import (
         EXPERIMENTS,
         NUMOPS_COUNTS,
@@ -120,6 +109,7 @@ if TYPE_CHECKING:  # pragma: no cover
         get_entry,
         paper_entries,
     )
+    from entitylens.models.specs import ResolvedSpec, model_label, resolve_spec
     from entitylens.models.tiny import TINY_NAMES, TinySpec, parse_tiny_spec, tiny_tokenizer
     from entitylens.models.tokens import (
         encode,

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from entitylens.errors import EntitylensError
+from entitylens.task import vocab
 
 TINY_NAMES: tuple[str, ...] = ("llama", "gpt2", "native", "gemma3", "qwen2")
 """Names accepted after ``tiny:``."""
@@ -43,13 +44,6 @@ _INSTRUCTION = (
     'Given the description after "Description:", write a true statement about all boxes and their '
     'contents to the description after "Statement:".'
 )
-_FALLBACK_OBJECTS: tuple[str, ...] = (
-    "book", "car", "paper", "letter", "bag", "bottle", "map", "bill", "cash", "glass", "machine",
-    "string", "cross", "apple", "plane", "coat", "boat", "camera", "engine", "mirror", "fan",
-    "shoe", "ring", "key", "wire", "brick", "stone", "guitar", "medicine", "rose", "television",
-    "newspaper", "umbrella", "magnet", "eggnog", "document", "plate", "painting", "leaf", "milk",
-)  # fmt: skip
-
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
@@ -62,15 +56,10 @@ TINY_VOCAB_SIZE = 512
 def task_objects() -> tuple[str, ...]:
     """The object nouns the tiny tokenizer is trained on.
 
-    Uses ``entitylens.task.vocab.BNC_OBJECTS`` (the 100 common nouns of the boxes task) when that
-    module exists, else a fixed local list of common nouns. The disjoint (rare-noun) vocabulary is
-    deliberately left out, so, as with a real tokenizer, rare nouns split into several tokens.
+    ``entitylens.task.vocab.BNC_OBJECTS``, the 100 common nouns of the boxes task. The disjoint (rare-noun)
+    vocabulary is deliberately left out, so, as with a real tokenizer, rare nouns split into several tokens.
     """
-    try:
-        from entitylens.task import vocab  # type: ignore[attr-defined]
-    except ImportError:
-        return _FALLBACK_OBJECTS
-    return tuple(getattr(vocab, "BNC_OBJECTS", ())) or _FALLBACK_OBJECTS
+    return tuple(vocab.BNC_OBJECTS)
 
 
 def _training_corpus(objects: tuple[str, ...]) -> list[str]:
@@ -240,14 +229,15 @@ def build_tiny_hf(spec: TinySpec) -> tuple[torch.nn.Module, Any]:
 
     The global torch RNG is left untouched.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
     tok = tiny_tokenizer(bos=tiny_prepends_bos(spec.name))
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model: PreTrainedModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         if spec.name == "llama":
-            cfg = LlamaConfig(
+            llama_cfg = LlamaConfig(
                 vocab_size=len(tok),
                 hidden_size=spec.d_model,
                 intermediate_size=spec.d_mlp,
@@ -260,12 +250,12 @@ def build_tiny_hf(spec: TinySpec) -> tuple[torch.nn.Module, Any]:
                 tie_word_embeddings=False,
                 **ids,
             )
-            model = LlamaForCausalLM(cfg)
+            model = LlamaForCausalLM(llama_cfg)
         elif spec.name == "gemma3":
             from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
             head_dim = spec.d_model // spec.heads
-            cfg = Gemma3TextConfig(
+            gemma_cfg = Gemma3TextConfig(
                 vocab_size=len(tok),
                 hidden_size=spec.d_model,
                 intermediate_size=spec.d_mlp,
@@ -281,11 +271,11 @@ def build_tiny_hf(spec: TinySpec) -> tuple[torch.nn.Module, Any]:
                 tie_word_embeddings=True,
                 **ids,
             )
-            model = Gemma3ForCausalLM(cfg)
+            model = Gemma3ForCausalLM(gemma_cfg)
         elif spec.name == "qwen2":
             from transformers import Qwen2Config, Qwen2ForCausalLM
 
-            cfg = Qwen2Config(
+            qwen_cfg = Qwen2Config(
                 vocab_size=len(tok),
                 hidden_size=spec.d_model,
                 intermediate_size=spec.d_mlp,
@@ -297,9 +287,9 @@ def build_tiny_hf(spec: TinySpec) -> tuple[torch.nn.Module, Any]:
                 tie_word_embeddings=False,
                 **ids,
             )
-            model = Qwen2ForCausalLM(cfg)
+            model = Qwen2ForCausalLM(qwen_cfg)
         else:
-            cfg = GPT2Config(
+            gpt2_cfg = GPT2Config(
                 vocab_size=len(tok),
                 n_embd=spec.d_model,
                 n_inner=spec.d_mlp,
@@ -309,7 +299,7 @@ def build_tiny_hf(spec: TinySpec) -> tuple[torch.nn.Module, Any]:
                 initializer_range=0.3,
                 **ids,
             )
-            model = GPT2LMHeadModel(cfg)
+            model = GPT2LMHeadModel(gpt2_cfg)
     model.config.name_or_path = spec.canonical
     model.config.architectures = [type(model).__name__]  # TransformerLens picks its adapter by this name
     return model.eval(), tok

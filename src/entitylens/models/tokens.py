@@ -17,6 +17,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from entitylens.errors import EntitylensError
+from entitylens.models.hf import tokenizer_prepends_bos
 
 _ANCHOR = "the"
 """Objects always follow "the" in boxes-task prompts, so ids are taken in that context."""
@@ -127,7 +128,6 @@ def model_prepends_bos(model_or_tokenizer: Any) -> bool:
     cfg = getattr(model_or_tokenizer, "cfg", None)
     if cfg is not None and hasattr(cfg, "default_prepend_bos"):
         return bool(cfg.default_prepend_bos)
-    from entitylens.models.loading import tokenizer_prepends_bos
 
     return tokenizer_prepends_bos(get_tokenizer(model_or_tokenizer))
 
