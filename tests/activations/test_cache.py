@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import entitylens.activations.cache as cache_mod
+import entitylens.activations.runner as runner_mod
 from entitylens.activations.cache import CacheConfig, build_prompts, cache_activations, load_cache
 from entitylens.activations.roles import find_roles, tokenize_with_offsets
 from entitylens.errors import EntitylensError
@@ -135,7 +136,7 @@ def test_release_memory_trims_inside_the_forward_and_keeps_bytes(
 ) -> None:
     """Heap trimming runs between layers (4 points per block) and leaves the shards byte-identical."""
     calls: list[int] = []
-    monkeypatch.setattr(cache_mod, "release_free_memory", lambda: calls.append(1) or False)
+    monkeypatch.setattr(runner_mod, "release_free_memory", lambda: calls.append(1) or False)
     run(tiny_model, rows, SMALL, tmp_path / "trim")  # release_memory=True is the default
     n_layers, n_batches = tiny_model.cfg.n_layers, len(rows) // SMALL.batch_size
     # Every block's 4 trim points fire except the last block's resid_post (the forward stops there);
@@ -147,7 +148,7 @@ def test_release_memory_trims_inside_the_forward_and_keeps_bytes(
     assert calls == [] and files(tmp_path / "keep") == files(clean_small)
 
 
-@pytest.mark.skipif(cache_mod._MALLOC_TRIM is None, reason="needs glibc malloc_trim")
+@pytest.mark.skipif(runner_mod._MALLOC_TRIM is None, reason="needs glibc malloc_trim")
 @pytest.mark.skipif(any(k.startswith("MALLOC_") for k in os.environ), reason="glibc tuned by MALLOC_* variables")
 def test_release_free_memory_returns_freed_heap_to_the_os() -> None:
     """Freed heap blocks stay resident under glibc's dynamic mmap threshold until release_free_memory()."""
@@ -164,7 +165,7 @@ def test_release_free_memory_returns_freed_heap_to_the_os() -> None:
     keep = blocks.pop()  # the topmost block stays alive, so free() cannot shrink the heap from its top
     del blocks
     before = rss_mib()
-    assert cache_mod.release_free_memory() is True
+    assert runner_mod.release_free_memory() is True
     assert before - rss_mib() > 60, "the freed 119 MiB should leave the resident set"
     del keep
 
@@ -175,7 +176,7 @@ def test_release_free_memory_returns_freed_heap_to_the_os() -> None:
 def test_resume_after_exception_is_byte_identical(
     tiny_model: Any, rows: list[BoxRow], clean_small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = cache_mod._write_shard
+    real = cache_mod.write_shard
     calls = {"n": 0}
 
     def failing(path: Path, tensors: Any, metadata: Any) -> str:
@@ -184,13 +185,13 @@ def test_resume_after_exception_is_byte_identical(
             raise RuntimeError("simulated crash while writing shard 1")
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(cache_mod, "_write_shard", failing)
+    monkeypatch.setattr(cache_mod, "write_shard", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(tiny_model, rows, SMALL, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "rows.json", "shard_00000.safetensors"]
     with pytest.raises(EntitylensError, match=r"unfinished \(1/3 shards\); rerun the same"):
         load_cache(tmp_path)
-    monkeypatch.setattr(cache_mod, "_write_shard", real)
+    monkeypatch.setattr(cache_mod, "write_shard", real)
     index = run(tiny_model, rows, SMALL, tmp_path)
     assert (index.computed, index.reused) == (2, 1)
     assert files(tmp_path) == files(clean_small)
@@ -212,14 +213,14 @@ def test_resume_after_sigkill_is_byte_identical(
         import entitylens.activations.cache as C
         from entitylens.models import load_model
 
-        real, n = C._write_shard, [0]
+        real, n = C.write_shard, [0]
         def killing(path, tensors, metadata):
             digest = real(path, tensors, metadata)
             n[0] += 1
             if n[0] == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
             return digest
-        C._write_shard = killing
+        C.write_shard = killing
         cfg = C.CacheConfig(hooks=("resid_post",), roles=("query_box", "last"), batch_size=2, shard_size=4)
         torch.set_num_threads({torch.get_num_threads()})  # same kernels as the parent: same bytes
         C.cache_activations(load_model("tiny:llama"), sample_rows(), cfg, {str(out)!r}, model_spec="tiny:llama")
@@ -271,15 +272,16 @@ def test_refuses_other_model_dataset_or_config(
     shutil.copytree(clean_small, out)
     before = files(out)
     other = load_model("tiny:llama?seed=1")
-    with pytest.raises(EntitylensError, match="built from a different model; use a new --out directory or pass"):
+    msg = r"holds a cache of other inputs \(different model\); use another --out or pass --overwrite"
+    with pytest.raises(EntitylensError, match=msg):
         run(other, rows, SMALL, out)
     with pytest.raises(EntitylensError, match="built from another model"):
         load_cache(out, model=other)
-    with pytest.raises(EntitylensError, match="built from a different dataset"):
+    with pytest.raises(EntitylensError, match=r"holds a cache of other inputs \(different dataset, tokens\)"):
         run(tiny_model, rows[:-1], SMALL, out)
     with pytest.raises(EntitylensError, match="built from another dataset"):
         load_cache(out, data=rows[1:])
-    with pytest.raises(EntitylensError, match="built from a different configuration"):
+    with pytest.raises(EntitylensError, match=r"holds a cache of other inputs \(different config\)"):
         run(tiny_model, rows, replace(SMALL, roles=("last",)), out)
     assert files(out) == before  # nothing already cached is lost
     load_cache(out, model=tiny_model, data=rows)
@@ -354,7 +356,7 @@ def test_role_lookup_does_not_import_the_figure_layer() -> None:
     code = (
         "import sys\n"
         "from entitylens.activations import find_roles\n"
-        "import entitylens.testbed.protocol\n"
+        "import entitylens.task.compact\n"
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported by role lookup'\n"
         "from entitylens.testbed import run_testbed_eval\n"
         "assert callable(run_testbed_eval)\n"

@@ -292,7 +292,7 @@ def test_out_of_memory_halves_the_batch(
 ) -> None:
     prompts = short_prompts * 2
     reference = generate_statements(separator_biased_tiny, prompts, DecodeConfig(batch_size=1), max_new_tokens=150)
-    real_forward = decode_mod._KVRunner.forward
+    real_forward = decode_mod.KVRunner.forward
     sizes = []
 
     def flaky_forward(self: Any, feeds: list[list[int]], positions: list[int]) -> torch.Tensor:
@@ -301,7 +301,7 @@ def test_out_of_memory_halves_the_batch(
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_forward(self, feeds, positions)
 
-    monkeypatch.setattr(decode_mod._KVRunner, "forward", flaky_forward)
+    monkeypatch.setattr(decode_mod.KVRunner, "forward", flaky_forward)
     monkeypatch.setattr(decode_mod, "_auto_batch_size", lambda *a, **k: 8)
     got = generate_statements(separator_biased_tiny, prompts, DecodeConfig(batch_size="auto"), max_new_tokens=150)
     assert _key(got) == _key(reference)

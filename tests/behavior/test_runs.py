@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from entitylens.behavior.baselines import mentioned_objects, random_contents
+from entitylens.behavior.combine import merge_runs
 from entitylens.behavior.evaluate import EvalConfig, evaluate, load_finished
-from entitylens.behavior.runs import ModelRun, compare, merge_runs, run_eval, summary_table
+from entitylens.behavior.runs import ModelRun, run_eval
+from entitylens.behavior.tables import compare, summary_table
 from entitylens.errors import EntitylensError
 from entitylens.models.registry import PAPER_RANDOM_BASELINE
 from entitylens.stats import mcnemar_p
@@ -133,7 +135,7 @@ def test_comparison_tests_with_the_state_as_unit_and_keeps_row_mcnemar(dataset):
     assert overall["test_rows"].startswith("exact McNemar over box rows")
     assert overall["difference"] == pytest.approx(sum(ys) / len(ys) - sum(xs) / len(xs))
     assert overall["ci_low"] <= overall["difference"] <= overall["ci_high"]
-    assert sum(r["n"] for r in table.rows if r["bucket"] != "overall") == len(xs)
+    assert sum(r["n"] for r in table.to_dict("records") if r["bucket"] != "overall") == len(xs)
     # p_value: sign-flip test over states, written here as a Monte Carlo over whole states
     per_state: dict[str, int] = {}
     for pa, pb in zip(a.predictions, b.predictions):
@@ -177,7 +179,7 @@ def test_rerun_with_different_config_is_refused_and_nothing_changes(dataset, tmp
     out = tmp_path / "run"
     run_eval(BASELINE_MODELS[:1], path, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(EntitylensError, match="different config.*eval"):
+    with pytest.raises(EntitylensError, match="other inputs.*different .*eval"):
         run_eval(BASELINE_MODELS[:1], path, out, EvalConfig(score_mode="strict"))
     with pytest.raises(EntitylensError, match="models"):
         run_eval(BASELINE_MODELS[:2], path, out)

@@ -21,6 +21,7 @@ from entitylens.activations.cache import (
     query_text,
 )
 from entitylens.activations.hooks import HOOK_ALIASES, HookSpec, resolve_hooks, resolve_model_hooks
+from entitylens.activations.prompts import compact_cache_prompts
 from entitylens.activations.roles import (
     ROLE_CATALOGUE,
     PromptStructure,
@@ -42,6 +43,7 @@ __all__ = [
     "PromptStructure",
     "build_prompts",
     "cache_activations",
+    "compact_cache_prompts",
     "find_roles",
     "load_cache",
     "model_fingerprint",

@@ -46,9 +46,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 from entitylens.errors import EntitylensError
+from entitylens.task.compact import is_compact_prompt
 
 Span = tuple[int, int]
 """A half-open character range ``[start, end)`` in the prompt text."""
@@ -199,6 +200,80 @@ def _parse_description(text: str, start: int, end: int) -> tuple[dict[str, Span]
     return boxes, objects
 
 
+_COMPACT_WORD_RE = re.compile(r"\S+")
+_COMPACT_LABEL_RE = re.compile(r"^B(\d+)$")
+def compact_structure(text: str) -> PromptStructure:
+    """Parse a compact prompt into the role finder's ``PromptStructure`` (character spans).
+
+    ``query_box`` is the final ``Bk`` label, ``desc_boxes`` maps each label's number (``"3"``) to its
+    ``Bk`` token in the description, ``desc_objects`` each described object to its token, and each
+    operation's spans are its objects, its (source) box and its destination. ``query_contains`` is
+    ``None`` (the compact format has no ``contains``).
+
+    Args:
+        text: A compact prompt (:func:`is_compact_prompt`).
+
+    Returns:
+        The :class:`~entitylens.activations.roles.PromptStructure`.
+
+    Raises:
+        EntitylensError: If ``text`` is not a compact prompt.
+    """
+    if not is_compact_prompt(text):
+        raise EntitylensError("not a compact prompt (expected 'B0 ... | Bk'); build it with compact_prompt()")
+    words = [(m.group(), m.span()) for m in _COMPACT_WORD_RE.finditer(text)]
+    bar = max(i for i, (w, _) in enumerate(words) if w == "|")
+    q_word, q_span = words[-1]
+    desc_boxes: dict[str, tuple[int, int]] = {}
+    desc_objects: dict[str, tuple[int, int]] = {}
+    operations = []
+    i = 0
+    # description: "Bk objects ;" per box, then operations, each ended by "."
+    while i < bar:
+        m = _COMPACT_LABEL_RE.match(words[i][0])
+        if m is None or m.group(1) in desc_boxes:
+            break
+        desc_boxes[m.group(1)] = words[i][1]
+        i += 1
+        while i < bar and words[i][0] != ";":
+            desc_objects[words[i][0]] = words[i][1]
+            i += 1
+        i += 1  # the ";"
+    while i < bar:
+        verb = words[i][0]
+        j = i + 1
+        objs: list[tuple[int, int]] = []
+        while j < bar and not _COMPACT_LABEL_RE.match(words[j][0]) and words[j][0] != ".":
+            objs.append(words[j][1])
+            j += 1
+        boxes = []
+        while j < bar and _COMPACT_LABEL_RE.match(words[j][0]):
+            boxes.append(words[j][1])
+            j += 1
+        if verb not in ("put", "remove", "move") or not boxes or j >= bar or words[j][0] != ".":
+            raise EntitylensError(
+                f"cannot parse the compact operation starting at {text[words[i][1][0] :][:40]!r}"
+            )
+        operations.append(
+            OperationSpans(
+                objects=tuple(objs),
+                box=boxes[0],
+                dest=boxes[1] if verb == "move" and len(boxes) > 1 else None,
+            )
+        )
+        i = j + 1
+    qm = _COMPACT_LABEL_RE.match(q_word)
+    assert qm is not None
+    return PromptStructure(
+        query_label=qm.group(1),
+        query_box=q_span,
+        query_contains=None,
+        desc_boxes=desc_boxes,
+        desc_objects=desc_objects,
+        operations=tuple(operations),
+    )
+
+
 def parse_prompt(text: str) -> PromptStructure:
     """Parse a boxes prompt into the character spans that roles point at.
 
@@ -213,12 +288,10 @@ def parse_prompt(text: str) -> PromptStructure:
 
     Returns:
         The spans found; parts that are absent are ``None`` / empty. The testbed's compact prompts
-        (``"B0 car ; ... | B3"``) are parsed by :func:`entitylens.testbed.protocol.compact_structure`, so
-        every role means the same tokens in both forms.
+        (``"B0 car ; ... | B3"``) are parsed by :func:`compact_structure`, so every role means the same
+        tokens in both forms.
 
     """
-    from entitylens.testbed.protocol import compact_structure, is_compact_prompt
-
     if is_compact_prompt(text):
         return compact_structure(text)
     m = _QUERY_RE.search(text)
@@ -390,6 +463,20 @@ def tokenize_with_offsets(
     return ids, offsets
 
 
+@overload
+def find_roles(
+    text: str, offsets: Sequence[tuple[int, int]] | Any, roles: Sequence[str], *,
+    allow_missing: Literal[False] = False, row: str | int | None = None,
+) -> dict[str, int]: ...
+
+
+@overload
+def find_roles(
+    text: str, offsets: Sequence[tuple[int, int]] | Any, roles: Sequence[str], *,
+    allow_missing: bool, row: str | int | None = None,
+) -> dict[str, int | None]: ...
+
+
 def find_roles(
     text: str,
     offsets: Sequence[tuple[int, int]] | Any,
@@ -397,7 +484,7 @@ def find_roles(
     *,
     allow_missing: bool = False,
     row: str | int | None = None,
-) -> dict[str, int | None]:
+) -> dict[str, int] | dict[str, int | None]:
     """Token index of each role in one prompt.
 
     Args:

@@ -12,9 +12,12 @@ and the evaluation layer on top of it:
 
 * :func:`~entitylens.behavior.evaluate.evaluate`, :class:`~entitylens.behavior.evaluate.EvalConfig`,
   :class:`~entitylens.behavior.evaluate.EvalResult` -- one model on a list of states, resumable;
-* :func:`~entitylens.behavior.runs.run_eval`, :func:`~entitylens.behavior.runs.merge_runs`,
-  :func:`~entitylens.behavior.runs.compare`, :func:`~entitylens.behavior.runs.summary_table` -- run
-  directories with summaries, paired comparisons (exact McNemar) and figures.
+* :func:`~entitylens.behavior.runs.run_eval` -- run directories (resumable, shardable);
+  :func:`~entitylens.behavior.combine.merge_runs` / :func:`~entitylens.behavior.combine.combine_runs`;
+  :func:`~entitylens.behavior.tables.compare`, :func:`~entitylens.behavior.tables.summary_table` --
+  summaries, paired comparisons (the state as the unit) and figures;
+* :func:`~entitylens.behavior.compact.compact_answers` -- the testbed's compact protocol, decoded by the same
+  loop.
 """
 
 from __future__ import annotations
@@ -36,10 +39,14 @@ _LAZY = {
     "evaluate": "entitylens.behavior.evaluate",
     "ModelRun": "entitylens.behavior.runs",
     "run_eval": "entitylens.behavior.runs",
-    "merge_runs": "entitylens.behavior.runs",
-    "load_run": "entitylens.behavior.runs",
-    "compare": "entitylens.behavior.runs",
-    "summary_table": "entitylens.behavior.runs",
+    "merge_runs": "entitylens.behavior.combine",
+    "combine_runs": "entitylens.behavior.combine",
+    "load_run": "entitylens.behavior.combine",
+    "compare": "entitylens.behavior.tables",
+    "summary_table": "entitylens.behavior.tables",
+    "CompactDecoding": "entitylens.behavior.compact",
+    "compact_answers": "entitylens.behavior.compact",
+    "compact_predictor": "entitylens.behavior.compact",
     "exact_mcnemar": "entitylens.stats",
     "BASELINES": "entitylens.behavior.baselines",
 }

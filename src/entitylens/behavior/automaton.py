@@ -12,6 +12,7 @@ whatever text precedes and follows it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -153,7 +154,7 @@ class TokenAutomaton:
         self._table_flat = table.reshape(-1)
         self._next: dict[int, np.ndarray] = {}
         self._mask: dict[int, Tensor] = {}
-        self._jump: dict[tuple[int, str], Jump] = {}
+        self._jump: dict[tuple[int, str | None], Jump] = {}
 
     # ------------------------------------------------------------------ per-state tables
     def next_states(self, state: int) -> np.ndarray:
@@ -306,3 +307,19 @@ class TokenAutomaton:
             best = n
         text = self.text(common[:best])
         return Jump(tuple(common[:best]), text, self.grammar.walk(state, text))
+
+
+_AUTOMATA: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], TokenAutomaton]] = weakref.WeakKeyDictionary()
+
+
+def get_automaton(
+    tokenizer: Any, grammar: StatementGrammar, vocab_size: int | None = None, device: str | torch.device = "cpu"
+) -> TokenAutomaton:
+    """The (cached) token automaton of ``grammar`` over ``tokenizer`` with masks on ``device``."""
+    per_tok = _AUTOMATA.setdefault(tokenizer, {})
+    key = (grammar, vocab_size, str(torch.device(device)))
+    aut = per_tok.get(key)
+    if aut is None:
+        aut = TokenAutomaton(grammar, tokenizer, vocab_size=vocab_size, device=device)
+        per_tok[key] = aut
+    return aut

@@ -28,19 +28,27 @@ bridge's forward on the full sequence of each row at every step (TL-native bridg
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from entitylens.behavior.automaton import TokenAutomaton
+from entitylens.behavior.automaton import get_automaton
 from entitylens.behavior.grammar import DEAD, StatementGrammar
+from entitylens.behavior.runners import (
+    KVRunner,
+    RecomputeRunner,
+    device_of,
+    is_hf_model,
+    logits_width,
+    original_model,
+    prefix_cache,
+    unwrap_agrees,
+    unwrapped_hf_model,
+)
 from entitylens.errors import EntitylensError
 from entitylens.models.loading import tokenizer_prepends_bos
 from entitylens.models.tokens import model_prepends_bos, prompt_ids
@@ -75,6 +83,9 @@ class DecodeConfig:
             ``"hf"``, ``"hooked"`` or ``"recompute"`` (see the module docstring).
         stop_strings: Unconstrained mode stops when the generated text contains one of these; the
             returned text is cut before it.
+        pad: Batch prompts of different token lengths with left padding (default). ``False`` puts only
+            prompts of equal length in one batch, so no row is ever padded (the compact protocol's
+            short answers: many prompts share a length).
     """
 
     mode: Mode = "constrained"
@@ -85,6 +96,7 @@ class DecodeConfig:
     batch_size: int | Literal["auto"] = "auto"
     backend: Backend = "auto"
     stop_strings: tuple[str, ...] = ("\n\n",)
+    pad: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("constrained", "unconstrained"):
@@ -127,6 +139,7 @@ class Generation:
         truncated: The budget ran out before the statement was complete.
         steps: Model forward steps whose prediction chose a token for this row (forced tokens cost none).
         forced_tokens: Tokens appended by jump-forward without a model step.
+        stop: Unconstrained mode: the stop string that ended the text (``None``: EOS or the budget).
     """
 
     text: str
@@ -134,299 +147,11 @@ class Generation:
     truncated: bool
     steps: int
     forced_tokens: int = 0
+    stop: str | None = None
 
 
 def _is_positive_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
-
-
-# ---------------------------------------------------------------------------------------------- model plumbing
-def _is_hf_model(m: Any) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(m, PreTrainedModel)
-
-
-def _original_model(model: Any) -> Any:
-    if _is_hf_model(model):
-        return model
-    try:
-        return model.original_model
-    except AttributeError:
-        return None
-
-
-@contextlib.contextmanager
-def unwrapped_hf_model(model: Any) -> Iterator[Any]:
-    """The plain Hugging Face model inside a :class:`TransformerBridge`, with SDPA attention.
-
-    A bridge inserts wrapper modules (hook points) into the Hugging Face module tree and switches attention
-    to eager. Inside this context the wrappers are swapped back for the modules they wrap and attention is
-    SDPA, so the model runs as plain transformers would (bridge hooks do not fire). Everything is restored
-    on exit, also on error.
-
-    Args:
-        model: A :class:`TransformerBridge` or a Hugging Face ``PreTrainedModel`` (yielded unchanged).
-
-    Yields:
-        The Hugging Face model.
-    """
-    hf = _original_model(model)
-    if hf is None or not _is_hf_model(hf):
-        raise EntitylensError("this model has no Hugging Face model inside; use DecodeConfig(backend='recompute')")
-    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
-
-    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
-
-    def visit(mod: torch.nn.Module) -> None:
-        for name, child in list(mod._modules.items()):
-            if child is None:
-                continue
-            if isinstance(child, GeneralizedComponent):
-                orig = child._modules.get("_original_component")
-                if orig is None:
-                    continue
-                swaps.append((mod, name, child))
-                mod._modules[name] = orig
-                visit(orig)
-            else:
-                visit(child)
-
-    configs: dict[int, Any] = {}
-    for cfg in (getattr(hf, "config", None),):
-        if cfg is None:
-            continue
-        configs[id(cfg)] = cfg
-        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else None
-        if text_cfg is not None:
-            configs[id(text_cfg)] = text_cfg
-    for sub in hf.modules():
-        cfg = getattr(sub, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            configs[id(cfg)] = cfg
-    saved = [(cfg, cfg._attn_implementation) for cfg in configs.values() if hasattr(cfg, "_attn_implementation")]
-    try:
-        visit(hf)
-        for cfg, _ in saved:
-            cfg._attn_implementation = "sdpa"
-        yield hf
-    finally:
-        for mod, name, child in reversed(swaps):
-            mod._modules[name] = child
-        for cfg, impl in saved:
-            cfg._attn_implementation = impl
-
-
-_UNWRAP_CHECKED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-
-def _unwrap_agrees(bridge: Any, tokenizer: Any) -> bool:
-    """Whether the unwrapped Hugging Face model gives the bridge's logits (checked once per model)."""
-    hf = _original_model(bridge)
-    if hf is bridge:
-        return True
-    got = _UNWRAP_CHECKED.get(hf)
-    if got is not None:
-        return got
-    ids = tokenizer("Box 0 contains the car and the map.", add_special_tokens=True)["input_ids"]
-    x = torch.tensor([ids], device=_device_of(hf))
-    with torch.inference_mode():
-        ref = hf(input_ids=x).logits.float()
-        with unwrapped_hf_model(bridge) as plain:
-            out = plain(input_ids=x).logits.float()
-    scale = float(ref.abs().max()) + 1.0
-    ok = bool(torch.isfinite(out).all()) and float((out - ref).abs().max()) <= 2e-2 * scale
-    _UNWRAP_CHECKED[hf] = ok
-    return ok
-
-
-def _device_of(module: Any) -> torch.device:
-    try:
-        return next(module.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def _logits_width(model: Any, hf: Any, tokenizer: Any) -> int:
-    if hf is not None and hasattr(hf, "get_output_embeddings") and hf.get_output_embeddings() is not None:
-        return int(hf.get_output_embeddings().weight.shape[0])
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and getattr(cfg, "d_vocab", None):
-        return int(cfg.d_vocab)
-    return len(tokenizer)
-
-
-_AUTOMATA: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], TokenAutomaton]] = weakref.WeakKeyDictionary()
-
-
-def get_automaton(
-    tokenizer: Any, grammar: StatementGrammar, vocab_size: int | None = None, device: str | torch.device = "cpu"
-) -> TokenAutomaton:
-    """The (cached) token automaton of ``grammar`` over ``tokenizer`` with masks on ``device``."""
-    per_tok = _AUTOMATA.setdefault(tokenizer, {})
-    key = (grammar, vocab_size, str(torch.device(device)))
-    aut = per_tok.get(key)
-    if aut is None:
-        aut = TokenAutomaton(grammar, tokenizer, vocab_size=vocab_size, device=device)
-        per_tok[key] = aut
-    return aut
-
-
-# ---------------------------------------------------------------------------------------------- batch runners
-def sliding_window_layout(hf: Any) -> tuple[int, tuple[str, ...] | None] | None:
-    """The sliding window of a Hugging Face model: ``(window, layer_types)``, or None without sliding layers.
-
-    ``layer_types`` is the per-layer list (``"sliding_attention"`` / ``"full_attention"``) for models that
-    mix both (Gemma-2/3, Qwen2 with ``use_sliding_window``), ``None`` for models whose every layer slides
-    (Mistral-style ``sliding_window``).
-    """
-    cfg = getattr(hf, "config", None)
-    if cfg is None:
-        return None
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    window = getattr(cfg, "sliding_window", None)
-    if not window:
-        return None
-    types = getattr(cfg, "layer_types", None)
-    if types is None:
-        return int(window), None
-    types = tuple(types)
-    return (int(window), types) if "sliding_attention" in types else None
-
-
-def position_masks(
-    query_pos: Tensor, key_pos: Tensor, window: int, layer_types: tuple[str, ...] | None, dtype: torch.dtype
-) -> Tensor | dict[str, Tensor]:
-    """Additive attention masks that window by token *position*, not by cache slot.
-
-    In a padded batch the cache holds pad slots between a row's tokens, so a window counted in slots (what a
-    Hugging Face sliding-window cache and mask do) sees fewer real tokens than the same row alone. Here a
-    key is visible to a query when it is a real token (``key_pos >= 0``), not in the query's future, and --
-    for sliding layers -- fewer than ``window`` positions back, exactly HF's rule for an unpadded sequence.
-    A pad query attends only to its own slot (its output is never read).
-
-    Args:
-        query_pos: Position of every new slot, ``-1`` for pads: ``[batch, q]``.
-        key_pos: Position of every cache slot after the update (the new slots last), ``-1`` for pads:
-            ``[batch, k]``.
-        window: The sliding window.
-        layer_types: Per-layer types (a dict of masks is returned), or None (every layer slides: one mask).
-        dtype: The model's dtype.
-
-    Returns:
-        ``[batch, 1, q, k]`` mask(s): 0 where attention is allowed, the dtype's minimum elsewhere.
-    """
-    q = query_pos[:, :, None]
-    k = key_pos[:, None, :]
-    causal = (k >= 0) & (k <= q)
-    n_q, n_k = query_pos.shape[1], key_pos.shape[1]
-    own = torch.zeros(n_q, n_k, dtype=torch.bool, device=query_pos.device)
-    own[torch.arange(n_q), torch.arange(n_k - n_q, n_k)] = True
-    causal = causal | ((q < 0) & own[None])
-    sliding = causal & ((q - k < window) | (q < 0))
-    zero = torch.zeros((), dtype=dtype, device=query_pos.device)
-    low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=query_pos.device)
-
-    def additive(allowed: Tensor) -> Tensor:
-        return torch.where(allowed, zero, low)[:, None]
-
-    if layer_types is None:
-        return additive(sliding)
-    return {"full_attention": additive(causal), "sliding_attention": additive(sliding)}
-
-
-class _KVRunner:
-    """One batch on a Hugging Face causal LM with a DynamicCache; rows may feed several tokens per forward.
-
-    Models with sliding-window layers get a cache that never evicts and explicit per-position masks
-    (:func:`position_masks`), so a padded row attends to exactly what it would attend to alone.
-    """
-
-    def __init__(self, hf: Any, batch: int, prefix_cache: Any, prefix_len: int, pad_id: int) -> None:
-        from transformers import DynamicCache
-
-        self.hf = hf
-        self.device = _device_of(hf)
-        self.pad_id = pad_id
-        self.sliding = sliding_window_layout(hf)
-        if prefix_cache is not None and prefix_len > 0:
-            self.cache = copy.deepcopy(prefix_cache)
-            self.cache.batch_repeat_interleave(batch)
-            self.mask = torch.ones(batch, prefix_len, dtype=torch.long, device=self.device)
-        else:
-            self.cache = DynamicCache() if self.sliding else DynamicCache(config=hf.config)
-            self.mask = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-        # Position of every cache slot (-1: pad); only used with sliding windows.
-        self.slot_pos = torch.arange(self.mask.shape[1], device=self.device).repeat(batch, 1)
-
-    def forward(self, feeds: list[list[int]], positions: list[int]) -> Float[Tensor, "batch vocab"]:
-        width = max(len(f) for f in feeds)
-        ids, mask, pos = [], [], []
-        for f, p in zip(feeds, positions, strict=True):
-            pad = width - len(f)
-            ids.append([self.pad_id] * pad + f)
-            mask.append([0] * pad + [1] * len(f))
-            pos.append([p] * pad + list(range(p, p + len(f))))
-        dev = self.device
-        new_mask = torch.tensor(mask, dtype=torch.long, device=dev)
-        self.mask = torch.cat([self.mask, new_mask], dim=1)
-        position_ids = torch.tensor(pos, dtype=torch.long, device=dev)
-        attention: Any = self.mask
-        if self.sliding is not None:
-            query_pos = torch.where(new_mask.bool(), position_ids, -1)
-            self.slot_pos = torch.cat([self.slot_pos, query_pos], dim=1)
-            window, types = self.sliding
-            attention = position_masks(query_pos, self.slot_pos, window, types, self.hf.dtype)
-        out = self.hf(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            attention_mask=attention,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self.cache = out.past_key_values
-        return out.logits[:, -1, :]
-
-    def select(self, keep: list[int]) -> None:
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.cache.batch_select_indices(idx)
-        self.mask = self.mask.index_select(0, idx)
-        self.slot_pos = self.slot_pos.index_select(0, idx)
-
-
-def _prefix_cache(runnable: Any, ids: list[int], device: torch.device) -> Any:
-    """The KV cache of the shared prefix (batch 1); a non-evicting cache for sliding-window models."""
-    from transformers import DynamicCache
-
-    kwargs: dict[str, Any] = {}
-    if sliding_window_layout(runnable) is not None:
-        kwargs["past_key_values"] = DynamicCache()  # a sliding cache would evict what later pads push out
-    return runnable(
-        input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1, **kwargs
-    ).past_key_values
-
-
-class _RecomputeRunner:
-    """No KV cache: each row's full sequence goes through the bridge's forward at every step."""
-
-    def __init__(self, model: Any, batch: int) -> None:
-        self.model = model
-        self.device = torch.device(getattr(getattr(model, "cfg", None), "device", None) or _device_of(model))
-        self.seqs: list[list[int]] = [[] for _ in range(batch)]
-
-    def forward(self, feeds: list[list[int]], positions: list[int]) -> Float[Tensor, "batch vocab"]:
-        rows = []
-        for seq, f in zip(self.seqs, feeds, strict=True):
-            seq.extend(f)
-            x = torch.tensor([seq], dtype=torch.long, device=self.device)
-            rows.append(self.model(x, return_type="logits")[0, -1, :])
-        return torch.stack(rows)
-
-    def select(self, keep: list[int]) -> None:
-        self.seqs = [self.seqs[i] for i in keep]
 
 
 # ---------------------------------------------------------------------------------------------- decoding loop
@@ -468,9 +193,9 @@ class _Decoder:
         self.tokenizer = tokenizer
         self.config = config
         self.backend = backend
-        self.hf = _original_model(model)
-        self.device = _device_of(self.hf) if self.hf is not None else _device_of(model)
-        width = _logits_width(model, self.hf, tokenizer)
+        self.hf = original_model(model)
+        self.device = device_of(self.hf) if self.hf is not None else device_of(model)
+        width = logits_width(model, self.hf, tokenizer)
         self.grammar = config.grammar
         self.automaton = get_automaton(tokenizer, self.grammar, width, self.device)
         self.eos_ids = self._eos_ids()
@@ -566,16 +291,18 @@ class _Decoder:
             self._finish_if_done(r)
 
     def result(self, r: _Row) -> Generation:
+        stop = None
         if self.config.mode == "unconstrained":
             text = self.automaton.decode(r.gen)
-            cuts = [text.index(s) for s in self.config.stop_strings if s in text]
+            cuts = sorted((text.index(s), s) for s in self.config.stop_strings if s in text)
             if cuts:
-                text = text[: min(cuts)]
+                text, stop = text[: cuts[0][0]], cuts[0][1]
         else:
             text = self.automaton.text(r.gen)
         return Generation(
-            text=text, token_ids=tuple(r.gen), truncated=r.truncated, steps=r.steps, forced_tokens=r.forced
-        )
+            text=text, token_ids=tuple(r.gen), truncated=r.truncated, steps=r.steps, forced_tokens=r.forced,
+            stop=stop,
+        )  # fmt: skip
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -669,12 +396,12 @@ def generate_statements(
             )
     backend = _resolve_backend(model, tokenizer, config.backend)
     ctx: contextlib.AbstractContextManager[Any]
-    if backend == "hf" and not _is_hf_model(model):
+    if backend == "hf" and not is_hf_model(model):
         ctx = unwrapped_hf_model(model)
     else:
-        ctx = contextlib.nullcontext(_original_model(model) if backend != "recompute" else model)
+        ctx = contextlib.nullcontext(original_model(model) if backend != "recompute" else model)
     if bos is None:
-        bos = tokenizer_prepends_bos(tokenizer) if _is_hf_model(model) else model_prepends_bos(model)
+        bos = tokenizer_prepends_bos(tokenizer) if is_hf_model(model) else model_prepends_bos(model)
     with torch.inference_mode(), ctx as runnable:
         return _generate(model, runnable, tokenizer, prompts, budgets, config, shared_prefix, backend, bool(bos))
 
@@ -695,22 +422,31 @@ def _budgets(max_new_tokens: int | Sequence[int] | None, default: int, n: int) -
 
 
 def _resolve_backend(model: Any, tokenizer: Any, requested: str) -> str:
-    hf = _original_model(model)
-    has_hf = hf is not None and _is_hf_model(hf)
+    hf = original_model(model)
+    has_hf = hf is not None and is_hf_model(hf)
     if requested in ("hf", "hooked") and not has_hf:
         raise EntitylensError(
             f"backend={requested!r} needs a Hugging Face model inside the bridge; use DecodeConfig(backend='recompute')"
         )
-    if requested == "recompute" and _is_hf_model(model):
+    if requested == "recompute" and is_hf_model(model):
         raise EntitylensError("backend='recompute' needs a TransformerBridge; use backend='hf' for a plain HF model")
     if requested != "auto":
         return requested
     if not has_hf:
         return "recompute"
-    if _is_hf_model(model) or _unwrap_agrees(model, tokenizer):
+    if is_hf_model(model) or unwrap_agrees(model, tokenizer):
         return "hf"
     logger.warning("the unwrapped Hugging Face model disagrees with the bridge; decoding through the bridge's hooks")
     return "hooked"
+
+
+def _shared_prefix(pre: list[int], enc: list[list[int]]) -> tuple[int, list[bool]]:
+    """The longest token prefix common to the tokenized prefix and (nearly) every prompt, and who shares it."""
+    lcps = [min(_lcp(pre, ids), len(ids) - 1) for ids in enc]
+    ok = [lc >= max(1, len(pre) - 2) for lc in lcps]
+    if not any(ok):
+        return 0, [False] * len(enc)
+    return min(lc for lc, o in zip(lcps, ok, strict=True) if o), ok
 
 
 def _generate(
@@ -728,16 +464,9 @@ def _generate(
     aut, grammar = dec.automaton, dec.grammar
     enc = [prompt_ids(tokenizer, p, bos) for p in prompts]
 
-    # Shared prefix: the longest token prefix common to the tokenized prefix and (nearly) every prompt.
-    share_len = 0
-    sharing = [False] * len(prompts)
+    share_len, sharing = (0, [False] * len(prompts))
     if shared_prefix and backend != "recompute":
-        pre = prompt_ids(tokenizer, shared_prefix, bos)
-        lcps = [min(_lcp(pre, ids), len(ids) - 1) for ids in enc]
-        ok = [lc >= max(1, len(pre) - 2) for lc in lcps]
-        if any(ok):
-            share_len = min(lc for lc, o in zip(lcps, ok, strict=True) if o)
-            sharing = ok
+        share_len, sharing = _shared_prefix(prompt_ids(tokenizer, shared_prefix, bos), enc)
 
     rows: list[_Row] = []
     for i, (prompt, ids) in enumerate(zip(prompts, enc, strict=True)):
@@ -751,9 +480,9 @@ def _generate(
             state = jump.state if len(gen) == len(jump.token_ids) else aut.walk(state, gen)
         rows.append(_Row(i, ids, budgets[i], feed + gen, start, gen, state))
 
-    prefix_cache = None
+    shared_cache = None
     if share_len and backend != "recompute":
-        prefix_cache = _prefix_cache(runnable, enc[sharing.index(True)][:share_len], dec.device)
+        shared_cache = prefix_cache(runnable, enc[sharing.index(True)][:share_len], dec.device)
 
     out: list[Generation | None] = [None] * len(prompts)
     groups = [[r for r in rows if sharing[r.index]], [r for r in rows if not sharing[r.index]]]
@@ -768,12 +497,14 @@ def _generate(
             pos = 0
             while pos < len(group):
                 chunk = group[pos : pos + bs]
+                if not config.pad:  # equal lengths only: no row is ever padded
+                    chunk = [r for r in chunk if len(r.start_feed) == len(chunk[0].start_feed)]
                 try:
                     runner: Any
                     if backend == "recompute":
-                        runner = _RecomputeRunner(runnable, len(chunk))
+                        runner = RecomputeRunner(runnable, len(chunk))
                     else:
-                        runner = _KVRunner(runnable, len(chunk), prefix_cache if g == 0 else None,
+                        runner = KVRunner(runnable, len(chunk), shared_cache if g == 0 else None,
                                            share_len if g == 0 else 0, dec.pad_id)
                     dec.run_batch(chunk, runner)
                 except Exception as err:  # noqa: BLE001 - only out-of-memory is retried

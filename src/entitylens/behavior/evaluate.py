@@ -30,13 +30,19 @@ from entitylens.task.types import State
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
+COMPACT_PROTOCOL = "compact"
+"""The testbed's compact protocol (:mod:`entitylens.behavior.compact`), accepted wherever a statement protocol
+name is: ``EvalConfig(protocol="compact")``, ``entitylens eval --protocol compact``."""
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     """How to evaluate (everything that changes predictions; recorded with every run).
 
     Attributes:
-        protocol: Prompt protocol name (``"kst24"``) — see :func:`entitylens.task.prompts.get_protocol`.
+        protocol: Prompt protocol name: ``"kst24"`` (default), ``"kst24-code"``, ``"kst24-outlines"`` (see
+            :func:`entitylens.task.prompts.get_protocol`) or ``"compact"`` (the testbed's one query per box,
+            :mod:`entitylens.behavior.compact`; chat and decoding settings do not apply to it).
         chat: ``"auto"`` (chat template for chat/instruct models, per the registry), ``"always"`` or ``"never"``.
         decoding: ``"constrained"`` (greedy, constrained to the statement grammar; the paper's protocol) or
             ``"unconstrained"`` (plain greedy).
@@ -74,7 +80,8 @@ class EvalConfig:
             raise EntitylensError(f"batch_size must be a positive integer or 'auto', got {self.batch_size!r}")
         if self.max_numops < 0 or self.budget_margin < 0:
             raise EntitylensError("max_numops and budget_margin must be >= 0")
-        get_protocol(self.protocol)  # raises on an unknown protocol
+        if self.protocol != COMPACT_PROTOCOL:
+            get_protocol(self.protocol)  # raises on an unknown protocol
 
     def prediction_fields(self) -> dict[str, Any]:
         """The fields that change predictions (batch size does not: decoding is batch-invariant)."""
@@ -273,9 +280,14 @@ def model_predictor(model: Any, config: EvalConfig, protocol: StatementProtocol 
         The predictor.
 
     """
+    # Imported here so that scoring and the weight-free baselines never import torch.
     from entitylens.behavior.decode import DecodeConfig, generate_statements
     from entitylens.models.tokens import model_prepends_bos, prompt_ids
 
+    if protocol is None and config.protocol == COMPACT_PROTOCOL:
+        from entitylens.behavior.compact import compact_predictor  # torch, as above
+
+        return compact_predictor(model)
     protocol = protocol or get_protocol(config.protocol)
     tokenizer = model.tokenizer
     chat = uses_chat(model, config)

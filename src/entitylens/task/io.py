@@ -45,7 +45,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from entitylens._io import atomic_write
 from entitylens.errors import EntitylensError
@@ -90,11 +90,11 @@ def state_records(state: State) -> list[dict[str, Any]]:
 
     """
     form = check_form(state_form(state))
-    boxes = state.extra.get("boxes") or range(state.num_boxes)
+    boxes = cast("Sequence[int]", state.extra.get("boxes") or range(state.num_boxes))
     extras: Sequence[Mapping[str, Any]] | None = state.extra.get("fields")  # type: ignore[assignment]
     orders: Sequence[Sequence[str] | None] = state.extra.get("answer_order") or ()  # type: ignore[assignment]
     rows = []
-    for i, box in enumerate(boxes):  # type: ignore[arg-type]
+    for i, box in enumerate(boxes):
         order = orders[i] if i < len(orders) else None
         rec: dict[str, Any] = render_row(
             state.context, box, order or state.contents[box], state.variant, form, keep_order=order is not None

@@ -178,8 +178,9 @@ def parse_statement(text: str, num_boxes: int = NUM_BOXES, *, require_end: bool 
         seen.add(box)
         contains = _CONTAINS.match(part)
         if contains:
-            raw[box] = part[contains.end() :]
-            boxes[box] = parse_objects(raw[box]) if raw[box] else INVALID
+            listed = part[contains.end() :]
+            raw[box] = listed
+            boxes[box] = parse_objects(listed) if listed else INVALID
         elif _IS_EMPTY.match(part):
             raw[box] = "is empty"
             boxes[box] = ()

@@ -11,7 +11,7 @@ contents compare equal and serialise to identical bytes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,9 +29,9 @@ Contents = tuple[str, ...]
 """The objects in one box, sorted alphabetically."""
 
 
-def sorted_contents(objects: object) -> Contents:
+def sorted_contents(objects: Iterable[object]) -> Contents:
     """Return ``objects`` as an alphabetically sorted tuple of strings."""
-    return tuple(sorted(str(o) for o in objects))  # type: ignore[union-attr]
+    return tuple(sorted(str(o) for o in objects))
 
 
 @dataclass(frozen=True)

@@ -159,8 +159,8 @@ def apply_operation(boxes: Boxes, op: Operation, max_per_box: int = MAX_PER_BOX)
             new[op.dest] = sorted_contents(boxes[op.dest] + op.objects)
     else:  # put
         for o in op.objects:
-            for i, b in enumerate(boxes):
-                if o in b:
+            for i, held in enumerate(boxes):
+                if o in held:
                     raise EntitylensError(
                         f"put of {o!r} into box {op.box} but it is already in box {i}; put only objects in no box"
                     )
