@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -28,7 +29,6 @@ from entitylens.patching import (
     to_patch_pairs,
     write_patch_outputs,
 )
-from entitylens.table import read_csv
 from entitylens.task.generate import GeneratorConfig, generate_dataset, generate_states
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -96,7 +96,8 @@ def by_hand(tiny_model: Any, w: dict[str, Path]) -> list[PatchPair]:
 
 
 def rows(path: Path, **where: str) -> list[dict[str, str]]:
-    return [dict(r) for r in read_csv(path).where(**where)]
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if all(r[k] == v for k, v in where.items())]
 
 
 def num(x: str) -> float:
@@ -190,7 +191,7 @@ def test_attribution_and_agreement(tiny_model: Any, w: dict[str, Path], by_hand:
 
 
 def test_head_grid_rows_merge_with_earlier_components(tiny_model: Any, w: dict[str, Path], by_hand: list) -> None:
-    table = read_csv(w["run_a"] / "patch.csv")
+    table = rows(w["run_a"] / "patch.csv")
     assert {r["component"] for r in table} == {"resid_pre", "head_z"}
     entry = json.loads((w["run_a"] / "run.json").read_text())["results"]["patch/head_z"]
     n_heads = int(tiny_model.cfg.n_heads)
@@ -259,7 +260,7 @@ def test_cli_errors(w: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFi
     assert "unknown pair kind 'swap'" in msg
     msg = cli_error(capsys, "patch", "run", "--model", "tiny:llama?seed=1", "--pairs", pairs, "--component",
                     "resid_pre", "--out", str(w["run_a"]))  # fmt: skip
-    assert "holds results of another run" in msg and "--overwrite" in msg
+    assert "holds a patch run of other inputs" in msg and "--overwrite" in msg
     assert (w["run_a"] / "patch.csv").read_bytes() == before  # nothing already written is lost
     msg = cli_error(capsys, "patch", "run", "--model", "tiny:llama", "--pairs", pairs, "--component", "resid_pre",
                     "--roles", "query_box,op11_dest", "--out", str(tmp_path / "x"))  # fmt: skip
@@ -296,7 +297,7 @@ def test_pre_tokenised_pairs_run_and_overwrite(w: dict[str, Path], tmp_path: Pat
     assert main("patch", "run", "--model", "tiny:llama?seed=1", "--pairs", str(w["pairs"]), "--component",
                 "mlp_out", "--out", str(out), "--overwrite") == 0  # fmt: skip
     assert not (out / "result_resid_pre.safetensors").exists()  # the other model's files were replaced
-    assert {r["component"] for r in read_csv(out / "patch.csv")} == {"mlp_out"}
+    assert {r["component"] for r in rows(out / "patch.csv")} == {"mlp_out"}
 
 
 def test_pairs_cli_is_deterministic(w: dict[str, Path], tmp_path: Path) -> None:

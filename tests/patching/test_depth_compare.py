@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 
 from entitylens.cli import main
-from entitylens.patching.run import _interpolate_depth
-from entitylens.table import read_csv
+from entitylens.patching.compare import interpolate_depth
 from entitylens.task import GeneratorConfig, generate_dataset
 
 
@@ -43,16 +43,21 @@ def test_layer_by_layer_difference_across_depths_is_refused(runs: dict[str, Path
     assert "--depth relative" in capsys.readouterr().err
 
 
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_relative_depth_interpolates_the_deeper_model(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "c"
     assert main(["--quiet", "patch", "compare", str(runs["two"]), str(runs["three"]), "--out", str(out),
                  "--depth", "relative"]) == 0  # fmt: skip
-    rows = [r for r in read_csv(out / "compare.csv").rows if r["cell"] == "last"]
+    rows = [r for r in _rows(out / "compare.csv") if r["cell"] == "last"]
     rel = sorted({float(r["relative_depth"]) for r in rows})
     assert rel == [0.0, 1.0]  # the shallower model's layers 0 and 1 sit at relative depths 0 and 1
     # model B (3 layers: relative depths 0, .5, 1) is read at 0 and 1: its own layers 0 and 2
-    b = read_csv(runs["three"] / "patch.csv").where(pair="mean", cell="last")
-    by_layer = {int(r["layer"]): float(r["normalised"]) for r in b.rows}
+    b = [r for r in _rows(runs["three"] / "patch.csv") if r["pair"] == "mean" and r["cell"] == "last"]
+    by_layer = {int(r["layer"]): float(r["normalised"]) for r in b}
     got = {float(r["relative_depth"]): float(r["b"]) for r in rows}
     assert got[0.0] == pytest.approx(by_layer[0], abs=1e-5) and got[1.0] == pytest.approx(by_layer[2], abs=1e-5)
     p = tmp_path / "p"
@@ -64,7 +69,7 @@ def test_interpolation_by_hand() -> None:
     import torch
 
     values = torch.tensor([[0.0], [1.0], [4.0], [9.0], [16.0]])  # a 5-layer model: relative depths 0,.25,.5,.75,1
-    at = _interpolate_depth(values, [0, 1, 2, 3, 4], 5, [0, 1, 2], 3)  # read at 0, .5, 1
+    at = interpolate_depth(values, [0, 1, 2, 3, 4], 5, [0, 1, 2], 3)  # read at 0, .5, 1
     assert at.flatten().tolist() == [0.0, 4.0, 16.0]
-    mid = _interpolate_depth(values, [0, 1, 2, 3, 4], 5, [1], 4)  # relative 1/3: between .25 (1) and .5 (4)
+    mid = interpolate_depth(values, [0, 1, 2, 3, 4], 5, [1], 4)  # relative 1/3: between .25 (1) and .5 (4)
     assert float(mid) == pytest.approx(1 + (1 / 3 - 0.25) / 0.25 * 3)

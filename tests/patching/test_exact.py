@@ -9,6 +9,7 @@ import torch
 from patching_helpers import CLEAN, CORRUPTED, copy_pair, ids, peaked_answers, same_length_objects
 from transformer_lens import patching as tlp
 
+import entitylens.patching.engine_fast as engine_fast
 import entitylens.patching.exact as exact
 from entitylens.errors import EntitylensError
 from entitylens.patching import PatchPair, PatchResult, patch_grid, tokenizer_fingerprint
@@ -209,7 +210,7 @@ def test_mixed_start_positions_in_one_batch(
         ("layer_head", {"roles": ["object", "after_object", "last"]}) if component == "head_z" else ("layer_role", {})
     )
     ref = patch_grid(tiny_model, diff_pair, component, grid, method="hooks", **kw)
-    monkeypatch.setattr(exact, "MIX_START_POSITIONS", True)
+    monkeypatch.setattr(engine_fast, "MIX_START_POSITIONS", True)
     mixed = patch_grid(tiny_model, diff_pair, component, grid, batch_cells=5, **kw)
     _close(mixed, ref)
 
@@ -282,7 +283,7 @@ def test_layer_pos_pads_shorter_pairs_with_nan(tiny_model: Any, pair: PatchPair)
 
 @pytest.mark.parametrize("component", [*POSITION_COMPONENTS, "head_z"])
 def test_twin_activations_match_bridge_hooks(tiny_model: Any, pair: PatchPair, component: str) -> None:
-    runner = exact._TwinRunner(tiny_model)
+    runner = engine_fast.TwinRunner(tiny_model)
     layers = list(range(tiny_model.cfg.n_layers))
     cap = runner.capture(
         pair.clean_tokens, component, layers, pair.clean_answer_pos, pair.clean_answer, pair.corrupted_answer
@@ -295,7 +296,7 @@ def test_twin_activations_match_bridge_hooks(tiny_model: Any, pair: PatchPair, c
 
 
 def test_twin_shares_parameters_with_the_bridge(tiny_model: Any) -> None:
-    runner = exact._TwinRunner(tiny_model)
+    runner = engine_fast.TwinRunner(tiny_model)
     ours = {t.data_ptr() for t in runner.twin.parameters()}
     theirs = {t.data_ptr() for t in tiny_model.original_model.parameters()}
     assert ours <= theirs
@@ -305,7 +306,7 @@ def test_unsupported_model_falls_back_to_hooks(
     tiny_model: Any, pair: PatchPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ref = patch_grid(tiny_model, pair, "attn_out", "layer_pos", method="hooks")
-    monkeypatch.setattr(exact, "_FAST_MODEL_TYPES", frozenset())
+    monkeypatch.setattr(engine_fast, "FAST_MODEL_TYPES", frozenset())
     with pytest.warns(UserWarning, match="fast patching unavailable"):
         res = patch_grid(tiny_model, pair, "attn_out", "layer_pos")
     assert res.path == exact.PATH_HOOKS
@@ -315,7 +316,7 @@ def test_unsupported_model_falls_back_to_hooks(
 def test_twin_that_disagrees_with_bridge_falls_back(
     tiny_model: Any, pair: PatchPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(exact._TwinRunner, "verify", lambda self, *a, **k: 0.5)
+    monkeypatch.setattr(engine_fast.TwinRunner, "verify", lambda self, *a, **k: 0.5)
     with pytest.warns(UserWarning, match="does not reproduce the bridge"):
         res = patch_grid(tiny_model, pair, "resid_pre", "layer_role")
     assert res.path == exact.PATH_HOOKS

@@ -14,6 +14,7 @@ import torch
 from patching_helpers import same_length_pair
 from transformer_lens import patching as tlp
 
+import entitylens.patching.engine_fast as engine_fast
 import entitylens.patching.exact as exact
 from entitylens.models import load_model
 from entitylens.patching import PatchPair, patch_grid
@@ -57,7 +58,7 @@ def tl_grid(spec: str, name: str) -> torch.Tensor:
 @pytest.mark.parametrize("component", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_z"])
 def test_twin_activations_match_bridge_hooks(spec: str, component: str) -> None:
     model, pair = model_and_pair(spec)
-    runner = exact._TwinRunner(model)
+    runner = engine_fast.TwinRunner(model)
     layers = list(range(model.cfg.n_layers))
     cap = runner.capture(
         pair.clean_tokens, component, layers, pair.clean_answer_pos, pair.clean_answer, pair.corrupted_answer

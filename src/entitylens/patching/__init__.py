@@ -12,6 +12,8 @@
   token roles by name.
 - :func:`run_patching`, :func:`run_attribution`, :func:`run_cross` -- grids straight from text pairs;
   :func:`write_patch_outputs` -- ``patch.csv``, heatmaps, safetensors, ``agreement.json``, ``run.json``.
+- :class:`PatchConfig` + :func:`run_patch_job` -- the one patch job (pairs in, a checked run directory out)
+  that ``entitylens patch run`` / ``patch cross``, the patch study and the demo all run.
 """
 
 from entitylens.patching.attribution import agreement, attribution_grid
@@ -25,6 +27,7 @@ from entitylens.patching.exact import (
     patch_grid,
     tokenizer_fingerprint,
 )
+from entitylens.patching.job import PatchConfig, PatchJob, run_patch_job
 from entitylens.patching.metric import answer_metrics, answer_probability, logit_diff, normalise, top1_correct
 from entitylens.patching.pairs import (
     ALIAS_ROLES,
@@ -53,6 +56,8 @@ __all__ = [
     "COMPONENTS",
     "DEFAULT_ROLES",
     "GRIDS",
+    "PatchConfig",
+    "PatchJob",
     "PatchPair",
     "PAIR_KINDS",
     "PatchResult",
@@ -75,6 +80,7 @@ __all__ = [
     "result_table",
     "run_attribution",
     "run_cross",
+    "run_patch_job",
     "run_patching",
     "to_patch_pairs",
     "tokenizer_fingerprint",

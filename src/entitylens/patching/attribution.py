@@ -26,20 +26,16 @@ from jaxtyping import Float
 from torch import Tensor
 
 from entitylens.errors import EntitylensError
-from entitylens.patching.exact import (
-    Component,
-    Grid,
-    PatchPair,
-    PatchResult,
-    _check_component_grid,
-    _check_model,
-    _check_tokens,
-    _grid_columns,
-    _pairs_list,
-    _resolve_layers,
-    hook_name,
+from entitylens.patching.grid import (
+    check_component_grid,
+    check_model,
+    check_tokens,
+    grid_columns,
+    pairs_list,
+    resolve_layers,
 )
 from entitylens.patching.metric import answer_probability, logit_diff, normalise
+from entitylens.patching.types import Component, Grid, PatchPair, PatchResult, hook_name
 from entitylens.progress import progress
 
 __all__ = ["PATH_GRAD", "agreement", "attribution_grid"]
@@ -98,14 +94,18 @@ def attribution_grid(
     Raises:
         EntitylensError: for the same bad inputs as ``patch_grid``.
     """
-    _check_model(model)
-    _check_component_grid(component, grid, "hooks")
-    plist = _pairs_list(pairs)
-    _check_tokens(model, plist)
-    layer_list = _resolve_layers(layers, int(model.cfg.n_layers))
-    names, columns = _grid_columns(grid, plist, roles, positions, int(model.cfg.n_heads), "clean", "corrupted")
+    check_model(model)
+    check_component_grid(component, grid, "hooks")
+    plist = pairs_list(pairs)
+    check_tokens(model, plist)
+    layer_list = resolve_layers(layers, int(model.cfg.n_layers))
+    names, columns = grid_columns(grid, plist, roles, positions, int(model.cfg.n_heads), "clean", "corrupted")
     dev = next(model.parameters()).device
-    est, s_ld, d_ld, s_pr, d_pr = [], [], [], [], []
+    est: list[Tensor] = []
+    s_ld: list[Tensor] = []
+    d_ld: list[Tensor] = []
+    s_pr: list[Tensor] = []
+    d_pr: list[Tensor] = []
     for pair, cols in zip(progress(plist, desc=f"attribution {component}", unit="pair"), columns):
         grid_vals, baselines = _attribute_pair(model, pair, cols, component, layer_list, len(names), dev)
         est.append(grid_vals)
@@ -227,7 +227,8 @@ def agreement_line(a: Mapping[str, Any]) -> str:
     head = {
         "agrees": "attribution AGREES with exact patching where it matters",
         "disagrees": "attribution DISAGREES with exact patching where it matters (use exact patching; "
-        + "; ".join(a.get("reasons") or []) + ")",
+        + "; ".join(a.get("reasons") or [])
+        + ")",
         "no important cells": f"exact patching finds no cell at |effect| >= {a.get('important_threshold')}",
     }.get(verdict, verdict)
     return (f"{head}: top-{a.get('k')} overlap {f(a.get('topk_overlap'))}; on the {a.get('important_cells')} cells "
@@ -284,6 +285,45 @@ def agreement(
     Raises:
         EntitylensError: when the grids have different shapes or labels, or ``k`` is not positive.
     """
+    a_np, b_np = _finite_cells(exact, approx, k=k, per_pair=per_pair)
+    n = int(a_np.size)
+    kk = min(k, n)
+    nan = float("nan")
+    if n == 0:
+        return {"pearson": nan, "spearman": nan, "topk_overlap": nan, "k": 0, "n_cells": 0,
+                "important_threshold": float(important), "important_cells": 0, "important_mean_abs_error": nan,
+                "important_max_abs_error": nan, "important_sign_agreement": nan, "verdict": "no cells",
+                "reasons": []}  # fmt: skip
+    top_a = set(np.argsort(-np.abs(a_np), kind="stable")[:kk].tolist())
+    top_b = set(np.argsort(-np.abs(b_np), kind="stable")[:kk].tolist())
+    overlap = len(top_a & top_b) / kk
+    big = np.abs(a_np) >= important
+    m = int(big.sum())
+    err = np.abs(b_np[big] - a_np[big])
+    mae = float(err.mean()) if m else nan
+    sign = float(np.mean(np.sign(b_np[big]) == np.sign(a_np[big]))) if m else nan
+    reasons = _disagreement_reasons(kk, overlap, m, sign, mae) if m else []
+    verdict = "no important cells" if not m else ("disagrees" if reasons else "agrees")
+    return {
+        "pearson": _pearson(a_np, b_np),
+        "spearman": _pearson(_average_ranks(a_np), _average_ranks(b_np)),
+        "topk_overlap": overlap,
+        "k": kk,
+        "n_cells": n,
+        "important_threshold": float(important),
+        "important_cells": m,
+        "important_mean_abs_error": mae,
+        "important_max_abs_error": float(err.max()) if m else nan,
+        "important_sign_agreement": sign,
+        "verdict": verdict,
+        "reasons": reasons,
+    }
+
+
+def _finite_cells(
+    exact: PatchResult | Float[Tensor, "..."], approx: PatchResult | Float[Tensor, "..."], *, k: int, per_pair: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two normalised grids, checked to match, flattened to the cells finite in both (float64)."""
 
     def grid_of(r: PatchResult | Tensor) -> Tensor:
         if isinstance(r, PatchResult):
@@ -307,43 +347,16 @@ def agreement(
     a_np = a.detach().cpu().double().flatten().numpy()
     b_np = b.detach().cpu().double().flatten().numpy()
     ok = np.isfinite(a_np) & np.isfinite(b_np)
-    a_np, b_np = a_np[ok], b_np[ok]
-    n = int(a_np.size)
-    kk = min(k, n)
-    nan = float("nan")
-    if n == 0:
-        return {"pearson": nan, "spearman": nan, "topk_overlap": nan, "k": 0, "n_cells": 0,
-                "important_threshold": float(important), "important_cells": 0, "important_mean_abs_error": nan,
-                "important_max_abs_error": nan, "important_sign_agreement": nan, "verdict": "no cells",
-                "reasons": []}  # fmt: skip
-    top_a = set(np.argsort(-np.abs(a_np), kind="stable")[:kk].tolist())
-    top_b = set(np.argsort(-np.abs(b_np), kind="stable")[:kk].tolist())
-    overlap = len(top_a & top_b) / kk
-    big = np.abs(a_np) >= important
-    m = int(big.sum())
-    err = np.abs(b_np[big] - a_np[big])
-    mae = float(err.mean()) if m else nan
-    sign = float(np.mean(np.sign(b_np[big]) == np.sign(a_np[big]))) if m else nan
+    return a_np[ok], b_np[ok]
+
+
+def _disagreement_reasons(kk: int, overlap: float, m: int, sign: float, mae: float) -> list[str]:
+    """Which verdict thresholds the ``m`` (> 0) important cells miss, in words."""
     reasons = []
-    if m:
-        if overlap < MIN_TOPK_OVERLAP:
-            reasons.append(f"top-{kk} overlap {overlap:.2f} < {MIN_TOPK_OVERLAP}")
-        if sign < MIN_SIGN_AGREEMENT:
-            reasons.append(f"sign agreement {sign:.2f} < {MIN_SIGN_AGREEMENT} on the {m} important cells")
-        if mae > MAX_IMPORTANT_ERROR:
-            reasons.append(f"mean |error| {mae:.2f} > {MAX_IMPORTANT_ERROR} on the {m} important cells")
-    verdict = "no important cells" if not m else ("disagrees" if reasons else "agrees")
-    return {
-        "pearson": _pearson(a_np, b_np),
-        "spearman": _pearson(_average_ranks(a_np), _average_ranks(b_np)),
-        "topk_overlap": overlap,
-        "k": kk,
-        "n_cells": n,
-        "important_threshold": float(important),
-        "important_cells": m,
-        "important_mean_abs_error": mae,
-        "important_max_abs_error": float(err.max()) if m else nan,
-        "important_sign_agreement": sign,
-        "verdict": verdict,
-        "reasons": reasons,
-    }
+    if overlap < MIN_TOPK_OVERLAP:
+        reasons.append(f"top-{kk} overlap {overlap:.2f} < {MIN_TOPK_OVERLAP}")
+    if sign < MIN_SIGN_AGREEMENT:
+        reasons.append(f"sign agreement {sign:.2f} < {MIN_SIGN_AGREEMENT} on the {m} important cells")
+    if mae > MAX_IMPORTANT_ERROR:
+        reasons.append(f"mean |error| {mae:.2f} > {MAX_IMPORTANT_ERROR} on the {m} important cells")
+    return reasons

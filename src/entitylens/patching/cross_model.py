@@ -22,30 +22,20 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from entitylens.errors import EntitylensError
-from entitylens.patching.exact import (
-    Component,
-    Grid,
-    Method,
-    PatchPair,
-    PatchResult,
-    _Cell,
-    _check_batch_cells,
-    _check_component_grid,
-    _check_model,
-    _check_tokens,
-    _grid_columns,
-    _HookRunner,
-    _Job,
-    _make_runner,
-    _pairs_list,
-    _resolve_layers,
-    _result,
-    _run_jobs,
-    _TwinRunner,
-    _Unsupported,
-    _verify_twin,
-    tokenizer_fingerprint,
+from entitylens.patching.engine_fast import TwinRunner, Unsupported
+from entitylens.patching.engine_hooks import HookRunner
+from entitylens.patching.engines import make_runner, verify_twin
+from entitylens.patching.grid import (
+    check_batch_cells,
+    check_component_grid,
+    check_model,
+    check_tokens,
+    grid_columns,
+    pairs_list,
+    resolve_layers,
 )
+from entitylens.patching.jobs import Cell, Job, build_result, run_jobs
+from entitylens.patching.types import Component, Grid, Method, PatchPair, PatchResult, tokenizer_fingerprint
 
 __all__ = ["check_compatible", "cross_model_patch"]
 
@@ -56,8 +46,8 @@ def check_compatible(source: Any, target: Any, component: str = "resid_pre") -> 
     Raises:
         EntitylensError: naming the mismatch.
     """
-    _check_model(source, "source")
-    _check_model(target, "target")
+    check_model(source, "source")
+    check_model(target, "target")
     ts, tt = getattr(source, "tokenizer", None), getattr(target, "tokenizer", None)
     if ts is not None and tt is not None and tokenizer_fingerprint(ts) != tokenizer_fingerprint(tt):
         raise EntitylensError(
@@ -115,45 +105,45 @@ def cross_model_patch(
     """
     if side not in ("clean", "corrupted"):
         raise EntitylensError(f"side must be 'clean' or 'corrupted', got {side!r}")
-    _check_component_grid(component, grid, method)
+    check_component_grid(component, grid, method)
     check_compatible(source, target, component)
-    batch_cells = _check_batch_cells(batch_cells)
-    plist = _pairs_list(prompts)
-    _check_tokens(target, plist)
-    layer_list = _resolve_layers(layers, int(target.cfg.n_layers))
-    names, columns = _grid_columns(grid, plist, roles, positions, int(target.cfg.n_heads), side, side)
-    jobs = []
-    for p, cols in zip(plist, columns):
-        toks = p.clean_tokens if side == "clean" else p.corrupted_tokens
-        pos = p.clean_answer_pos if side == "clean" else p.corrupted_answer_pos
-        cells = [_Cell(li, ci, layer, sp, dp, h) for li, layer in enumerate(layer_list) for ci, sp, dp, h in cols]
-        jobs.append(
-            _Job(toks, toks, pos, pos, p.clean_answer, p.corrupted_answer, cells, same_model=False, name=p.name)
-        )
-    src_runner = _make_runner(source, method)
-    dst_runner = _make_runner(target, method)
-    if isinstance(src_runner, _TwinRunner) and isinstance(dst_runner, _TwinRunner):
+    batch_cells = check_batch_cells(batch_cells)
+    plist = pairs_list(prompts)
+    check_tokens(target, plist)
+    layer_list = resolve_layers(layers, int(target.cfg.n_layers))
+    names, columns = grid_columns(grid, plist, roles, positions, int(target.cfg.n_heads), side, side)
+    jobs = _side_jobs(plist, columns, layer_list, side)
+    src_runner = make_runner(source, method)
+    dst_runner = make_runner(target, method)
+    if isinstance(src_runner, TwinRunner) and isinstance(dst_runner, TwinRunner):
         try:
             for j in jobs:
                 src_runner.check_length(len(j.src_tokens))
                 dst_runner.check_length(len(j.dst_tokens))
-            ok = all(_verify_twin(r, jobs[0].dst_tokens, jobs[0].dst_answer_pos) for r in (src_runner, dst_runner))
-        except _Unsupported as e:
+            ok = all(verify_twin(r, jobs[0].dst_tokens, jobs[0].dst_answer_pos) for r in (src_runner, dst_runner))
+        except Unsupported as e:
             warnings.warn(f"fast patching unavailable ({e}); using the bridge-hooks engine", stacklevel=2)
             ok = False
         if not ok:
-            src_runner, dst_runner = _HookRunner(source), _HookRunner(target)
-    elif isinstance(src_runner, _TwinRunner) or isinstance(dst_runner, _TwinRunner):
-        src_runner, dst_runner = _HookRunner(source), _HookRunner(target)
-    res = _run_jobs(
-        src_runner,
-        dst_runner,
-        jobs,
-        component,
-        layer_list,
-        len(names),
-        batch_cells,
-        skip_noop_cells,
-        desc=f"cross-model {component}",
-    )
-    return _result("cross_model", component, grid, dst_runner.path, layer_list, names, plist, res)
+            src_runner, dst_runner = HookRunner(source), HookRunner(target)
+    elif isinstance(src_runner, TwinRunner) or isinstance(dst_runner, TwinRunner):
+        src_runner, dst_runner = HookRunner(source), HookRunner(target)
+    res = run_jobs(src_runner, dst_runner, jobs, component, layer_list, len(names), batch_cells, skip_noop_cells,
+                   desc=f"cross-model {component}")  # fmt: skip
+    return build_result("cross_model", component, grid, dst_runner.path, layer_list, names, plist, res)
+
+
+def _side_jobs(
+    plist: Sequence[PatchPair],
+    columns: Sequence[Sequence[tuple[int, tuple[int, ...], tuple[int, ...], int | None]]],
+    layer_list: Sequence[int],
+    side: str,
+) -> list[Job]:
+    """One job per pair: its ``side`` prompt run through both models (never a shared-prefix no-op)."""
+    jobs = []
+    for p, cols in zip(plist, columns):
+        toks = p.clean_tokens if side == "clean" else p.corrupted_tokens
+        pos = p.clean_answer_pos if side == "clean" else p.corrupted_answer_pos
+        cells = [Cell(li, ci, layer, sp, dp, h) for li, layer in enumerate(layer_list) for ci, sp, dp, h in cols]
+        jobs.append(Job(toks, toks, pos, pos, p.clean_answer, p.corrupted_answer, cells, same_model=False, name=p.name))
+    return jobs
