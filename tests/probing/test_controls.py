@@ -88,6 +88,7 @@ def test_control_is_learnable_when_types_are_encoded_and_random_model_comparison
     assert torch.equal(res.random_model.split.train, res.task.split.train)
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_metric_difference_checks_inputs():
     X, y, groups, types = _features_encoding(n_states=30)
     sp = split_by_group(groups, 0.25, 0)

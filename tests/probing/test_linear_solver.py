@@ -6,14 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from entitylens.probing.linear import _neg_log_sigmoid_sum, _Precond, _Prepared, _Problems
+from entitylens.probing.objective import Problems, neg_log_sigmoid_sum
+from entitylens.probing.prepare import Prepared
+from entitylens.probing.solver import Preconditioner
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_neg_log_sigmoid_sum_matches_bce_including_extreme_logits(dtype):
     sa = torch.tensor([[-1000.0, -45.0, -30.5, -29.5, -3.0, 0.0, 2.0, 17.0, 40.0, 1000.0]], dtype=dtype).T[None]
     w = torch.linspace(0.5, 2.0, sa.shape[1], dtype=dtype)[:, None]
-    ours = _neg_log_sigmoid_sum(sa, torch.sigmoid(sa), w)
+    ours = neg_log_sigmoid_sum(sa, torch.sigmoid(sa), w)
     # -log sigmoid(s) is the logistic loss of logit s with label 1
     ref = F.binary_cross_entropy_with_logits(sa.double(), torch.ones_like(sa, dtype=torch.float64),
                                              weight=w.double().expand_as(sa), reduction="none").sum(1)
@@ -27,7 +29,7 @@ def _problem(kind: str, dtype: torch.dtype, seed: int = 0, unit: bool = False):
     B, n, r, Q = 2, 40, 6, 3
     Z = torch.cat([torch.randn(B, n, r, generator=g), torch.ones(B, n, 1)], 2).to(dtype)
     Zt = Z.mT.contiguous()
-    prep = _Prepared(mean=torch.zeros(B, r), scale=torch.ones(B, r), V=None, Z=Z, Zt=Zt, G=torch.bmm(Zt, Z), r=r)
+    prep = Prepared(mean=torch.zeros(B, r), scale=torch.ones(B, r), V=None, Z=Z, Zt=Zt, G=torch.bmm(Zt, Z), r=r)
     fold_w = (torch.rand(n, 2, generator=g) > 0.3).double()
     if unit:  # no fold masks (a fit on the whole training split)
         fold_w = torch.ones_like(fold_w)
@@ -35,19 +37,19 @@ def _problem(kind: str, dtype: torch.dtype, seed: int = 0, unit: bool = False):
     lam = torch.full((B, Q), 0.5, dtype=torch.float64)
     if kind == "binary":
         y = (torch.rand(n, Q, generator=g) < 0.3).double()
-        P = _Problems(prep, "binary", y, fold_w, col_fold, torch.arange(Q), lam, 1, None, r)
+        P = Problems(prep, "binary", y, fold_w, col_fold, torch.arange(Q), lam, 1, None, r)
         K = 1
     else:
         K = 4
         y = torch.randint(0, K, (n,), generator=g)
         present = torch.stack([torch.bincount(y[fold_w[:, f] > 0], minlength=K) > 0 for f in range(2)])
-        P = _Problems(prep, "multiclass", y, fold_w, col_fold, torch.zeros(Q, dtype=torch.int64), lam, K, present, r)
+        P = Problems(prep, "multiclass", y, fold_w, col_fold, torch.zeros(Q, dtype=torch.int64), lam, K, present, r)
     W = torch.randn(B, r + 1, Q, K, generator=g, dtype=torch.float64)
     D = torch.randn(B, r + 1, Q, K, generator=g, dtype=torch.float64)
     return P, W, D, y, fold_w[:, col_fold]
 
 
-def _data_loss(P: _Problems, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _data_loss(P: Problems, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Weighted sum of per-example losses ``[B, Q]`` by torch's own loss functions (float64)."""
     if P.kind == "binary":
         a = logits[..., 0]
@@ -126,7 +128,7 @@ def test_dense_preconditioner_solves_the_curvature_weighted_gram_system(kind):
     n = P.n
     P.lam = torch.tensor([[0.5, 2.0, 0.5], [0.5, 0.5, 0.5]], dtype=torch.float64)
     A = P.fwd(W)
-    prec = _Precond.build(P, A)
+    prec = Preconditioner.build(P, A)
     assert prec.gidx is not None  # several penalties: the grouped application
     x = torch.randn(B, Q, r1 * K, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     out = prec.per_problem(x.clone()).view(B, Q, r1, K)

@@ -10,7 +10,9 @@ import pytest
 from entitylens.activations import CacheConfig, cache_activations, load_cache
 from entitylens.cli import main
 from entitylens.probing import ProbeConfig
-from entitylens.probing.run import ProbeRunConfig, baseline_predictions, read_probe_table, run_probes
+from entitylens.probing.outputs import read_probe_table
+from entitylens.probing.rows import baseline_predictions
+from entitylens.probing.run import ProbeRunConfig, run_probes
 from entitylens.task import GeneratorConfig, generate_states
 
 
@@ -29,7 +31,7 @@ CFG = ProbeConfig(Cs=(1.0,), folds=3, seed=1)
 
 
 def _value(table: Any, metric: str) -> float:
-    return float(next(r["value"] for r in table.rows if r["metric"] == metric))
+    return float(next(r["value"] for r in table.to_dict("records") if r["metric"] == metric))
 
 
 def test_scenario_split_keeps_siblings_out_and_the_lookup_falls_back_to_majority(prefix_cache: Path) -> None:
@@ -81,7 +83,7 @@ def test_cli_says_when_the_best_layer_does_not_beat_the_baselines(prefix_cache: 
                  "--bootstrap", "0", "--Cs", "1", "--folds", "3", "--out", str(out)]) == 0  # fmt: skip
     said = capsys.readouterr().out
     table = read_probe_table(out)
-    best = max((r for r in table.rows if r["metric"] == "exact_match"), key=lambda r: float(r["value"]))
+    best = max((r for r in table.to_dict("records") if r["metric"] == "exact_match"), key=lambda r: float(r["value"]))
     top = max(_value(table, b) for b in ("baseline_empty", "baseline_majority", "baseline_sibling_lookup"))
     assert ("does NOT beat" in said) == (float(best["ci_low"]) <= top)
     cache = load_cache(prefix_cache)

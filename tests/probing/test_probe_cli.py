@@ -15,12 +15,18 @@ from entitylens.activations import CacheConfig, cache_activations, load_cache
 from entitylens.cli import main
 from entitylens.errors import EntitylensError
 from entitylens.probing import ProbeConfig, control_labels, fit_probes, split_by_group
-from entitylens.probing.run import ProbeRunConfig, read_probe_table, run_probes
+from entitylens.probing.outputs import read_probe_table
+from entitylens.probing.run import ProbeRunConfig, run_probes
 from entitylens.probing.targets import build_target
 from entitylens.stats import clustered_wilson
 from entitylens.task import GeneratorConfig, generate_states
 
 FAST = ProbeConfig(Cs=(0.1, 1.0), folds=3)
+
+
+def where(df: Any, **equals: Any) -> list[dict[str, Any]]:
+    """The rows of a probe table whose columns equal the given values (as plain dicts)."""
+    return [r for r in df.to_dict("records") if all(r[k] == v for k, v in equals.items())]
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +88,7 @@ def test_agrees_with_sklearn_per_layer(caches: tuple[Path, Path]) -> None:
         pred = _sk_predict(x[li, tr], y[tr], x[li, te], 1.0)
         sk_exact = float((pred == y[te]).all(1).mean())
         sk_bal = float(np.mean([balanced_accuracy_score(y[te][:, j], pred[:, j]) for j in np.flatnonzero(cols)]))
-        ours = {r["metric"]: r["value"] for r in table.where(layer=layer, role="query_box").rows}
+        ours = {r["metric"]: r["value"] for r in where(table, layer=layer, role="query_box")}
         assert abs(ours["exact_match"] - sk_exact) <= 0.01, (layer, ours["exact_match"], sk_exact)
         assert abs(ours["balanced_accuracy"] - sk_bal) <= 0.01, (layer, ours["balanced_accuracy"], sk_bal)
     # The split keeps whole scenarios apart (a random tiny model has nothing to find once sibling prefixes
@@ -127,7 +133,7 @@ def test_cli_end_to_end_matches_direct_fit(caches: tuple[Path, Path], tmp_path: 
         numops = torch.tensor([r["numops"] for r in cache.rows])
         strat = res.stratified(numops)
         for li, layer in enumerate(cache.layers("resid_post")):
-            got = {r["metric"]: r for r in table.where(layer=layer, role=role).rows}
+            got = {r["metric"]: r for r in where(table, layer=layer, role=role)}
             assert got["exact_match"]["value"] == pytest.approx(float(m["exact_match"][li]), abs=1e-6)
             assert got["exact_match"]["n"] == len(te)
             bal = float(m["balanced_accuracy_per_target"][li, cols].mean())
@@ -145,6 +151,16 @@ def test_cli_end_to_end_matches_direct_fit(caches: tuple[Path, Path], tmp_path: 
                 ok = res.correct("test")[li, rows_s].tolist()
                 lo_s, _ = clustered_wilson(ok, [groups[te[i]] for i in rows_s])
                 assert row["ci_low"] == pytest.approx(lo_s, abs=1e-6)
+            # rows an operation changed, pooled (the updated state), by hand from the probe's own verdicts
+            changed = [i for i, n in enumerate(numops[te].tolist()) if n >= 1]
+            assert changed and len(changed) < len(te)
+            pooled = got["exact_match_numops>=1"]
+            ok = res.correct("test")[li, changed].tolist()
+            assert pooled["n"] == len(changed)
+            assert pooled["value"] == pytest.approx(sum(ok) / len(ok), abs=1e-6)
+            lo_c, _ = clustered_wilson(ok, [groups[te[i]] for i in changed])
+            assert pooled["ci_low"] == pytest.approx(lo_c, abs=1e-6)
+            assert "baseline_majority_numops>=1" in got
 
     # Same seed -> byte-identical outputs.
     again = tmp_path / "again"
@@ -159,11 +175,11 @@ def test_random_model_control_and_compare(caches: tuple[Path, Path], tmp_path: P
     assert main([*common, "--cache", str(caches[0]), "--random-cache", str(caches[1]), "--out", str(base)]) == 0
     assert main([*common, "--cache", str(caches[1]), "--no-control", "--out", str(rand)]) == 0
     tb, tr = read_probe_table(base), read_probe_table(rand)
-    assert "control_balanced_accuracy" not in set(tr.column("metric"))
+    assert "control_balanced_accuracy" not in set(tr["metric"])
     # The random-model rows of the base run are the random cache probed with the same split and labels.
     for layer in (0, 1):
-        b = {r["metric"]: r["value"] for r in tb.where(layer=layer).rows}
-        r = {x["metric"]: x["value"] for x in tr.where(layer=layer).rows}
+        b = {r["metric"]: r["value"] for r in where(tb, layer=layer)}
+        r = {x["metric"]: x["value"] for x in where(tr, layer=layer)}
         # (probe.csv keeps 6 decimals)
         assert b["random_model_balanced_accuracy"] == pytest.approx(r["balanced_accuracy"], abs=2e-6)
         assert b["random_model_exact_match"] == pytest.approx(r["exact_match"], abs=2e-6)
@@ -180,9 +196,9 @@ def test_object_in_box_and_disjoint_objects(caches: tuple[Path, Path]) -> None:
     assert held
     tr_objs = run.target.objects[run.split.train]
     assert not tr_objs[:, list(run.split.heldout_objects)].any()  # no held-out object in training
-    metrics = set(run.table.column("metric"))
+    metrics = set(run.table["metric"])
     assert {"exact_match_rows_with_heldout", "exact_match_rows_without_heldout"} <= metrics
-    n_with = {r["n"] for r in run.table.where(metric="exact_match_rows_with_heldout").rows}
+    n_with = {r["n"] for r in where(run.table, metric="exact_match_rows_with_heldout")}
     assert n_with == {int(run.split.test_heldout.sum())}
 
 
@@ -215,9 +231,9 @@ def test_smollm2_smoke(smollm2: Any, tmp_path: Path, states: list[Any]) -> None:
     assert main(["--quiet", "probe", "--cache", str(tmp_path / "cache"), "--Cs", "1", "--test-fraction", "0.25",
                  "--bootstrap", "10", "--out", str(out)]) == 0
     table = read_probe_table(out)
-    assert sorted(set(table.column("layer"))) == [3, 15]
-    assert set(table.column("role")) == {"query_box", "last"}
-    assert all(0.0 <= r["value"] <= 1.0 for r in table.where(metric="exact_match").rows)
+    assert sorted(set(table["layer"].tolist())) == [3, 15]
+    assert set(table["role"]) == {"query_box", "last"}
+    assert all(0.0 <= r["value"] <= 1.0 for r in where(table, metric="exact_match"))
 
 
 def test_reinitialize_weights_is_a_seeded_random_model_of_the_same_architecture() -> None:
@@ -255,4 +271,4 @@ def test_control_needs_initial_contents_in_the_rows(caches: tuple[Path, Path]) -
         run_probes(cache, cfg)
     assert "\n" not in str(err.value)
     run = run_probes(cache, replace(cfg, control=False))
-    assert "selectivity" not in set(run.table.column("metric"))
+    assert "selectivity" not in set(run.table["metric"])

@@ -112,12 +112,12 @@ class ControlsResult:
             return None
         return metric_difference(self.task, self.random_model, self.metric)
 
-    def rows(self) -> list[dict[str, float | int | None]]:
+    def rows(self) -> list[dict[str, float | int | str | None]]:
         """One dict per layer: task, control, selectivity, random-model and difference (for CSV/JSON)."""
         t = self.task.metrics()[self.metric]
         c = self.control.metrics()[self.metric]
         r = self.random_model.metrics()[self.metric] if self.random_model is not None else None
-        out: list[dict[str, float | int | None]] = []
+        out: list[dict[str, float | int | str | None]] = []
         for layer in range(len(t)):
             out.append({
                 "layer": layer, "metric": self.metric, "task": float(t[layer]), "control": float(c[layer]),

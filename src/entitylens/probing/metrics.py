@@ -1,4 +1,4 @@
-"""Probe metrics: accuracy, balanced accuracy, F1, exact-set match, intervals, numops-stratified accuracy.
+"""Probe metrics: accuracy, balanced accuracy, F1, exact-set match, intervals, numops-stratified accuracy, CV scores.
 
 Box contents are sparse -- most (box, object) pairs are 0 -- so plain accuracy of a binary probe is
 close to 1 for a probe that always says "no". Report it, but read balanced accuracy (mean of the
@@ -11,10 +11,12 @@ targets without them; examples are on the dimension named ``n``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -28,6 +30,7 @@ __all__ = [
     "binary_counts",
     "exact_match",
     "f1_score",
+    "heldout_scores",
     "interval",
     "micro_f1",
     "stratified_accuracy",
@@ -281,3 +284,52 @@ def stratified_accuracy(
     acc = cor.double() / count.double()
     lo, hi = interval(cor, count, method, z)
     return StratifiedAccuracy(strata=values, count=count, correct=cor, accuracy=acc, low=lo, high=hi, method=method)
+
+
+def heldout_scores(logits: Float[Tensor, "B n Q K"], kind: str, y: Tensor, heldout: Bool[Tensor, "n Q"],
+                   metric: str) -> Float[Tensor, "B Q"]:
+    """Held-out score of each of a batch of probe problems, higher is better: the score that chooses C.
+
+    Args:
+        logits: ``[B, n, Q, K]`` logits of ``B`` layers x ``Q`` problems on all ``n`` training rows (``K = 1``
+            for binary targets).
+        kind: ``"binary"`` (``y`` ``[n, Q]`` 0/1, the target of each problem) or ``"multiclass"`` (``y`` ``[n]``
+            class index, -1 for a class unseen in training: never right).
+        y: The labels, as above.
+        heldout: ``[n, Q]`` the rows held out of each problem's training fold (the rows scored).
+        metric: ``"log_loss"`` (minus the mean negative log-likelihood, clipped at ``1e-15`` as
+            scikit-learn's), ``"accuracy"`` or ``"balanced_accuracy"``.
+
+    Returns:
+        ``[B, Q]`` the mean score over each problem's held-out rows (float64).
+    """
+    w = heldout.double()
+    cnt = w.sum(0).clamp_min(1)
+    if kind == "binary":
+        a = logits[..., 0]
+        if metric == "log_loss":
+            ll = F.softplus(a) - y * a
+            return -(w * ll.clamp_max(-math.log(1e-15))).sum(1) / cnt
+        pred = (a > 0).double()
+        if metric == "accuracy":
+            return (w * (pred == y).double()).sum(1) / cnt
+        pos, neg = (w * y).sum(0), (w * (1 - y)).sum(0)
+        tpr = (w * pred * y).sum(1) / pos.clamp_min(1)
+        tnr = (w * (1 - pred) * (1 - y)).sum(1) / neg.clamp_min(1)
+        den = (pos > 0).double() + (neg > 0).double()
+        return (torch.where(pos > 0, tpr, 0.0) + torch.where(neg > 0, tnr, 0.0)) / den.clamp_min(1)
+    B, n, Q, K = logits.shape
+    yi = y.clamp_min(0).view(1, n, 1, 1).expand(B, n, Q, 1)
+    logp = torch.log_softmax(logits, -1).gather(3, yi)[..., 0]
+    logp = torch.where((y >= 0).view(1, n, 1), logp, -math.inf)
+    if metric == "log_loss":
+        return (w * logp.clamp_min(math.log(1e-15))).sum(1) / cnt
+    hit = (logits.argmax(-1) == y.view(1, n, 1)).double()
+    if metric == "accuracy":
+        return (w * hit).sum(1) / cnt
+    onehot = F.one_hot(y.clamp_min(0), K).double() * (y >= 0).double()[:, None]  # [n, K]
+    per_class = torch.einsum("nq,nk->qk", w, onehot)  # [Q, K]
+    hits = torch.einsum("bnq,nq,nk->bqk", hit, w, onehot)
+    rec = hits / per_class.clamp_min(1)
+    present = (per_class > 0).double()
+    return (rec * present).sum(-1) / present.sum(-1).clamp_min(1)

@@ -110,6 +110,87 @@ def _need(row: Mapping[str, Any], key: str, i: int) -> Any:
     return row[key]
 
 
+def _box_contents(golds: Sequence[tuple[str, ...]], min_count: int
+                  ) -> tuple[Tensor, tuple[str, ...], tuple[str, ...]]:
+    """``box_contents`` labels: one column per object in the gold contents of at least ``min_count`` rows.
+
+    Returns:
+        The ``[n, target]`` labels, the column names and the object of each column.
+    """
+    counts: dict[str, int] = {}
+    for g in golds:
+        for o in set(g):
+            counts[o] = counts.get(o, 0) + 1
+    names = sorted(o for o, c in counts.items() if c >= min_count)
+    col = {o: j for j, o in enumerate(names)}
+    labels = torch.zeros(len(golds), len(names), dtype=torch.bool)
+    for i, g in enumerate(golds):
+        for o in g:
+            if o in col:
+                labels[i, col[o]] = True
+    return labels, tuple(names), tuple(names)
+
+
+def _contents_by_state(groups: Sequence[str], boxes: Sequence[int], golds: Sequence[tuple[str, ...]]
+                       ) -> dict[str, dict[int, tuple[str, ...]]]:
+    """The gold contents of every cached box of every state (two rows of one box must agree)."""
+    by_state: dict[str, dict[int, tuple[str, ...]]] = {}
+    for g, b, gold in zip(groups, boxes, golds, strict=True):
+        seen = by_state.setdefault(g, {})
+        if b in seen and seen[b] != gold:
+            raise EntitylensError(f"state {g} has two rows for box {b} with different gold contents; "
+                                  "give every prefix its own state id")
+        seen[b] = gold
+    return by_state
+
+
+def _object_in_box(groups: Sequence[str], keep: Sequence[int], by_state: Mapping[str, Mapping[int, tuple[str, ...]]],
+                   min_count: int) -> tuple[Tensor, tuple[str, ...], tuple[str, ...]]:
+    """``object_in_box`` labels of the rows ``keep``: one column per (box, object) true in ``min_count`` rows.
+
+    Returns:
+        The ``[len(keep), target]`` labels, the column names (``"box3:bottle"``) and the object of each column.
+    """
+    pair_counts: dict[tuple[int, str], int] = {}
+    for i in keep:
+        for b, gold in by_state[groups[i]].items():
+            for o in set(gold):
+                pair_counts[(b, o)] = pair_counts.get((b, o), 0) + 1
+    pairs = sorted(p for p, c in pair_counts.items() if c >= min_count)
+    col2 = {p: j for j, p in enumerate(pairs)}
+    labels = torch.zeros(len(keep), len(pairs), dtype=torch.bool)
+    for r, i in enumerate(keep):
+        for b, gold in by_state[groups[i]].items():
+            for o in gold:
+                if (b, o) in col2:
+                    labels[r, col2[(b, o)]] = True
+    return labels, tuple(f"box{b}:{o}" for b, o in pairs), tuple(o for _, o in pairs)
+
+
+def _mentioned_objects(mentioned: Sequence[set[str]]) -> tuple[tuple[str, ...], Tensor]:
+    """The vocabulary of the objects the rows' labels involve, and the ``[n, len(vocabulary)]`` indicator."""
+    vocabulary = tuple(sorted(set().union(*mentioned)))
+    vcol = {o: j for j, o in enumerate(vocabulary)}
+    objects = torch.zeros(len(mentioned), len(vocabulary), dtype=torch.bool)
+    for r, objs in enumerate(mentioned):
+        for o in objs:
+            objects[r, vcol[o]] = True
+    return vocabulary, objects
+
+
+def _control_types(meta_rows: Sequence[Mapping[str, Any]], keep: Sequence[int]) -> tuple[tuple[str, ...], Tensor]:
+    """Control-task type names and the type code of each kept row: the queried box's initial contents.
+
+    Every code is -1 (and there are no names) for a cache written before rows carried their initial contents.
+    """
+    if all(meta_rows[i].get("initial") is not None for i in keep):
+        type_of = ["+".join(sorted(str(o) for o in meta_rows[i]["initial"])) for i in keep]
+        type_names = tuple(sorted(set(type_of)))
+        tcode = {t: j for j, t in enumerate(type_names)}
+        return type_names, torch.tensor([tcode[t] for t in type_of], dtype=torch.int64)
+    return (), torch.full((len(keep),), -1, dtype=torch.int64)
+
+
 def build_target(
     rows: Sequence[Mapping[str, Any]] | Any,
     target: str = "box_contents",
@@ -142,73 +223,28 @@ def build_target(
     golds = [tuple(str(o) for o in _need(r, "gold", i)) for i, r in enumerate(meta_rows)]
     keep = list(range(len(meta_rows)))
     dropped: tuple[str, ...] = ()
-    by_state: dict[str, dict[int, tuple[str, ...]]] = {}
     if target == "box_contents":
-        counts: dict[str, int] = {}
-        for g in golds:
-            for o in set(g):
-                counts[o] = counts.get(o, 0) + 1
-        names = sorted(o for o, c in counts.items() if c >= min_count)
-        col = {o: j for j, o in enumerate(names)}
-        labels = torch.zeros(len(keep), len(names), dtype=torch.bool)
-        for i, g in enumerate(golds):
-            for o in g:
-                if o in col:
-                    labels[i, col[o]] = True
-        target_names = tuple(names)
-        column_objects = tuple(names)
+        labels, target_names, column_objects = _box_contents(golds, min_count)
+        mentioned = [set(golds[i]) for i in keep]
     else:
         num_boxes = max(boxes) + 1
-        for g, b, gold in zip(groups, boxes, golds, strict=True):
-            seen = by_state.setdefault(g, {})
-            if b in seen and seen[b] != gold:
-                raise EntitylensError(f"state {g} has two rows for box {b} with different gold contents; "
-                                      "give every prefix its own state id")
-            seen[b] = gold
+        by_state = _contents_by_state(groups, boxes, golds)
         complete = {g for g, s in by_state.items() if len(s) == num_boxes}
         dropped = tuple(sorted(set(by_state) - complete))
         keep = [i for i, g in enumerate(groups) if g in complete]
         if not keep:
             raise EntitylensError(f"no state is cached at all {num_boxes} boxes; cache whole States (every box) "
                                   "for object_in_box, or use --target box_contents")
-        pair_counts: dict[tuple[int, str], int] = {}
-        for i in keep:
-            for b, gold in by_state[groups[i]].items():
-                for o in set(gold):
-                    pair_counts[(b, o)] = pair_counts.get((b, o), 0) + 1
-        pairs = sorted(p for p, c in pair_counts.items() if c >= min_count)
-        col2 = {p: j for j, p in enumerate(pairs)}
-        labels = torch.zeros(len(keep), len(pairs), dtype=torch.bool)
-        for r, i in enumerate(keep):
-            for b, gold in by_state[groups[i]].items():
-                for o in gold:
-                    if (b, o) in col2:
-                        labels[r, col2[(b, o)]] = True
-        target_names = tuple(f"box{b}:{o}" for b, o in pairs)
-        column_objects = tuple(o for _, o in pairs)
+        labels, target_names, column_objects = _object_in_box(groups, keep, by_state, min_count)
+        mentioned = [set().union(*by_state[groups[i]].values()) for i in keep]
     if labels.shape[1] == 0:
         raise EntitylensError(f"no {target} label is true in >= {min_count} rows; lower --min-count or cache more "
                               "states")
-    if target == "box_contents":
-        mentioned = [set(golds[i]) for i in keep]
-    else:
-        mentioned = [set().union(*by_state[groups[i]].values()) for i in keep]
-    vocabulary = tuple(sorted(set().union(*mentioned)))
-    vcol = {o: j for j, o in enumerate(vocabulary)}
-    objects = torch.zeros(len(keep), len(vocabulary), dtype=torch.bool)
-    for r, objs in enumerate(mentioned):
-        for o in objs:
-            objects[r, vcol[o]] = True
+    vocabulary, objects = _mentioned_objects(mentioned)
     numops = torch.tensor([int(meta_rows[i].get("numops", -1) if meta_rows[i].get("numops") is not None else -1)
                            for i in keep], dtype=torch.int64)
-    if all(meta_rows[i].get("initial") is not None for i in keep):
-        type_of = ["+".join(sorted(str(o) for o in meta_rows[i]["initial"])) for i in keep]
-        type_names = tuple(sorted(set(type_of)))
-        tcode = {t: j for j, t in enumerate(type_names)}
-        types = torch.tensor([tcode[t] for t in type_of], dtype=torch.int64)
-    else:  # caches written before rows carried their initial contents
-        type_names = ()
-        types = torch.full((len(keep),), -1, dtype=torch.int64)
+    type_names, types = _control_types(meta_rows, keep)
+
     def scenario(i: int) -> str:
         sid = meta_rows[i].get("sample_id")
         return str(sid) if sid is not None else groups[i]
