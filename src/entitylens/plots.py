@@ -10,11 +10,20 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.image import AxesImage  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from entitylens._io import atomic_write  # noqa: E402
+from entitylens.errors import EntitylensError  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -97,13 +106,13 @@ def plot_accuracy_by_numops(
             if paper and label in paper:
                 ys = list(paper[label])
                 ax.plot(range(len(ys)), ys, ls="--", color=color, alpha=0.7, label=f"{label} (paper)")
-        for j, (label, pts) in enumerate(sorted(refs.items())):
+        for j, (label, ref_pts) in enumerate(sorted(refs.items())):
             if label in models:
                 continue
-            pts = sorted(pts, key=lambda p: p.x)
-            ax.plot([p.x for p in pts], [p.y for p in pts], color="0.45", lw=1.0, ls=styles[j % len(styles)],
+            ref = sorted(ref_pts, key=lambda p: p.x)
+            ax.plot([p.x for p in ref], [p.y for p in ref], color="0.45", lw=1.0, ls=styles[j % len(styles)],
                     label=f"{label} (baseline)")  # fmt: skip
-            for p in pts:
+            for p in ref:
                 n_by_x.setdefault(p.x, p.n)
         ax.set_xticks(all_x)
         ax.set_xticklabels(
@@ -151,7 +160,6 @@ def _save_atomic(fig: plt.Figure, out: str | os.PathLike[str], formats: Sequence
     """Save ``fig`` in each format through a temporary file (no partial file, byte-stable PNG)."""
     import io
 
-    from entitylens._io import atomic_write
 
     out = Path(out)
     paths = []
@@ -179,8 +187,8 @@ def _extend(values: object, vmax: float) -> str:
 
 
 def _draw_patch_grid(
-    ax: plt.Axes, values: object, layers: Sequence[int], cells: Sequence[str], vmax: float, annotate: bool | None
-) -> object:
+    ax: plt.Axes, values: object, layers: Sequence[int | str], cells: Sequence[str], vmax: float, annotate: bool | None
+) -> AxesImage:
     import numpy as np
 
     a = np.asarray(values, dtype=float)
@@ -203,7 +211,7 @@ def _draw_patch_grid(
 
 def plot_patch_heatmap(
     values: object,
-    layers: Sequence[int],
+    layers: Sequence[int | str],
     cells: Sequence[str],
     out: str | os.PathLike[str],
     *,
@@ -240,7 +248,7 @@ def plot_patch_heatmap(
 
 
 def plot_patch_comparison(
-    panels: Sequence[tuple[str, object, Sequence[int], Sequence[str]]],
+    panels: Sequence[tuple[str, object, Sequence[int | str], Sequence[str]]],
     out: str | os.PathLike[str],
     *,
     title: str | None = None,
@@ -280,12 +288,13 @@ def plot_patch_comparison(
     width = min(9.0, 1.4 + 0.5 * n_cols)
     fig, axes = plt.subplots(1, len(items), figsize=(width * len(items) + 1.0, min(16.0, 1.6 + 0.28 * n_rows)),
                              squeeze=False)  # fmt: skip
-    im = None
+    im: AxesImage | None = None
     for ax, (lab, v, ly, ce) in zip(axes[0], items):
         im = _draw_patch_grid(ax, v, ly, ce, vmax, None)
         ax.set_title(lab, fontsize=9)
         ax.set_ylabel(ylabel)
     ext = _extend(np.concatenate([v.ravel() for _, v, _, _ in items]), vmax)
+    assert im is not None  # at least one panel
     fig.colorbar(im, ax=list(axes[0]), label=colorbar_label, fraction=0.03, extend=ext)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -296,33 +305,33 @@ def plot_patch_comparison(
 # Probes (entitylens.probing.run / `entitylens probe`; this section belongs to the probe CLI)
 # ------------------------------------------------------------------------------------------------------
 
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from entitylens.errors import EntitylensError  # noqa: E402
-from entitylens.table import Table  # noqa: E402
-
 _PROBE_MAIN = ("exact_match", "balanced_accuracy")
 
 
-def _probe_series(table: Table, role: str, metric: str) -> tuple[list[int], list[float], list[float], list[float]]:
-    rows = sorted((r for r in table.rows if r["role"] == role and r["metric"] == metric), key=lambda r: int(r["layer"]))
-    xs = [int(r["layer"]) for r in rows]
-    ys = [float(r["value"]) for r in rows]
-    lo = [float(r["ci_low"]) if r["ci_low"] not in (None, "") else float("nan") for r in rows]
-    hi = [float(r["ci_high"]) if r["ci_high"] not in (None, "") else float("nan") for r in rows]
+def _probe_rows(table: pd.DataFrame, role: str, metric: str) -> pd.DataFrame:
+    return table[(table["role"] == role) & (table["metric"] == metric)]
+
+
+def _probe_n(table: pd.DataFrame, role: str, metric: str) -> int:
+    rows = _probe_rows(table, role, metric)
+    return int(rows["n"].iloc[0]) if len(rows) else 0
+
+
+def _probe_series(
+    table: pd.DataFrame, role: str, metric: str
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    rows = _probe_rows(table, role, metric).sort_values("layer", kind="stable")
+    xs = [int(x) for x in rows["layer"]]
+    ys, lo, hi = ([float(v) for v in rows[c]] for c in ("value", "ci_low", "ci_high"))  # blank intervals: NaN
     return xs, ys, lo, hi
 
 
-def _probe_roles(table: Table) -> list[str]:
-    roles: list[str] = []
-    for r in table.rows:
-        if r["role"] not in roles:
-            roles.append(r["role"])
-    return roles
+def _probe_roles(table: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(table["role"]))
 
 
 def plot_probe_by_layer(
-    table: Table,
+    table: pd.DataFrame,
     out: str | os.PathLike[str],
     *,
     metrics: Sequence[str] = _PROBE_MAIN,
@@ -332,8 +341,8 @@ def plot_probe_by_layer(
     """Probe metrics vs layer: one panel per metric, one line per role with its 95% band; selectivity dashed.
 
     Args:
-        table: A probe table (columns ``layer, role, metric, value, ci_low, ci_high, n``) from
-            :func:`entitylens.probing.run.run_probes` or :func:`~entitylens.probing.run.read_probe_table`.
+        table: A probe DataFrame (columns ``layer, role, metric, value, ci_low, ci_high, n``) from
+            :func:`entitylens.probing.run.run_probes` or :func:`~entitylens.probing.outputs.read_probe_table`.
         out: Output path without suffix (``.../probe_by_layer``).
         metrics: Metrics to draw, one panel each (those absent from the table are skipped).
         title: Figure title.
@@ -342,7 +351,7 @@ def plot_probe_by_layer(
     Returns:
         The written paths (written atomically, byte-stable PNG).
     """
-    present = {r["metric"] for r in table.rows}
+    present = set(table["metric"])
     panels = [m for m in metrics if m in present]
     if not panels:
         raise EntitylensError(f"the probe table has none of the metrics {list(metrics)}; pass a probe table")
@@ -353,7 +362,7 @@ def plot_probe_by_layer(
         for k, role in enumerate(roles):
             col = colors[k % len(colors)]
             xs, ys, lo, hi = _probe_series(table, role, metric)
-            n = next((int(r["n"]) for r in table.rows if r["role"] == role and r["metric"] == metric), 0)
+            n = _probe_n(table, role, metric)
             ax.plot(xs, ys, marker="o", ms=3, color=col, label=f"{role} (n={n})")
             ax.fill_between(xs, lo, hi, color=col, alpha=0.2, linewidth=0)
             if metric.startswith("exact_match"):
@@ -381,7 +390,7 @@ def plot_probe_by_layer(
 
 
 def plot_probe_compare(
-    tables: Mapping[str, Table],
+    tables: Mapping[str, pd.DataFrame],
     out: str | os.PathLike[str],
     *,
     metric: str = "exact_match",
@@ -413,7 +422,7 @@ def plot_probe_compare(
     roles: list[str] = []
     for t in tables.values():
         roles += [r for r in _probe_roles(t) if r not in roles]
-    with_sel = metric != "selectivity" and all("selectivity" in {r["metric"] for r in t.rows} for t in tables.values())
+    with_sel = metric != "selectivity" and all((t["metric"] == "selectivity").any() for t in tables.values())
     n_rows = 2 if with_sel else 1
     fig, axes = plt.subplots(n_rows, len(roles), figsize=(5.0 * len(roles), 3.4 * n_rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -428,10 +437,10 @@ def plot_probe_compare(
                 xs, ys, lo, hi = _probe_series(t, role, m)
                 if not xs:
                     continue
-                xs = [x * scale for x in xs]
-                n = next((int(r["n"]) for r in t.rows if r["role"] == role and r["metric"] == m), 0)
-                ax.plot(xs, ys, marker="o", ms=3, color=col, label=f"{name} (n={n})")
-                ax.fill_between(xs, lo, hi, color=col, alpha=0.2, linewidth=0)
+                xs_scaled = [x * scale for x in xs]
+                n = _probe_n(t, role, m)
+                ax.plot(xs_scaled, ys, marker="o", ms=3, color=col, label=f"{name} (n={n})")
+                ax.fill_between(xs_scaled, lo, hi, color=col, alpha=0.2, linewidth=0)
                 if m.startswith("exact_match"):
                     for b, ls in (("baseline_majority", ":"), ("baseline_sibling_lookup", "-.")):
                         bm = b + m[len("exact_match"):]

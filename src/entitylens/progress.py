@@ -40,6 +40,11 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = quiet
 
 
+def is_quiet() -> bool:
+    """Whether ``--quiet`` (:func:`set_quiet`) is in force: commands then print only their results."""
+    return _QUIET
+
+
 def bars_enabled() -> bool:
     """Whether progress bars are shown: not ``--quiet`` and stderr is a terminal."""
     return not _QUIET and sys.stderr.isatty()

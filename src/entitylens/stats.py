@@ -60,7 +60,7 @@ def wilson_interval(successes: float, n: float, z: float = Z95) -> tuple[float, 
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _cluster_sums(values: Sequence[float], clusters: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+def _cluster_sums(values: Sequence[float] | np.ndarray, clusters: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
     if len(values) != len(clusters):
         raise EntitylensError(f"{len(values)} values but {len(clusters)} cluster labels; pass one label per value")
     index: dict[Hashable, int] = {}
