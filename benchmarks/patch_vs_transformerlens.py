@@ -33,7 +33,7 @@ import pandas as pd  # noqa: E402  (TransformerLens's patching depends on pandas
 import torch  # noqa: E402
 from transformer_lens import patching as tlp  # noqa: E402
 
-import entitylens.patching.exact as exact  # noqa: E402
+import entitylens.patching.engine_fast as engine_fast  # noqa: E402
 from entitylens.models import encode, first_token_ids, load_model  # noqa: E402
 from entitylens.patching import PatchPair, patch_grid  # noqa: E402
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    exact.TWIN_ATTN_IMPLEMENTATION = args.twin_attn or ("eager" if args.model == "tiny" else "sdpa")
+    engine_fast.TWIN_ATTN_IMPLEMENTATION = args.twin_attn or ("eager" if args.model == "tiny" else "sdpa")
 
     model = load_model(MODELS[args.model])
     rng = random.Random(args.seed)

@@ -12,12 +12,12 @@ Examples::
     python experiments/exp1_code.py --merge runs/exp1_code-{0,1,2,3} --out runs/exp1_code
     python experiments/exp1_code.py --models tiny:llama 'tiny:llama?seed=1' --device cpu --dtype float32 --limit 3
 
-See src/entitylens/experiments.py and experiments/README.md.
+The same as `entitylens experiment code ...` (src/entitylens/pipelines/experiment.py); see experiments/README.md.
 """
 
 import sys
 
-from entitylens.experiments import main
+from entitylens.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], experiment="code"))
+    sys.exit(main(["experiment", "code", *sys.argv[1:]]))

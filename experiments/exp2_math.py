@@ -10,12 +10,12 @@ Examples::
     python experiments/exp2_math.py --device cuda --dtype bfloat16
     python experiments/exp2_math.py --models smollm2-135m-instruct random --device cpu --dtype float32 --limit 2
 
-See src/entitylens/experiments.py and experiments/README.md.
+The same as `entitylens experiment math ...` (src/entitylens/pipelines/experiment.py); see experiments/README.md.
 """
 
 import sys
 
-from entitylens.experiments import main
+from entitylens.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], experiment="math"))
+    sys.exit(main(["experiment", "math", *sys.argv[1:]]))

@@ -11,12 +11,12 @@ Examples::
     python experiments/exp3_alignment.py --device cuda --dtype bfloat16
     python experiments/exp3_alignment.py --estimate-only          # GPU time and memory, loads nothing
 
-See src/entitylens/experiments.py and experiments/README.md.
+The same as `entitylens experiment alignment ...` (src/entitylens/pipelines/experiment.py); see experiments/README.md.
 """
 
 import sys
 
-from entitylens.experiments import main
+from entitylens.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], experiment="alignment"))
+    sys.exit(main(["experiment", "alignment", *sys.argv[1:]]))

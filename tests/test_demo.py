@@ -1,7 +1,9 @@
 """The README's main job, shortened: `entitylens demo` on the shipped testbed pair writes a report whose
 numbers are the ones in the pipelines' CSV files."""
 
+import contextlib
 import csv
+import io
 import re
 
 import pytest
@@ -15,17 +17,25 @@ def _csv(path):
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
+def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    rc = main(["--quiet", "demo", "--out", str(out), "--eval-states", "24", "--probe-states", "40",
-               "--patch-pairs", "4"])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["--quiet", "demo", "--out", str(out), "--eval-states", "24", "--probe-states", "40",
+                   "--patch-pairs", "4"])
     assert rc == 0
-    return out
+    return out, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_run):
+    return demo_run[0]
 
 
 def test_demo_writes_report_and_every_artifact(demo_dir):
     for rel in ("report.md", "eval/summary.csv", "eval/comparison.csv", "eval/accuracy_by_numops.png",
-                "probe/base/probe.csv", "probe/code/probe.csv", "probe/compare/probe_compare.png",
+                "probe/base/probe.csv", "probe/code/probe.csv", "probe/compare_updated/probe_compare.png",
+                "probe/compare_initial/probe_compare.png",
                 "patch/base/patch.csv", "patch/code/patch.csv", "patch/patch_compare_resid_pre.png"):
         assert (demo_dir / rel).is_file(), rel
     report = (demo_dir / "report.md").read_text()
@@ -61,11 +71,64 @@ def test_report_accuracy_table_equals_summary_csv(demo_dir):
 def test_report_comparison_equals_comparison_csv(demo_dir):
     comp = [r for r in _csv(demo_dir / "eval" / "comparison.csv") if (r["base"], r["variant"]) == ("base", "code")]
     report = (demo_dir / "report.md").read_text()
+    lines = report.splitlines()
+    head = next(x for x in lines if x.startswith("| bucket | states |"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    for r in comp:
+        line = next(x for x in lines if x.startswith(f"| {r['bucket']} | {r['n_states']} |"))
+        cell = dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+        assert int(cell["rows"]) == int(r["n"])
+        assert float(cell["base %"]) == pytest.approx(100 * float(r["base_accuracy"]), abs=0.051)
+        assert float(cell["code %"]) == pytest.approx(100 * float(r["variant_accuracy"]), abs=0.051)
+        assert float(cell["code − base (points)"]) == pytest.approx(100 * float(r["difference"]), abs=0.051)
+        lo, hi = (float(x) for x in re.fullmatch(r"\[([-+\d.]+), ([-+\d.]+)\]", cell["95% interval"]).groups())
+        assert (lo, hi) == (pytest.approx(100 * float(r["ci_low"]), abs=0.051),
+                            pytest.approx(100 * float(r["ci_high"]), abs=0.051))
+        assert float(cell["p"]) == pytest.approx(float(r["p_value"]), rel=1e-2)
+        assert (int(cell["base only"]), int(cell["code only"])) == (int(r["base_only"]), int(r["variant_only"]))
     overall = next(r for r in comp if r["bucket"] == "overall")
-    line = next(x for x in report.splitlines() if x.startswith("| overall |") and "|" in x[12:])
-    cells = [c.strip() for c in line.strip("|").split("|")]
-    assert int(cells[1]) == int(overall["n"])
-    assert float(cells[2]) == pytest.approx(100 * float(overall["base_accuracy"]), abs=0.051)
-    assert float(cells[3]) == pytest.approx(100 * float(overall["variant_accuracy"]), abs=0.051)
-    assert (int(cells[5]), int(cells[6])) == (int(overall["base_only"]), int(overall["variant_only"]))
-    assert f"p = {float(overall['p_value']):.3g}" in report
+    verdict = "not significant" if float(overall["p_value"]) >= 0.05 else "significant"
+    assert f"p = {float(overall['p_value']):.3g}): {verdict} at the 5% level" in report
+
+
+def _first_decodable(rows, role):
+    """The first layer whose numops>=1 interval clears the best baseline, recomputed from probe.csv."""
+    by = {(int(r["layer"]), r["metric"]): r for r in rows if r["role"] == role}
+    layers = sorted({k[0] for k in by})
+    base = max(float(by[(layers[0], f"baseline_{b}_numops>=1")]["value"])
+               for b in ("empty", "majority", "sibling_lookup"))
+    return next((la for la in layers if float(by[(la, "exact_match_numops>=1")]["ci_low"]) > base), None), base
+
+
+def test_probe_sentences_follow_the_numbers(demo_dir, demo_run):
+    report = (demo_dir / "report.md").read_text()
+    printed = demo_run[1]
+    for arm in ("base", "code"):
+        rows = _csv(demo_dir / "probe" / arm / "probe.csv")
+        assert {r["role"] for r in rows} == {"query_box", "query_box_desc"}
+        layers = {int(r["layer"]) for r in rows}
+        assert layers == set(range(len(layers))) and len(layers) >= 2  # every block
+        for role in ("query_box", "query_box_desc"):
+            first, base = _first_decodable(rows, role)
+            where = {"query_box": "the query token", "query_box_desc": "the queried box's token in the description"}
+            if first is None:
+                assert f"at {where[role]} they never do" in report
+                assert f"{role}: never" in printed
+            else:
+                assert f"at {where[role]} the updated contents (numops ≥ 1) first beat the best baseline " \
+                       f"({100 * base:.1f}%) with their interval at layer {first} " in report
+                assert f"{role}: layer {first}" in printed
+
+
+def test_patch_grid_covers_every_layer_and_sentence_names_the_strongest_cell(demo_dir, demo_run):
+    report = (demo_dir / "report.md").read_text()
+    for arm in ("base", "code"):
+        rows = [r for r in _csv(demo_dir / "patch" / arm / "patch.csv") if r["pair"] == "mean"]
+        n_layers = len({r["layer"] for r in rows})
+        cells = {r["cell"] for r in rows}
+        assert n_layers == len({r["layer"] for r in _csv(demo_dir / "probe" / arm / "probe.csv")})
+        assert {"query_box", "query_box_desc"} < cells and len(cells) == 6
+        best = max(rows, key=lambda r: (float(r["normalised"]), -int(r["layer"])))
+        assert (f"In {arm}, patching restores most of the clean answer at {best['cell']} in layer {best['layer']} "
+                f"({float(best['normalised']):.2f})") in report
+        assert f"{arm}: strongest patching cells layer {best['layer']} {best['cell']}" in demo_run[1]

@@ -1,5 +1,7 @@
-"""experiments/exp{1,2,3}_*.py and entitylens.experiments: end to end on tiny models and SmolLM2, sharding and
-merging, the GPU-time estimate by hand, and the paper table by hand and against KST24's model_results.csv."""
+"""`entitylens experiment` (experiments/exp{1,2,3}_*.py, entitylens.pipelines.experiment).
+
+End to end on tiny models and SmolLM2, sharding and merging, the GPU-time estimate by hand, and the paper
+table by hand and against KST24's model_results.csv."""
 
 from __future__ import annotations
 
@@ -12,26 +14,30 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
+from entitylens.behavior.runs import models_and_pairs
+from entitylens.cli import main as cli_main
+from entitylens.cli._args import parse_batch_size
 from entitylens.errors import EntitylensError
-from entitylens.experiments import (
+from entitylens.frames import csv_text as frame_csv
+from entitylens.frames import frame, records
+from entitylens.pipelines.estimate import (
     ASSUMED_UTILIZATION,
     H100_BF16_PEAK_FLOPS,
-    PAPER_TABLE_COLUMNS,
     ask_to_proceed,
     count_state_tokens,
-    estimate_model,
-    main,
-    models_and_pairs,
-    paper_table,
-    paper_table_markdown,
-    parse_batch_size,
-    prepare_data,
-    run_experiment,
+    estimate_arm,
     spec_params,
 )
-from entitylens.table import Table, read_csv
+from entitylens.pipelines.experiment import ExperimentConfig, prepare_data, run_experiment
+from entitylens.pipelines.paper_table import PAPER_TABLE_COLUMNS, paper_table, paper_table_markdown
+
+
+def main(argv: list[str], experiment: str = "code") -> int:
+    """``entitylens experiment EXPERIMENT ARGV...`` in this process."""
+    return cli_main(["experiment", experiment, *argv])
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared"
@@ -167,7 +173,7 @@ def test_exp1_substituted_run_writes_run_dir_and_paper_table(tiny_runs: dict[str
     md = (out / "paper_table.md").read_text()
     assert "| random | 28 |" in md and "/ 23.9 |" in md
     est = json.loads((out / "estimate.json").read_text())
-    assert est["states"] == 4 and not any(m["large"] for m in est["models"])
+    assert est["what"] == "4 states" and not any(m["large"] for m in est["arms"])
 
 
 def test_shards_merge_equal_unsharded(tiny_runs: dict[str, Path]) -> None:
@@ -210,7 +216,7 @@ def test_exp2_exp3_end_to_end(
     cb, nb = truth[base]["overall"]
     cv, nv = truth[variant]["overall"]
     assert float(pair["ours_overall"]) == pytest.approx(100 * (cv / nv - cb / nb), abs=1e-3)
-    summary = read_csv(out / "summary.csv")
+    summary = _csv_rows(out / "summary.csv")
     assert {r["model"] for r in summary} == set(models)
 
 
@@ -241,7 +247,7 @@ def test_exp3_on_smollm2(tmp_path: Path, shared_data: Path) -> None:
     c, n = truth["smollm2-135m-instruct"]["overall"]
     assert float(smol["ours_overall"]) == pytest.approx(100 * c / n, abs=1e-3)
     est = json.loads((out / "estimate.json").read_text())
-    smol_est = next(m for m in est["models"] if m["label"] == "smollm2-135m-instruct")
+    smol_est = next(m for m in est["arms"] if m["label"] == "smollm2-135m-instruct")
     assert smol_est["params"] == 135_000_000 and not smol_est["large"]
     assert "no GPU-time estimate needed" in p.stderr
 
@@ -260,15 +266,16 @@ def test_estimate_only_for_the_registry_pairs(tmp_path: Path, shared_data: Path)
     assert p.returncode == 0, p.stderr
     assert "GPU-time estimate for 716 states" in p.stderr and "40% of an H100" in p.stderr
     est = json.loads((out / "estimate.json").read_text())
-    by = {m["label"]: m for m in est["models"]}
+    by = {m["label"]: m for m in est["arms"]}
     assert len(by) == 22 and not (out / "predictions.jsonl").exists() and not (out / "run.json").exists()
     assert by["llama2-70b"]["gpus"] == 2 and by["llama2-7b"]["gpus"] == 1 and by["gemma-2b"]["gpus"] == 1
     assert by["llama2-70b"]["weight_bytes"] == 69_000_000_000 * 2
     from entitylens.task.io import read_ks_jsonl
 
     tokens = count_state_tokens(read_ks_jsonl(shared_data))
-    assert by["gemma-7b"]["prompt_tokens"] == tokens[0] and by["gemma-7b"]["generated_tokens"] == tokens[1]
-    assert est["total_gpu_seconds"] == pytest.approx(sum(m["gpu_seconds"] for m in est["models"]))
+    assert by["gemma-7b"]["token_detail"] == {"prompt": tokens[0], "generated": tokens[1]}
+    assert by["gemma-7b"]["tokens"] == tokens[0] + tokens[1]
+    assert est["seconds"] == pytest.approx(sum(m["seconds"] for m in est["arms"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,23 +283,23 @@ def test_estimate_only_for_the_registry_pairs(tmp_path: Path, shared_data: Path)
 # --------------------------------------------------------------------------------------------------
 
 
-def test_estimate_model_by_hand() -> None:
-    e = estimate_model(7_000_000_000, 1000, 500, "bfloat16")
-    assert e.flops == 2 * 7e9 * 1500 == 2.1e13
-    assert e.gpu_seconds == pytest.approx(2.1e13 / (0.4 * 989e12))
+def test_estimate_arm_by_hand() -> None:
+    e = estimate_arm(7_000_000_000, 1500, "bfloat16")
+    assert e.seconds == pytest.approx(2 * 7e9 * 1500 / (0.4 * 989e12))
     assert (ASSUMED_UTILIZATION, H100_BF16_PEAK_FLOPS) == (0.4, 989e12)
     assert e.weight_bytes == 14_000_000_000 and e.gpus == 1 and e.large
     # 70B in bf16: 140 GB > 72 GB usable per 80 GB GPU -> 2 GPUs; in fp32 280 GB -> 4 GPUs
-    assert estimate_model(70_000_000_000, 1, 1, "bf16").gpus == 2
-    assert estimate_model(70_000_000_000, 1, 1, "float32").gpus == 4
-    assert estimate_model(36_000_000_000, 1, 1, "bfloat16").gpus == 1  # 72 GB exactly fits
-    assert estimate_model(36_000_000_001, 1, 1, "bfloat16").gpus == 2
-    small = estimate_model(135_000_000, 10, 10, "float32", utilization=0.5, peak_flops=1e12)
-    assert not small.large and small.gpu_seconds == pytest.approx(2 * 135e6 * 20 / 0.5e12)
-    unknown = estimate_model(None, 10, 10)
-    assert unknown.gpu_seconds is None and unknown.gpus is None and not unknown.large
+    assert estimate_arm(70_000_000_000, 2, "bf16").gpus == 2
+    assert estimate_arm(70_000_000_000, 2, "float32").gpus == 4
+    assert estimate_arm(36_000_000_000, 2, "bfloat16").gpus == 1  # 72 GB exactly fits
+    assert estimate_arm(36_000_000_001, 2, "bfloat16").gpus == 2
+    small = estimate_arm(135_000_000, 20, "float32", utilization=0.5, peak_flops=1e12)
+    assert not small.large and small.seconds == pytest.approx(2 * 135e6 * 20 / 0.5e12)
+    assert estimate_arm(135_000_000, 20, large_params=100_000_000).large  # the threshold is the run's
+    unknown = estimate_arm(None, 20)
+    assert unknown.seconds is None and unknown.gpus is None and not unknown.large
     with pytest.raises(EntitylensError, match="dtype"):
-        estimate_model(1, 1, 1, "int3")
+        estimate_arm(1, 1, "int3")
 
 
 def test_count_state_tokens_by_hand(shared_data: Path) -> None:
@@ -339,12 +346,14 @@ def test_large_run_asks_and_stops_without_loading(tmp_path: Path, shared_data: P
 
     out = tmp_path / "big"
     with pytest.raises(EntitylensError, match="stopped at the GPU-time estimate"):
-        run_experiment("code", out, specs=["llama2-7b", "codellama-7b"], data=shared_data, confirm=no, quiet=True)
+        run_experiment(ExperimentConfig("code", out, models=("llama2-7b", "codellama-7b"), data=shared_data),
+                       confirm=no, quiet=True)
     assert len(asked) == 1 and "GPU time" in asked[0]
     assert not (out / "predictions.jsonl").exists()
     # small models never ask
-    run_experiment("code", tmp_path / "small", specs=["random", "nothing"], data=shared_data, limit=1,
-                   device="cpu", dtype="float32", confirm=no, quiet=True)  # fmt: skip
+    small = ExperimentConfig("code", tmp_path / "small", models=("random", "nothing"), data=shared_data, limit=1,
+                             device="cpu", dtype="float32")  # fmt: skip
+    run_experiment(small, confirm=no, quiet=True)
     assert len(asked) == 1
 
 
@@ -379,22 +388,22 @@ def _summary_rows(model: str, spec: str, acc: dict[str, float | None], paper: di
 
 
 def test_paper_table_by_hand() -> None:
-    summary = Table(("model", "spec", "bucket", "n", "accuracy", "paper_accuracy"), tuple(
+    summary = frame((
         _summary_rows("A", "llama2-7b", {"0": 0.5, "1": 0.25, "7+": 0.0, "overall": 0.375, "state": 0.1},
                       {"0": 0.6554, "1": 0.0496, "7+": 0.0345, "overall": 0.2131}, 8)
         + _summary_rows("B", "/x/b", {"0": 1.0, "1": 0.5, "7+": None, "overall": 0.75, "state": 0.2}, {}, 8)
         + _summary_rows("C", "codellama-7b", {"0": 0.75, "1": 0.5, "7+": 1.0, "overall": 0.625},
                         {"0": 0.9087, "1": 0.1369, "7+": 0.1379, "overall": 0.3194}, 8)
-    ))  # fmt: skip
-    comp = Table(("base", "variant", "bucket", "n", "difference", "p_value"), (
+    ), ("model", "spec", "bucket", "n", "accuracy", "paper_accuracy"))  # fmt: skip
+    comp = frame((
         {"base": "A", "variant": "C", "bucket": "0", "n": 4, "difference": 0.25, "p_value": 1.0},
         {"base": "A", "variant": "C", "bucket": "7+", "n": 1, "difference": 1.0, "p_value": 1.0},
         {"base": "A", "variant": "C", "bucket": "overall", "n": 8, "difference": 0.25, "p_value": 0.5},
         {"base": "A", "variant": "B", "bucket": "overall", "n": 8, "difference": 0.375, "p_value": 0.25},
-    ))  # fmt: skip
+    ), ("base", "variant", "bucket", "n", "difference", "p_value"))  # fmt: skip
     t = paper_table(summary, comp)
-    assert t.columns == PAPER_TABLE_COLUMNS
-    rows = list(t)
+    assert isinstance(t, pd.DataFrame) and tuple(t.columns) == PAPER_TABLE_COLUMNS
+    rows = records(t)
     assert [(r["kind"], r["model"]) for r in rows] == [
         ("model", "A"),
         ("model", "B"),
@@ -410,25 +419,25 @@ def test_paper_table_by_hand() -> None:
         0.0,
         pytest.approx(3.45),
     )
-    assert "ours_2" not in a and "p_value" not in a  # bucket absent from the summary -> blank
+    assert a["ours_2"] is None and a["p_value"] is None  # bucket absent from the summary -> blank
     assert b["ours_7"] is None and b["paper_overall"] is None and b["paper_0"] is None
     assert (ca["base"], ca["variant"], ca["n"], ca["p_value"]) == ("A", "C", 8, 0.5)
     assert ca["ours_overall"] == 25.0 and ca["paper_overall"] == pytest.approx(31.94 - 21.31)
     assert ca["ours_0"] == 25.0 and ca["paper_0"] == pytest.approx(90.87 - 65.54)
     assert ca["ours_7"] == 100.0 and ca["paper_7"] == pytest.approx(13.79 - 3.45)
-    assert "ours_1" not in ca and ca["spec"] == "codellama-7b - llama2-7b"
+    assert ca["ours_1"] is None and ca["spec"] == "codellama-7b - llama2-7b"
     assert ca["paper_1"] == pytest.approx(13.69 - 4.96)  # the paper's delta even where our comparison has no rows
     assert ba["ours_overall"] == 37.5 and ba["paper_overall"] is None  # B is not in the paper
-    csv_text = t.to_csv(digits=2)
+    csv_text = frame_csv(t, digits=2)
     assert "pair,C - A,codellama-7b - llama2-7b,A,C,8,25.00,10.63,25.00,25.33," in csv_text
     md = paper_table_markdown(t, "T")
     assert md.startswith("# T\n")
     assert "| A | 8 | 37.5 / 21.3 | 50.0 / 65.5 | 25.0 / 5.0 |" in md
     assert "| C − A | 8 | 0.5 | +25.0 / +10.6 | +25.0 / +25.3 | – / +8.7 |" in md
     # strings, as read back from summary.csv, give the same table
-    as_text = Table(summary.columns, tuple({k: ("" if v is None else str(v)) for k, v in r.items()} for r in summary))
-    comp_text = Table(comp.columns, tuple({k: str(v) for k, v in r.items()} for r in comp))
-    assert paper_table(as_text, comp_text).to_csv() == t.to_csv()
+    as_text = summary.astype(object).where(summary.notna(), "").astype(str)
+    comp_text = comp.astype(str)
+    assert frame_csv(paper_table(as_text, comp_text)) == frame_csv(t)
 
 
 def _paper_csv() -> dict[str, dict[int, tuple[float, int]]]:
@@ -454,7 +463,7 @@ def _fake_result(label: str, correct: list[bool]) -> Any:
 
 @pytest.mark.parametrize("experiment", ["code", "math", "alignment"])
 def test_paper_table_matches_the_papers_csv(experiment: str) -> None:
-    from entitylens.behavior.runs import compare, summary_table
+    from entitylens.behavior.tables import compare, summary_table
     from entitylens.models.registry import REGISTRY
 
     paper = _paper_csv()
@@ -513,6 +522,7 @@ def test_bad_input_one_line_errors(tmp_path: Path, shared_data: Path, capsys: py
         (["--models", "random", "nothing", "--pairs", "random:initial", *data], "names a model that is not in"),
         (["--models", "random", "random", *data], "labels must be unique"),
         (["--models", "random", "--batch-size", "0", *data], "--batch-size must be >= 1"),
+        (["--models", "random", "--limit", "0", *data], "--limit must be >= 1"),
         (["--models", "random", "--shard", "2/2", *data], "need 0 <= i < n"),
         (["--models", "random", "--data", str(tmp_path / "missing.jsonl")], "does not exist"),
     ]
@@ -528,7 +538,7 @@ def test_bad_input_one_line_errors(tmp_path: Path, shared_data: Path, capsys: py
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert main(["--models", "random", "initial", "--limit", "1", "--data", str(shared_data), "--out", str(out),
                  "--device", "cpu", "--dtype", "float32", "--quiet"]) == 2  # fmt: skip
-    assert "different config" in capsys.readouterr().err
+    assert "holds an evaluation run of other inputs (different models)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 

@@ -1,7 +1,7 @@
-"""The base-vs-variant study scripts (experiments/probe_base_vs_code.py, patch_base_vs_code.py) end to end.
+"""`entitylens study probe|patch` (experiments/probe_base_vs_code.py, patch_base_vs_code.py) end to end.
 
 The scripts run as subprocesses on the shipped testbed pair with small sizes; their outputs are checked
-against the per-model files they were derived from (read back independently with entitylens.table.read_csv),
+against the per-model files they were derived from (read back independently with the standard library's csv module),
 reruns must reuse every finished step, and one run substitutes tiny:llama for the base model. The
 GPU-time estimate and the compact rendering of pairs are checked by hand.
 """
@@ -9,7 +9,7 @@ GPU-time estimate and the compact rendering of pairs are checked by hand.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import csv
 import io
 import json
 import math
@@ -21,12 +21,16 @@ from pathlib import Path
 import pytest
 
 from entitylens.errors import EntitylensError
-from entitylens.table import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "experiments" / "probe_base_vs_code.py"
 PATCH = ROOT / "experiments" / "patch_base_vs_code.py"
 PAIR = ["--base", "testbed:base", "--variant", "testbed:code"]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -37,20 +41,20 @@ def _run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def _cli(script: Path, args: list[str]) -> int:
+    """The script's command (``entitylens study probe|patch ARGS``) in this process (imports already paid for)."""
+    from entitylens.cli import main
+
+    return main(["study", "probe" if script == PROBE else "patch", *args])
+
+
 def _main(script: Path, *args: str) -> str:
-    """Run a script's main() in this process (imports already paid for); returns its stdout."""
+    """Run a script's command in this process; returns its stdout."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = _script(script).main(list(args))
+        rc = _cli(script, list(args))
     assert rc == 0, out.getvalue()[-2000:] + err.getvalue()[-4000:]
     return out.getvalue()
-
-
-def _script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _mtimes(root: Path) -> dict[str, int]:
@@ -94,7 +98,7 @@ def test_probe_diff_is_variant_minus_base_of_the_two_probe_csvs(probe_study):
     out = probe_study[0]
     base = {(r["layer"], r["role"], r["metric"]): float(r["value"]) for r in read_csv(out / "probe/base/probe.csv")}
     var = {(r["layer"], r["role"], r["metric"]): float(r["value"]) for r in read_csv(out / "probe/variant/probe.csv")}
-    diff = read_csv(out / "compare/probe_diff.csv").rows
+    diff = read_csv(out / "compare/probe_diff.csv")
     assert {(r["layer"], r["role"], r["metric"]) for r in diff} == set(base) & set(var)
     assert {r["role"] for r in diff} == {"query_box", "query_box_desc"}  # the compact default roles
     for r in diff:
@@ -106,10 +110,10 @@ def test_probe_diff_is_variant_minus_base_of_the_two_probe_csvs(probe_study):
 
 def test_probe_summary_is_the_best_layer_of_each_probe_csv(probe_study):
     out = probe_study[0]
-    summary = read_csv(out / "summary.csv").rows
+    summary = read_csv(out / "summary.csv")
     assert len(summary) == 4
     for s in summary:
-        rows = [r for r in read_csv(out / "probe" / s["arm"] / "probe.csv").rows
+        rows = [r for r in read_csv(out / "probe" / s["arm"] / "probe.csv")
                 if r["role"] == s["role"] and r["metric"] == "exact_match"]
         best = max(float(r["value"]) for r in rows)
         first_best = min(int(r["layer"]) for r in rows if float(r["value"]) == best)
@@ -120,16 +124,17 @@ def test_probe_estimate_by_hand(probe_study):
     """Tokens: compact prompts are one token per word plus BOS; params: the checkpoint's tensors."""
     from safetensors import safe_open
 
-    from entitylens.estimate import estimate_gpu_seconds
-    from entitylens.testbed import cache_prompts, eval_states
-    from entitylens.testbed.checkpoints import checkpoint_dir
+    from entitylens.activations import compact_cache_prompts
+    from entitylens.models.testbed.checkpoints import checkpoint_dir
+    from entitylens.pipelines.estimate import estimate_gpu_seconds
+    from entitylens.task.targeted import eval_states
 
     out, first = probe_study
     est = json.loads((out / "study.json").read_text())["estimate"]
     with safe_open(str(checkpoint_dir("base") / "model.safetensors"), framework="pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
-    tokens = sum(len(p.text.split()) + 1 for p in cache_prompts(eval_states(seed=0, num_states=30)))
-    base = est["arms"]["base"]
+    tokens = sum(len(p.text.split()) + 1 for p in compact_cache_prompts(eval_states(seed=0, num_states=30)))
+    base = next(a for a in est["arms"] if a["label"] == "base")
     assert (base["params"], base["tokens"]) == (params, tokens)
     assert base["seconds"] == pytest.approx(2 * params * tokens / (0.4 * 989e12), rel=1e-12)
     assert est["seconds"] == pytest.approx(2 * base["seconds"], rel=1e-12)  # same size, same prompts
@@ -154,11 +159,12 @@ def test_probe_study_with_tiny_llama_as_base(tmp_path):
     stdout = _main(PROBE, "--base", "tiny:llama", "--variant", "testbed:code", "--states", "12", "--bootstrap", "0",
                    "--folds", "2", "--random-control", "--quiet", "--out", str(out))
     study = json.loads((out / "study.json").read_text())
-    assert study["protocol"] == "ks" and study["estimate"] is None  # mixed pair: K&S prompts; small: no estimate
+    assert study["protocol"] == "ks" and not study["estimate"]["large"]  # mixed pair: K&S prompts; small models
+    assert "no GPU-time estimate needed" in stdout
     meta = json.loads((out / "cache/base/meta.json").read_text())
     assert meta["model"]["spec"] == "tiny:llama"
     assert (out / "cache/base-random/meta.json").is_file()
-    metrics = {r["metric"] for r in read_csv(out / "probe/base/probe.csv").rows}
+    metrics = {r["metric"] for r in read_csv(out / "probe/base/probe.csv")}
     assert {"random_model_balanced_accuracy", "over_random"} <= metrics
     assert "tiny:llama" in stdout
 
@@ -186,7 +192,7 @@ def patch_rerun(patch_study):
 
 
 def _mean_grid(run_dir: Path, kind: str = "activation") -> dict[tuple[str, str], float]:
-    return {(r["layer"], r["cell"]): float(r["normalised"]) for r in read_csv(run_dir / "patch.csv").rows
+    return {(r["layer"], r["cell"]): float(r["normalised"]) for r in read_csv(run_dir / "patch.csv")
             if r["kind"] == kind and r["pair"] == "mean" and r["normalised"] != ""}
 
 
@@ -205,7 +211,7 @@ def test_side_by_side_numbers_equal_each_runs_patch_csv(patch_study):
     out = patch_study[0]
     for kind, d in (("activation", "compare"), ("attribution", "compare-attribution")):
         a, b = _mean_grid(out / "patch/base", kind), _mean_grid(out / "patch/variant", kind)
-        rows = read_csv(out / d / "compare.csv").rows
+        rows = read_csv(out / d / "compare.csv")
         assert {(r["layer"], r["cell"]) for r in rows} >= set(a)
         assert {r["cell"] for r in rows} >= {"changed_object", "query_box"}
         for r in rows:
@@ -241,7 +247,7 @@ def test_patch_rerun_reuses_everything(patch_rerun):
 def test_patch_study_refuses_other_pairs_in_the_same_dir_and_loses_nothing(patch_study, patch_rerun, capsys):
     out = patch_study[0]
     before = _mtimes(out)
-    rc = _script(PATCH).main([*PAIR, "--pairs", "5", "--out", str(out), "--quiet"])
+    rc = _cli(PATCH, [*PAIR, "--pairs", "5", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert _mtimes(out) == before
@@ -256,7 +262,7 @@ def test_patch_study_with_tiny_llama_as_base(tmp_path):
     first = json.loads((out / "pairs.jsonl").read_text().splitlines()[0])  # K&S prompts behind the 2-shot prefix
     assert first["clean_prompt"].startswith("Given the description") and first["clean_prompt"].endswith(" contains")
     a, b = _mean_grid(out / "patch/base"), _mean_grid(out / "patch/variant")
-    rows = {(r["layer"], r["cell"]): r for r in read_csv(out / "compare/compare.csv").rows}
+    rows = {(r["layer"], r["cell"]): r for r in read_csv(out / "compare/compare.csv")}
     for key, v in a.items():
         assert float(rows[key]["a"]) == pytest.approx(v, abs=2e-6)
     for key, v in b.items():
@@ -270,10 +276,11 @@ def test_patch_study_with_tiny_llama_as_base(tmp_path):
 
 def test_compact_pairs_render_the_same_worlds():
     from entitylens.activations.roles import find_roles, tokenize_with_offsets
+    from entitylens.models.testbed.tokenizer import get_tokenizer
     from entitylens.patching.pairs import build_pairs, compact_pairs
+    from entitylens.task.compact import compact_prompt, context_words, ordered_contents
+    from entitylens.task.targeted import eval_states
     from entitylens.task.text import parse_context
-    from entitylens.testbed import compact_prompt, eval_states, get_tokenizer, ordered_contents
-    from entitylens.testbed.data import context_words
 
     states = eval_states(seed=3, num_states=12)
     by_id = {s.state_id: s for s in states}
@@ -302,7 +309,7 @@ def test_compact_pairs_render_the_same_worlds():
 
 
 def test_estimate_rejects_bad_numbers():
-    from entitylens.estimate import estimate_gpu_seconds
+    from entitylens.pipelines.estimate import estimate_gpu_seconds
 
     assert estimate_gpu_seconds(1e9, 1e6, utilization=1.0, peak_flops=2e15) == pytest.approx(1.0)
     for bad in ({"params": -1, "tokens": 1}, {"params": 1, "tokens": float("nan")}):
@@ -313,7 +320,7 @@ def test_estimate_rejects_bad_numbers():
 
 
 def test_declining_at_the_estimate_computes_nothing(tmp_path):
-    from entitylens.studies import ProbeStudyConfig, run_probe_study
+    from entitylens.pipelines.probe_study import ProbeStudyConfig, run_probe_study
 
     asked = []
     cfg = ProbeStudyConfig(base="testbed:base", variant="testbed:code", out=tmp_path / "o", states=3,
@@ -336,7 +343,7 @@ def test_declining_at_the_estimate_computes_nothing(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_error(script, args, needle, tmp_path, capsys):
-    rc = _script(script).main([*args, "--out", str(tmp_path / "o"), "--quiet"])
+    rc = _cli(script, [*args, "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
@@ -346,11 +353,13 @@ def test_device_and_dtype_defaults_follow_the_gpu(monkeypatch: pytest.MonkeyPatc
     """A study on the default (7B) pair runs on the GPU in bf16 when one is visible, else on the CPU in fp32."""
     import argparse
 
-    import entitylens.studies as st
+    import entitylens.cli.study as st
 
     for gpu, device, dtype in ((True, "cuda", "bfloat16"), (False, "cpu", "float32")):
         monkeypatch.setattr(st, "_cuda_available", lambda gpu=gpu: gpu)
-        parser = argparse.ArgumentParser()
-        st.add_common_args(parser, "runs/study")
-        args = parser.parse_args([])
+        args = argparse.Namespace(device=None, dtype=None)
+        st._device_defaults(args)
         assert (args.device, args.dtype) == (device, dtype)
+        args = argparse.Namespace(device="cpu", dtype="float16")  # given: kept
+        st._device_defaults(args)
+        assert (args.device, args.dtype) == ("cpu", "float16")

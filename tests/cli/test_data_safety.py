@@ -117,7 +117,7 @@ def test_probe_never_writes_over_its_inputs_or_another_probe(tmp_path, data, cap
     first = snapshot(out)
     capsys.readouterr()
     assert main(["probe", "--cache", str(cache), "--out", str(out), "--bootstrap", "0", "--seed", "1"]) == 2
-    one_line_error(capsys, "another cache or configuration", "--overwrite")
+    one_line_error(capsys, "holds a probe run of other inputs", "--overwrite")
     assert snapshot(out) == first
     assert main(["--quiet", "probe", "--cache", str(cache), "--out", str(out), "--bootstrap", "0", "--seed", "1",
                  "--overwrite"]) == 0  # fmt: skip

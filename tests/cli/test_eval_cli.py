@@ -66,9 +66,7 @@ def test_device_map_reaches_load_model(tmp_path, monkeypatch, script):
         rc = main(["--quiet", "eval", "--models", "tiny:llama", "--data", str(data), "--out", str(tmp_path / "run"),
                    "--device-map", "auto"])
     else:
-        from entitylens.experiments import main as exp_main
-
-        rc = exp_main(["--models", "tiny:llama", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "cpu",
-                       "--dtype", "float32", "--device-map", "auto", "--yes", "--quiet"], experiment="code")
+        rc = main(["experiment", "code", "--models", "tiny:llama", "--data", str(data), "--out", str(tmp_path / "run"),
+                   "--device", "cpu", "--dtype", "float32", "--device-map", "auto", "--yes", "--quiet"])
     assert rc == 0
     assert seen == [("tiny:llama", "auto")]

@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from entitylens.errors import EntitylensError
+from entitylens.errors import guarded
 from entitylens.progress import set_quiet
 
+__all__ = ["build_parser", "guarded", "main"]
+
 # Modules under entitylens.cli that define ``register(subparsers)``; order = order in --help.
-_COMMAND_MODULES = ("demo", "data", "models", "eval", "cache", "testbed", "patch", "probe")
+_COMMAND_MODULES = (
+    "demo", "data", "models", "eval", "experiment", "cache", "probe", "patch", "study", "testbed",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,40 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         importlib.import_module(f"entitylens.cli.{name}").register(sub)
     return parser
-
-
-def _one_line_warning(message: Any, *args: Any, **kwargs: Any) -> None:
-    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
-
-
-def guarded(run: Callable[[], int | None]) -> int:
-    """Call ``run`` the way every entitylens command line does: bad input -> one line, exit status 2.
-
-    Warnings are printed as one ``warning: ...`` line (no file name, no source line); operating-system
-    errors (disk full, a read-only or missing path) as one ``error: ...`` line naming the file and the fix.
-
-    Args:
-        run: The command's body; returns its exit status (``None`` = 0).
-
-    Returns:
-        ``run()``'s status, 2 after an :class:`~entitylens.errors.EntitylensError` (printed as
-        ``error: ...`` on stderr) or 130 when interrupted.
-    """
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning
-        try:
-            return int(run() or 0)
-        except EntitylensError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:  # disk full, read-only or missing paths the commands did not foresee
-            from entitylens._io import os_error_message
-
-            print(f"error: {' '.join(os_error_message(e).split())}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ shards. See ``docs/activations.md``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,8 @@ def load_rows(path: Path, fmt: str = "auto", limit: int | None = None) -> list[A
 
         rows = []
         for state in read_ks_jsonl(path):
-            boxes = state.extra.get("boxes", range(state.num_boxes))
-            rows.extend(BoxRow(state, int(b)) for b in boxes)  # type: ignore[union-attr]
+            boxes: Iterable[int] = state.extra.get("boxes", range(state.num_boxes))  # type: ignore[assignment]
+            rows.extend(BoxRow(state, int(b)) for b in boxes)
     if limit is not None:
         if limit < 1:
             raise EntitylensError(f"--limit {limit} must be at least 1; pass a positive number of rows")

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(overrides --device)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--batch-size", default="8", help="states per batch, or 'auto' (GPU: from free memory)")
+    p.add_argument("--protocol", choices=("kst24", "kst24-code", "kst24-outlines", "compact"), default="kst24",
+                   help="the paper's 2-shot statement protocol (default; kst24-code / kst24-outlines: KST24's other "
+                   "prompt builders) or the testbed's compact protocol (one query per box)")
     p.add_argument("--chat", choices=("auto", "always", "never"), default="auto", help="use the chat template")
     p.add_argument("--decoding", choices=("constrained", "unconstrained"), default="constrained")
     p.add_argument(
@@ -63,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _models_and_pairs(args: argparse.Namespace) -> tuple[list, list[tuple[str, str]] | None]:
-    from entitylens.experiments import models_and_pairs
+    from entitylens.behavior.runs import models_and_pairs
 
     return models_and_pairs(args.experiment, args.models, args.pairs)
 
@@ -71,13 +74,15 @@ def _models_and_pairs(args: argparse.Namespace) -> tuple[list, list[tuple[str, s
 def run_eval_cmd(args: argparse.Namespace) -> int:
     """Run ``entitylens eval``."""
     from entitylens.behavior.evaluate import EvalConfig
-    from entitylens.behavior.runs import run_eval, summary_table
-    from entitylens.experiments import parse_batch_size
+    from entitylens.behavior.runs import run_eval
+    from entitylens.behavior.tables import summary_table
+    from entitylens.cli._args import parse_batch_size
+    from entitylens.frames import markdown_table
 
     batch = parse_batch_size(args.batch_size)
     config = EvalConfig(
-        chat=args.chat, decoding=args.decoding, forced=args.forced, batch_size=batch, score_mode=args.score,
-        seed=args.seed,
+        protocol=args.protocol, chat=args.chat, decoding=args.decoding, forced=args.forced, batch_size=batch,
+        score_mode=args.score, seed=args.seed,
     )  # fmt: skip
     models, pairs = _models_and_pairs(args)
     results = run_eval(
@@ -85,7 +90,8 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
         limit=args.limit, device_map=args.device_map,
     )  # fmt: skip
     table = summary_table(results, {m.label: m.spec for m in models})
-    print(table.to_markdown(("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated", "paper_accuracy")))
+    columns = ("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated", "paper_accuracy")
+    print(markdown_table(table, columns))
     compared = "comparison.csv, " if (args.out / "comparison.csv").is_file() and len(models) > 1 else ""
     print(f"\nwrote {args.out}/predictions.jsonl, summary.csv, {compared}accuracy_by_numops.png/.pdf")
     return 0
@@ -93,7 +99,7 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
 
 def run_merge_cmd(args: argparse.Namespace) -> int:
     """Run ``entitylens merge``."""
-    from entitylens.behavior.runs import merge_runs
+    from entitylens.behavior.combine import merge_runs
 
     results = merge_runs(args.dirs, args.out)
     print(f"merged {len(args.dirs)} shards of {len(results)} model(s) into {args.out}")
@@ -102,8 +108,10 @@ def run_merge_cmd(args: argparse.Namespace) -> int:
 
 def run_compare_cmd(args: argparse.Namespace) -> int:
     """Run ``entitylens compare``."""
-    from entitylens.behavior.runs import combine_runs, summary_table
+    from entitylens.behavior.combine import combine_runs
+    from entitylens.behavior.tables import summary_table
     from entitylens.errors import EntitylensError
+    from entitylens.frames import markdown_table
 
     pairs = None
     if args.pairs:
@@ -113,7 +121,7 @@ def run_compare_cmd(args: argparse.Namespace) -> int:
         pairs = [tuple(p.split(":", 1)) for p in args.pairs]
     results = combine_runs(args.dirs, args.out, pairs)
     table = summary_table(results)
-    print(table.to_markdown(("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated")))
+    print(markdown_table(table, ("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated")))
     print(f"\ncombined {len(args.dirs)} runs ({len(results)} models) into {args.out}: predictions.jsonl, "
           "summary.csv, comparison.csv, accuracy_by_numops.png/.pdf")
     return 0

@@ -16,7 +16,8 @@ See ``docs/patching.md`` ("From datasets and the CLI").
 from __future__ import annotations
 
 import argparse
-import time
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,17 @@ _VMAX_HELP = "heatmap colour limit: the scale is [-V, V] (default 1); 'auto' = t
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``patch pairs``, ``patch run``, ``patch compare`` and ``patch cross``."""
-    from entitylens.cli.models import SPEC_HELP, add_model_args
-    from entitylens.patching.exact import COMPONENTS
-    from entitylens.patching.pairs import PAIR_KINDS
-
     p = sub.add_parser("patch", help="activation / attribution / cross-model patching from boxes datasets")
     psub = p.add_subparsers(dest="patch_command", metavar="SUBCOMMAND")
     psub.required = True
+    _add_pairs(psub)
+    _add_run(psub)
+    _add_compare(psub)
+    _add_cross(psub)
+
+
+def _add_pairs(psub: argparse._SubParsersAction) -> None:
+    from entitylens.patching.pairs import PAIR_KINDS
 
     g = psub.add_parser(
         "pairs",
@@ -67,6 +72,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _quiet_arg(g)
     g.set_defaults(func=run_pairs)
+
+
+def _add_run(psub: argparse._SubParsersAction) -> None:
+    from entitylens.cli.models import add_model_args
+    from entitylens.patching.exact import COMPONENTS
 
     r = psub.add_parser(
         "run",
@@ -89,6 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--overwrite", action="store_true", help="replace another model's / pairs file's results in --out")
     r.set_defaults(func=run_run)
 
+
+def _add_compare(psub: argparse._SubParsersAction) -> None:
     c = psub.add_parser(
         "compare",
         help="draw two runs' heatmaps side by side on one colour scale (e.g. base vs code model)",
@@ -111,6 +123,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "layer / (layers - 1), the deeper model interpolated")
     _quiet_arg(c)
     c.set_defaults(func=run_compare)
+
+
+def _add_cross(psub: argparse._SubParsersAction) -> None:
+    from entitylens.cli.models import SPEC_HELP
+    from entitylens.patching.exact import COMPONENTS
 
     x = psub.add_parser(
         "cross",
@@ -204,223 +221,84 @@ def run_pairs(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_pairs(path: Path, tokenizer: Any) -> list[Any]:
-    from entitylens.patching.pairs import TOKEN_PAIR_FORMAT, _iter_records, read_pairs, read_patch_pairs
+def _patch_config(args: argparse.Namespace, **extra: Any) -> Any:
+    from entitylens.patching.job import PatchConfig
 
-    first = _iter_records(path)[0][1]
-    if first.get("format") == TOKEN_PAIR_FORMAT:
-        return read_patch_pairs(path, tokenizer)
-    return read_pairs(path)
-
-
-def _resolve_roles(roles: tuple[str, ...] | None, pairs: list[Any]) -> list[str] | None:
-    from entitylens.patching.pairs import TextPair
-
-    if roles is None or list(roles) != ["all"]:
-        return None if roles is None else list(roles)
-    if isinstance(pairs[0], TextPair):
-        sets = [set(p.roles) | {"last"} for p in pairs]
-        first = list(pairs[0].roles) + ([] if "last" in pairs[0].roles else ["last"])
-    else:
-        sets = [set(p.clean_roles) & set(p.corrupted_roles) for p in pairs]
-        first = list(pairs[0].clean_roles)
-    out = [r for r in first if r != "last" and all(r in s for s in sets)] + ["last"]
-    return out
+    if args.grid is not None and args.grid not in ("layer_role", "layer_head"):
+        raise EntitylensError(f"unknown grid {args.grid!r} for the CLI; use layer_role or layer_head")
+    return PatchConfig(
+        component=args.component, grid=args.grid, roles=args.roles, layers=args.layers, method=args.method,
+        batch_cells=args.batch_cells, vmax=args.vmax, **extra,
+    )  # fmt: skip
 
 
-def _tokenised(model: Any, pairs: list[Any], roles: list[str] | None) -> list[Any]:
-    from entitylens.patching.pairs import TextPair, to_patch_pairs
-
-    if isinstance(pairs[0], TextPair):
-        return to_patch_pairs(model, pairs, roles=roles)
-    return pairs
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def run_run(args: argparse.Namespace) -> int:
     """Exact (and optionally attribution) patching of a pairs file; writes the run directory."""
     from entitylens._io import sha256_file
-    from entitylens.activations.cache import model_fingerprint
     from entitylens.cli.models import load_model_from_args
     from entitylens.models import model_label
-    from entitylens.patching.exact import tokenizer_fingerprint
-    from entitylens.patching.pairs import write_patch_pairs
-    from entitylens.patching.run import (
-        check_run_dir,
-        default_grid,
-        prepare_pairs,
-        run_attribution,
-        run_patching,
-        top_cells_summary,
-        write_patch_outputs,
-    )
+    from entitylens.patching.attribution import agreement_line
+    from entitylens.patching.job import run_patch_job
+    from entitylens.patching.outputs import top_cells_summary
+    from entitylens.patching.pair_io import read_any_pairs
 
-    grid = args.grid or default_grid(args.component)
-    _check_grid(args.component, grid, args.method)
+    config = _patch_config(args, attribution=args.attribution, k=args.k)
     if not args.pairs.is_file():
         raise EntitylensError(f"pairs file {args.pairs} does not exist; build one with `entitylens patch pairs`")
-    if args.k < 1:
-        raise EntitylensError(f"--k {args.k} must be at least 1")
     model = load_model_from_args(args)
-    tok = model.tokenizer
-    pairs = _load_pairs(args.pairs, tok)
-    roles = _resolve_roles(args.roles, pairs)
-    identity = {
-        "model_fingerprint": model_fingerprint(model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "pairs_sha256": sha256_file(args.pairs),
-    }
-    check_run_dir(args.out, identity, args.overwrite)
-    plist = _tokenised(model, pairs, roles)
-    _, cols = prepare_pairs(model, plist, grid, roles)
-    _announce(len(plist), model.cfg.n_layers if args.layers is None else len(args.layers), cols, args.component,
-              grid, args.method)  # fmt: skip
-    t0 = time.perf_counter()
-    partial = args.out / PARTIAL_DIR / f"patch_{args.component}"
-    result = run_patching(
-        model, plist, args.component, grid, roles=roles, layers=args.layers, method=args.method,
-        batch_cells=args.batch_cells, partial_dir=partial,
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    attribution = None
     label = args.label or model_label(args.model)
-    info: dict[str, Any] = {
-        "model": args.model,
-        "label": label,
-        "pairs": str(args.pairs),
-        "roles": cols if cols is not None else "all positions",
-        "method": args.method,
-        "n_layers": int(model.cfg.n_layers),
-    }
-    timing = {"seconds": seconds}
-    if args.attribution:
-        t1 = time.perf_counter()
-        attribution = run_attribution(model, plist, args.component, grid, roles=roles, layers=args.layers)
-        timing["attribution_seconds"] = time.perf_counter() - t1
-    files = write_patch_outputs(
-        args.out, result, attribution=attribution, k=args.k, label=label, identity=identity, info=info,
-        overwrite=args.overwrite, vmax=args.vmax, timing=timing,
+    job = run_patch_job(
+        model, read_any_pairs(args.pairs, model.tokenizer), args.out, config, pairs_sha256=sha256_file(args.pairs),
+        label=label, info={"model": args.model, "pairs": str(args.pairs)}, overwrite=args.overwrite, say=_say,
     )  # fmt: skip
-    write_patch_pairs(args.out / "pairs_tokens.jsonl", plist)
-    _drop_partial(args.out, partial)
+    r = job.result
     print(
-        f"patched {len(result.pair_names)} pairs x {len(result.layers)} layers x {len(result.cells)} cells "
-        f"({args.component}, {grid}) with {result.path} in {seconds:.1f} s "
-        f"({result.n_forward_cells} cells ran, {result.n_noop_cells} exact no-ops)"
+        f"patched {len(r.pair_names)} pairs x {len(r.layers)} layers x {len(r.cells)} cells "
+        f"({config.component}, {config.resolved_grid}) with {r.path} in {job.seconds:.1f} s "
+        f"({r.n_forward_cells} cells ran, {r.n_noop_cells} exact no-ops)"
     )
     print("strongest cells (mean normalised, 1 = clean behaviour restored):")
-    print(top_cells_summary(result))
-    if attribution is not None:
-        import json
-
-        from entitylens.patching.attribution import agreement_line
-
-        agree = json.loads((args.out / "agreement.json").read_text(encoding="utf-8"))[args.component]["pair_mean"]
+    print(top_cells_summary(r))
+    if job.attribution is not None:
+        agree = json.loads((args.out / "agreement.json").read_text(encoding="utf-8"))[config.component]["pair_mean"]
         print(agreement_line(agree))
-    print("wrote " + ", ".join(str(p) for p in files.values()))
+    print("wrote " + ", ".join(str(p) for p in job.files.values()))
     return 0
-
-
-PARTIAL_DIR = ".partial"
-"""Finished chunks of an interrupted patching run live in ``<out>/.partial/`` until the run completes."""
-
-
-def _drop_partial(out: Path, partial: Path) -> None:
-    import shutil
-
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        (out / PARTIAL_DIR).rmdir()
-    except OSError:
-        pass
-
-
-def _announce(n_pairs: int, n_layers: int, cols: Any, component: str, grid: str, method: str) -> None:
-    """Say up front how much work a patching run is (stderr; the engine's fallback, if any, warns)."""
-    import sys
-
-    n_cols = "every position" if cols is None else f"{len(cols)} columns"
-    print(
-        f"patching {n_pairs} pairs x {n_layers} layers x {n_cols} ({component}, {grid}) with the {method} engine",
-        file=sys.stderr,
-    )
-
-
-def _check_grid(component: str, grid: str, method: str) -> None:
-    from entitylens.patching.exact import _check_component_grid
-
-    if grid not in ("layer_role", "layer_head"):
-        raise EntitylensError(f"unknown grid {grid!r} for the CLI; use layer_role or layer_head")
-    _check_component_grid(component, grid, method)
 
 
 def run_cross_cmd(args: argparse.Namespace) -> int:
     """Cross-model patching of a pairs file (model A into model B); writes the run directory."""
     from entitylens._io import sha256_file
-    from entitylens.activations.cache import model_fingerprint
     from entitylens.models import load_model, model_label
     from entitylens.patching.cross_model import check_compatible
-    from entitylens.patching.exact import tokenizer_fingerprint
-    from entitylens.patching.run import (
-        check_run_dir,
-        default_grid,
-        prepare_pairs,
-        run_cross,
-        top_cells_summary,
-        write_patch_outputs,
-    )
+    from entitylens.patching.job import run_patch_job
+    from entitylens.patching.outputs import top_cells_summary
+    from entitylens.patching.pair_io import read_any_pairs
 
-    grid = args.grid or default_grid(args.component)
-    _check_grid(args.component, grid, args.method)
-    if args.side not in ("clean", "corrupted"):
-        raise EntitylensError(f"--side {args.side!r} must be clean or corrupted")
+    config = _patch_config(args, side=args.side)
     if not args.pairs.is_file():
         raise EntitylensError(f"pairs file {args.pairs} does not exist; build one with `entitylens patch pairs`")
     source = load_model(args.source, device=args.device, dtype=args.dtype)
     target = load_model(args.target, device=args.device, dtype=args.dtype)
     check_compatible(source, target, args.component)
-    pairs = _load_pairs(args.pairs, target.tokenizer)
-    roles = _resolve_roles(args.roles, pairs)
-    identity = {
-        "source_fingerprint": model_fingerprint(source),
-        "target_fingerprint": model_fingerprint(target),
-        "tokenizer_fingerprint": tokenizer_fingerprint(target.tokenizer),
-        "pairs_sha256": sha256_file(args.pairs),
-        "side": args.side,
-    }
-    check_run_dir(args.out, identity, args.overwrite)
-    plist = _tokenised(target, pairs, roles)
-    _, cols = prepare_pairs(target, plist, grid, roles)
-    _announce(len(plist), target.cfg.n_layers if args.layers is None else len(args.layers), cols, args.component,
-              grid, args.method)  # fmt: skip
-    t0 = time.perf_counter()
-    partial = args.out / PARTIAL_DIR / f"cross_{args.component}"
-    result = run_cross(
-        source, target, plist, args.component, grid, side=args.side, roles=roles, layers=args.layers,
-        method=args.method, batch_cells=args.batch_cells, partial_dir=partial,
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
     label = f"{model_label(args.source)} -> {model_label(args.target)}"
-    info = {
-        "source": args.source,
-        "target": args.target,
-        "label": label,
-        "pairs": str(args.pairs),
-        "roles": cols if cols is not None else "all positions",
-        "method": args.method,
-        "n_layers": int(target.cfg.n_layers),
-    }
-    files = write_patch_outputs(
-        args.out, result, label=label, identity=identity, info=info,
-        overwrite=args.overwrite, vmax=args.vmax, timing={"seconds": seconds},
+    job = run_patch_job(
+        target, read_any_pairs(args.pairs, target.tokenizer), args.out, config, pairs_sha256=sha256_file(args.pairs),
+        label=label, info={"source": args.source, "target": args.target, "pairs": str(args.pairs)},
+        source=source, overwrite=args.overwrite, say=_say,
     )  # fmt: skip
-    _drop_partial(args.out, partial)
+    r = job.result
     print(
-        f"cross-model patched {len(result.pair_names)} {args.side} prompts x {len(result.layers)} layers x "
-        f"{len(result.cells)} cells ({args.component}) with {result.path} in {seconds:.1f} s"
+        f"cross-model patched {len(r.pair_names)} {args.side} prompts x {len(r.layers)} layers x "
+        f"{len(r.cells)} cells ({args.component}) with {r.path} in {job.seconds:.1f} s"
     )
     print("cells transferring most of A's behaviour (1 = B behaves like A):")
-    print(top_cells_summary(result))
-    print("wrote " + ", ".join(str(p) for p in files.values()))
+    print(top_cells_summary(r))
+    print("wrote " + ", ".join(str(p) for p in job.files.values()))
     return 0
 
 

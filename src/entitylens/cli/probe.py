@@ -67,14 +67,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``entitylens probe``."""
     from entitylens._io import check_output_apart
     from entitylens.probing.linear import ProbeConfig
-    from entitylens.probing.run import (
-        ProbeRunConfig,
-        check_probe_dir,
-        compare_probe_runs,
-        probe_identity,
-        run_probes,
-        write_probe_outputs,
-    )
+    from entitylens.probing.outputs import check_probe_dir, compare_probe_runs, probe_identity, write_probe_outputs
+    from entitylens.probing.run import ProbeRunConfig, run_probes
 
     if args.out is None:
         raise EntitylensError("--out is required; pass the output directory, e.g. --out runs/probe/M")
@@ -94,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
                          min_count=args.min_count, heldout_object_fraction=args.disjoint_objects,
                          control=not args.no_control, bootstrap=args.bootstrap, probe=probe, split=args.split)
     check_output_apart(args.out, [("--cache", args.cache), ("--random-cache", args.random_cache)])
-    check_probe_dir(args.out, probe_identity(args.cache, cfg), args.overwrite)  # before any work
+    check_probe_dir(args.out, probe_identity(args.cache, cfg, args.random_cache), args.overwrite)  # before any work
     result = run_probes(args.cache, cfg, random_cache=args.random_cache)
     paths = write_probe_outputs(args.out, result, label=args.label)
     if cfg.split == "state":
         import sys
 
-        from entitylens.probing.run import STATE_SPLIT_WARNING
+        from entitylens.probing.outputs import STATE_SPLIT_WARNING
 
         print(f"warning: {STATE_SPLIT_WARNING}", file=sys.stderr)
     t = result.target
@@ -115,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 def verdict(table: object) -> str:
     """The summary line of a probe run: the best layer against the baselines, with its interval."""
-    from entitylens.probing.run import best_against_baselines
+    from entitylens.probing.outputs import best_against_baselines
 
     b = best_against_baselines(table)  # type: ignore[arg-type]
     line = (f"best exact-set accuracy {b['value']:.3f} [{b['ci_low']:.3f}, {b['ci_high']:.3f}] at layer "

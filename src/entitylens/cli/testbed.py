@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from entitylens.errors import EntitylensError
 
@@ -71,8 +72,9 @@ def _quiet(args: argparse.Namespace) -> None:
 
 def run_train_cmd(args: argparse.Namespace) -> int:
     """``entitylens testbed train``."""
-    from entitylens.testbed.checkpoints import SPEC_PREFIX, resolve_testbed_spec
-    from entitylens.testbed.train import get_recipe, train_stage
+    from entitylens.models.testbed.checkpoints import SPEC_PREFIX, resolve_testbed_spec
+    from entitylens.testbed.recipe import get_recipe
+    from entitylens.testbed.train import train_stage
 
     _quiet(args)
     if args.steps is not None and args.steps < 1:
@@ -125,7 +127,7 @@ def run_train_cmd(args: argparse.Namespace) -> int:
 
 def run_eval_cmd(args: argparse.Namespace) -> int:
     """``entitylens testbed eval``."""
-    from entitylens.testbed.evalset import DEFAULT_EVAL_STATES, EVAL_SEED
+    from entitylens.task.targeted import DEFAULT_EVAL_STATES, EVAL_SEED
     from entitylens.testbed.run import DEFAULT_MODELS, run_testbed_eval
 
     _quiet(args)
@@ -146,10 +148,10 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
 
 def run_info_cmd(args: argparse.Namespace) -> int:
     """``entitylens testbed info``."""
-    from entitylens.testbed.checkpoints import checkpoint_dir, read_meta
-    from entitylens.testbed.train import RECIPES
+    from entitylens.models.testbed.checkpoints import checkpoint_dir, read_meta
+    from entitylens.testbed.recipe import RECIPES
 
-    rows = {}
+    rows: dict[str, dict[str, Any] | None] = {}
     for stage, recipe in RECIPES.items():
         d = checkpoint_dir(stage)
         if not (d / "meta.json").is_file():

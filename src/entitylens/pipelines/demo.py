@@ -1,34 +1,65 @@
 """The demo: the whole pipeline on the embedded testbed pair (base arm vs code arm), with a report.
 
-``entitylens demo --out runs/demo`` runs, on the shipped checkpoints of :mod:`entitylens.testbed`:
+``entitylens demo --out runs/demo`` runs, on the shipped checkpoints of the testbed:
 
-1. the behavioural evaluation by numops (including buckets beyond the arms' 0-2-operation training range)
-   for stem, base and code, with the random / "always nothing" / "copy the initial contents" baselines,
-   and the paired base-vs-code comparison (exact McNemar) — ``eval/``;
-2. linear probes by layer on the residual stream at the queried box token (the last prompt token of a
-   compact prompt), for base and
-   code, and the comparison figure — ``cache/``, ``probe/``;
-3. exact activation patching (resid_pre, layer × role) on clean/corrupted pairs that differ in the object
-   of the last operation, for base and code on one colour scale — ``patch/``;
+1. the behavioural evaluation by numops, within the arms' training range (at most
+   :data:`~entitylens.testbed.recipe.TRAIN_OPS_PER_BOX` operations per box) and beyond it, for stem, base and
+   code, with the random / "always nothing" / "copy the initial contents" baselines, and the paired
+   base-vs-code comparison whose unit is the state -- ``eval/``;
+2. linear probes on the residual stream after every block, at the query token (the last prompt token of a
+   compact prompt) and at the queried box's token in the initial description, for base and code, with
+   rows for numops 0 (the initial contents suffice) and numops >= 1 (the *updated* state) -- ``cache/``,
+   ``probe/``;
+3. exact activation patching of the residual stream at every layer x the roles that carry the last two
+   operations and the query, on pairs that change the object of the last operation, for base and code on
+   one colour scale -- ``patch/``;
 
-and writes ``report.md`` with the figures embedded and the numbers in tables (read back from the CSV
-files the pipelines wrote, so the report and ``summary.csv`` cannot disagree).
+then writes ``report.md`` (:mod:`entitylens.pipelines.demo_report`), whose numbers and sentences are computed
+from the CSV files the stages wrote, and returns the findings for the closing summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from entitylens._io import atomic_write
+from entitylens._io import sha256_json
+from entitylens.activations import CacheConfig, cache_activations, compact_cache_prompts
+from entitylens.activations.roles import find_roles, tokenize_with_offsets
 from entitylens.errors import EntitylensError
-from entitylens.table import read_csv
+from entitylens.models import load_model
+from entitylens.models.tokens import model_prepends_bos
+from entitylens.patching import PatchPair
+from entitylens.patching.job import PatchConfig, run_patch_job
+from entitylens.patching.pair_io import patch_pair_record
+from entitylens.pipelines.demo_report import ARMS, Findings, find_all, write_report
+from entitylens.plots import plot_patch_comparison
+from entitylens.probing.linear import ProbeConfig
+from entitylens.probing.outputs import compare_probe_runs, write_probe_outputs
+from entitylens.probing.run import ProbeRunConfig, run_probes
+from entitylens.task.compact import COMPACT, compact_prompt, ordered_contents
+from entitylens.task.targeted import eval_states
+from entitylens.task.types import Operation
+from entitylens.task.vocab import BNC_OBJECTS
+from entitylens.testbed import run_testbed_eval
 
-ARMS = ("base", "code")
+__all__ = ["EVAL_MODELS", "PROBE_ROLES", "STAGES", "DemoConfig", "changed_put_pairs", "run_demo"]
+
 EVAL_MODELS = ("random", "nothing", "initial", "testbed:stem", "testbed:base", "testbed:code")
+"""What the demo evaluates: the three baselines and the three shipped checkpoints."""
+
+PROBE_ROLES = ("query_box", "query_box_desc")
+"""Where the probes read the residual stream: the query token (the last token of a compact prompt, where the
+answer is produced) and the queried box's token in the initial description (before any operation)."""
+
+STAGES = ("eval", "probe", "patch")
+"""The demo's stages, in order."""
+
+PROBE_SEED, PATCH_SEED = 12345, 54321
+"""Seeds of the probe and patch states (the evaluation uses the standard set's)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,49 +83,31 @@ class DemoConfig:
             raise EntitylensError("demo sizes must be >= 1; pass positive --eval-states/--probe-states/--patch-pairs")
 
 
-def _pct(x: str | float | None) -> str:
-    if x in (None, ""):
-        return ""
-    return f"{100 * float(x):.1f}"
-
-
-# ----------------------------------------------------------------------------------------------- stages
-
-
 def run_eval_stage(out: Path, config: DemoConfig) -> Path:
     """Behavioural evaluation of the testbed models and baselines (compact protocol)."""
-    from entitylens.testbed import run_testbed_eval
-
     run_testbed_eval(out / "eval", EVAL_MODELS, num_states=config.eval_states)
     return out / "eval"
 
 
 def run_probe_stage(out: Path, config: DemoConfig) -> dict[str, Path]:
-    """Cache residual streams of base and code on the same prompts and probe every layer."""
-    from entitylens.activations import CacheConfig, cache_activations
-    from entitylens.models import load_model
-    from entitylens.probing.linear import ProbeConfig
-    from entitylens.probing.run import ProbeRunConfig, compare_probe_runs, run_probes, write_probe_outputs
-    from entitylens.testbed import cache_prompts, eval_states
-
-    states = eval_states(seed=12345, num_states=config.probe_states)
-    prompts = cache_prompts(states)
+    """Cache the residual streams of base and code on the same prompts and probe every layer at both roles."""
+    states = eval_states(seed=PROBE_SEED, num_states=config.probe_states)
+    prompts = compact_cache_prompts(states)
     dirs = {}
     for arm in ARMS:
         model = load_model(f"testbed:{arm}")
         cache_dir = out / "cache" / arm
         cache_activations(
-            model, prompts, CacheConfig(hooks=("resid_post",), roles=("query_box",)), cache_dir,
+            model, prompts, CacheConfig(hooks=("resid_post",), roles=PROBE_ROLES), cache_dir,
             model_spec=f"testbed:{arm}",
-            dataset_source={"testbed_eval_states": {"seed": 12345, "num_states": config.probe_states}},
-        )
-        run = run_probes(
-            cache_dir,
-            ProbeRunConfig(target="box_contents", roles=("query_box",), probe=ProbeConfig(seed=config.seed)),
-        )
+            dataset_source={"testbed_eval_states": {"seed": PROBE_SEED, "num_states": config.probe_states}},
+        )  # fmt: skip
+        run = run_probes(cache_dir, ProbeRunConfig(target="box_contents", roles=PROBE_ROLES,
+                                                   probe=ProbeConfig(seed=config.seed)))  # fmt: skip
         write_probe_outputs(out / "probe" / arm, run, title=f"testbed {arm}: probes by layer")
         dirs[arm] = out / "probe" / arm
-    compare_probe_runs(dirs["base"], dirs["code"], out / "probe" / "compare", labels=("base", "code"))
+    for name, metric in (("compare_updated", "exact_match_numops>=1"), ("compare_initial", "exact_match_numops=0")):
+        compare_probe_runs(dirs["base"], dirs["code"], out / "probe" / name, metric=metric, labels=ARMS)
     return dirs
 
 
@@ -104,18 +117,12 @@ def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[li
     Clean = a state whose last operation puts one object into a box, queried on that box; corrupted = the
     same prompt with a different, unused object put instead (same length, a valid world, different
     answers). Only states with the most common number of operations are kept, so every pair has the same
-    roles: the changed object, its box token, the previous operation's object and the query token.
+    roles: the previous operation's object and box, the changed object and its box, the queried box's
+    token in the description and the query token.
 
     Returns:
         The pairs and the role names they share.
     """
-    from entitylens.activations.roles import tokenize_with_offsets
-    from entitylens.models.tokens import model_prepends_bos
-    from entitylens.patching import PatchPair
-    from entitylens.task.types import Operation
-    from entitylens.task.vocab import BNC_OBJECTS
-    from entitylens.testbed import COMPACT, compact_prompt, find_compact_roles, ordered_contents
-
     candidates: dict[int, list[Any]] = {}
     for s in states:
         if len(s.operations) < 2 or s.operations[-1].kind != "put" or len(s.operations[-1].objects) != 1:
@@ -124,32 +131,13 @@ def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[li
     if not candidates:
         raise EntitylensError("no state ends with a single-object put; raise --patch-pairs to sample more states")
     n_ops = max(sorted(candidates), key=lambda k: len(candidates[k]))
-    roles = (f"op{n_ops - 2}_object", f"op{n_ops - 1}_object", f"op{n_ops - 1}_box", "query_box")
-    tok = model.tokenizer
-    # Role positions must index the same token sequence as the pair (BOS included when the model adds it).
-    bos = model_prepends_bos(model)
+    roles = (f"op{n_ops - 2}_object", f"op{n_ops - 2}_box", f"op{n_ops - 1}_object", f"op{n_ops - 1}_box",
+             "query_box_desc", "query_box")  # fmt: skip
     pairs = []
     for s in candidates[n_ops]:
-        last = s.operations[-1]
-        mentioned = {o for c in s.initial for o in c} | {o for op in s.operations for o in op.objects}
-        free = [o for o in BNC_OBJECTS if o not in mentioned]
-        swap = Operation("put", (free[s.sample_id % len(free)],), last.box)
-        corrupted = dataclasses.replace(s, operations=s.operations[:-1] + (swap,))
-        clean_p, corr_p = compact_prompt(s, last.box), compact_prompt(corrupted, last.box)
-        clean_ans = COMPACT.answer_text(ordered_contents(s.initial, s.operations)[last.box])
-        corr_ans = COMPACT.answer_text(ordered_contents(corrupted.initial, corrupted.operations)[last.box])
-        clean_offsets = tokenize_with_offsets(tok, clean_p, prepend_bos=bos)[1]
-        corr_offsets = tokenize_with_offsets(tok, corr_p, prepend_bos=bos)[1]
-        try:
-            pair = PatchPair.from_texts(
-                tok, clean_p, corr_p, clean_ans, corr_ans,
-                clean_roles=find_compact_roles(clean_p, clean_offsets, roles),
-                corrupted_roles=find_compact_roles(corr_p, corr_offsets, roles),
-                bos=bos, name=s.state_id,
-            )  # fmt: skip
-        except EntitylensError:
-            continue  # no distinguishing token
-        pairs.append(pair)
+        pair = _changed_put_pair(model, s, roles)
+        if pair is not None:
+            pairs.append(pair)
         if len(pairs) >= limit:
             break
     if not pairs:
@@ -157,130 +145,85 @@ def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[li
     return pairs, roles
 
 
-def run_patch_stage(out: Path, config: DemoConfig) -> dict[str, Path]:
-    """Exact resid_pre patching (layer × role) on drop-last-operation pairs, base and code."""
-    from entitylens.models import load_model
-    from entitylens.patching import run_patching, write_patch_outputs
-    from entitylens.plots import plot_patch_comparison
-    from entitylens.testbed import eval_states
+def _changed_put_pair(model: Any, s: Any, roles: tuple[str, ...]) -> PatchPair | None:
+    """The pair of one state (``None`` when its roles or a distinguishing answer token are missing)."""
+    last = s.operations[-1]
+    mentioned = {o for c in s.initial for o in c} | {o for op in s.operations for o in op.objects}
+    free = [o for o in BNC_OBJECTS if o not in mentioned]
+    swap = Operation("put", (free[s.sample_id % len(free)],), last.box)
+    corrupted = dataclasses.replace(s, operations=s.operations[:-1] + (swap,))
+    clean_p, corr_p = compact_prompt(s, last.box), compact_prompt(corrupted, last.box)
+    clean_ans = COMPACT.answer_text(ordered_contents(s.initial, s.operations)[last.box])
+    corr_ans = COMPACT.answer_text(ordered_contents(corrupted.initial, corrupted.operations)[last.box])
+    # Role positions must index the same token sequence as the pair (BOS included when the model adds it).
+    bos = model_prepends_bos(model)
+    tok = model.tokenizer
+    try:
+        return PatchPair.from_texts(
+            tok, clean_p, corr_p, clean_ans, corr_ans,
+            clean_roles=find_roles(clean_p, tokenize_with_offsets(tok, clean_p, prepend_bos=bos)[1], roles),
+            corrupted_roles=find_roles(corr_p, tokenize_with_offsets(tok, corr_p, prepend_bos=bos)[1], roles),
+            bos=bos, name=s.state_id,
+        )  # fmt: skip
+    except EntitylensError:
+        return None  # a role the prompt lacks (a move names no object), or no distinguishing token
 
-    states = eval_states(seed=54321, num_states=30 * config.patch_pairs)
+
+def run_patch_stage(out: Path, config: DemoConfig) -> dict[str, Path]:
+    """Exact resid_pre patching (every layer x role) on changed-last-put pairs, base and code (the one patch job)."""
+    states = eval_states(seed=PATCH_SEED, num_states=30 * config.patch_pairs)
     results = {}
     dirs = {}
     for arm in ARMS:
         model = load_model(f"testbed:{arm}")
         pairs, roles = changed_put_pairs(model, states, config.patch_pairs)
-        res = run_patching(model, pairs, "resid_pre", "layer_role", roles=roles)
         dirs[arm] = out / "patch" / arm
-        write_patch_outputs(dirs[arm], res, label=f"testbed {arm}", overwrite=True)
-        results[arm] = res
-    ma, mb = results["base"].mean(), results["code"].mean()
+        job = run_patch_job(
+            model, pairs, dirs[arm], PatchConfig(component="resid_pre", grid="layer_role", roles=roles),
+            pairs_sha256=sha256_json([patch_pair_record(p) for p in pairs]), label=f"testbed {arm}",
+            info={"model": f"testbed:{arm}", "pairs": "changed_put_pairs"}, overwrite=True,
+        )  # fmt: skip
+        results[arm] = job.result
     plot_patch_comparison(
-        [(arm, m.numpy(), results[arm].layers, results[arm].cells) for arm, m in (("base", ma), ("code", mb))],
+        [(arm, results[arm].mean().numpy(), results[arm].layers, results[arm].cells) for arm in ARMS],
         out / "patch" / "patch_compare_resid_pre",
         title="resid_pre patching: base vs code",
     )
     return dirs
 
 
-# ----------------------------------------------------------------------------------------------- report
-
-
-def write_report(out: Path, have_probes: bool, have_patch: bool) -> Path:
-    """Write ``report.md`` from the CSV files the stages wrote."""
-    summary = read_csv(out / "eval" / "summary.csv").rows
-    comparison = read_csv(out / "eval" / "comparison.csv").rows
-    models = [m for m in dict.fromkeys(r["model"] for r in summary)]
-    buckets = [r["bucket"] for r in summary if r["model"] == models[0]]
-    lines = [
-        "# entitylens demo: the testbed base vs code pair",
-        "",
-        "The stem was trained from scratch on compact boxes-world text; the base and code arms continued from it",
-        "with the same optimiser, seed, steps and token budget, half of every batch being boxes text with 0-2",
-        "operations and the other half prose (base) or Python container programs (code). See docs/testbed.md.",
-        "Buckets 3 and above are beyond the arms' training range.",
-        "",
-        "## Accuracy by number of operations on the queried box (%, 95% Wald interval)",
-        "",
-        "| model | " + " | ".join(buckets) + " |",
-        "|---|" + "---|" * len(buckets),
-    ]
-    for m in models:
-        rows = {r["bucket"]: r for r in summary if r["model"] == m}
-        cells = [f"{_pct(rows[b]['accuracy'])} [{_pct(rows[b]['ci_low'])}, {_pct(rows[b]['ci_high'])}]"
-                 if rows[b]["n"] != "0" else "" for b in buckets]  # fmt: skip
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    n_row = {r["bucket"]: r["n"] for r in summary if r["model"] == models[0]}
-    lines += ["| n | " + " | ".join(n_row[b] for b in buckets) + " |", ""]
-    lines += ["![accuracy by numops](eval/accuracy_by_numops.png)", ""]
-    bc = [r for r in comparison if r["base"] == "base" and r["variant"] == "code"]
-    if bc:
-        lines += [
-            "## Code arm vs base arm (paired, same items; exact McNemar test)",
-            "",
-            "| bucket | n | base % | code % | code − base (points) | base only | code only | p |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in bc:
-            lines.append(
-                f"| {r['bucket']} | {r['n']} | {_pct(r['base_accuracy'])} | {_pct(r['variant_accuracy'])} | "
-                f"{100 * float(r['difference']):+.1f} | {r['base_only']} | {r['variant_only']} | "
-                f"{float(r['p_value']):.3g} |"
-            )
-        overall = next(r for r in bc if r["bucket"] == "overall")
-        diff, p = 100 * float(overall["difference"]), float(overall["p_value"])
-        verdict = (
-            f"Overall the code arm is {abs(diff):.1f} points {'above' if diff > 0 else 'below'} the base arm "
-            f"(exact McNemar p = {p:.3g}); "
-            + ("this difference is statistically significant at the 5% level." if p < 0.05
-               else "this difference is not statistically significant at the 5% level.")
-        )  # fmt: skip
-        lines += ["", verdict, ""]
-    if have_probes:
-        lines += ["## Probes by layer (queried box's object set, residual stream after each block)", ""]
-        for arm in ARMS:
-            table = read_csv(out / "probe" / arm / "probe.csv").rows
-            best = [r for r in table if r.get("metric") in ("exact_match", "selectivity")]
-            lines.append(f"**{arm}**")
-            lines.append("")
-            lines.append("| role | layer | metric | value | 95% interval |")
-            lines.append("|---|---|---|---|---|")
-            for r in best:
-                lines.append(
-                    f"| {r['role']} | {r['layer']} | {r['metric']} | {_pct(r['value'])} | "
-                    f"[{_pct(r.get('ci_low'))}, {_pct(r.get('ci_high'))}] |"
-                )
-            lines.append("")
-        lines += ["![probes: base vs code](probe/compare/probe_compare.png)", ""]
-    if have_patch:
-        lines += [
-            "## Activation patching (resid_pre, clean → corrupted; 1 = clean behaviour restored)",
-            "",
-            "Pairs differ in the object of the last operation (a put into the queried box); cells are the",
-            "changed object, its box, the previous operation's object and the query token.",
-            "",
-            "![patching: base vs code](patch/patch_compare_resid_pre.png)",
-            "",
-        ]
-    lines += ["Numbers are read from eval/summary.csv, eval/comparison.csv, probe/*/probe.csv and patch/*/patch.csv."]
-    path = out / "report.md"
-    with atomic_write(path) as f:
-        f.write("\n".join(lines) + "\n")
-    return path
-
-
 def run_demo(
-    out: str | os.PathLike[str], config: DemoConfig | None = None, *, stages: Sequence[str] = ("eval", "probe", "patch")
-) -> Path:
-    """Run the demo stages into ``out`` and write ``report.md``; returns its path."""
+    out: str | os.PathLike[str],
+    config: DemoConfig | None = None,
+    *,
+    stages: Sequence[str] = STAGES,
+    say: Callable[[str], None] | None = None,
+) -> tuple[Path, Findings]:
+    """Run the demo stages into ``out`` and write ``report.md``.
+
+    Args:
+        out: The demo's directory.
+        config: Stage sizes.
+        stages: ``eval`` always runs; ``probe`` and ``patch`` are optional.
+        say: Where the one-line stage announcements go (``None``: nowhere).
+
+    Returns:
+        The report's path and the findings it states (for the closing summary).
+    """
     config = config or DemoConfig()
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise EntitylensError(f"unknown demo stage {unknown[0]!r}; use a comma-separated subset of {','.join(STAGES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run_eval_stage(out, config)
-    have_probes = "probe" in stages
-    have_patch = "patch" in stages
-    if have_probes:
-        run_probe_stage(out, config)
-    if have_patch:
-        run_patch_stage(out, config)
-    return write_report(out, have_probes, have_patch)
+    tell = say or (lambda _msg: None)
+    todo = [s for s in STAGES if s == "eval" or s in stages]
+    runners: dict[str, Callable[[Path, DemoConfig], object]] = {
+        "eval": run_eval_stage, "probe": run_probe_stage, "patch": run_patch_stage,
+    }  # fmt: skip
+    what = {"eval": "behavioural evaluation", "probe": "caching and probing", "patch": "activation patching"}
+    for i, stage in enumerate(todo, 1):
+        tell(f"[{i}/{len(todo)}] {what[stage]}")
+        runners[stage](out, config)
+    findings = find_all(out, have_probes="probe" in todo, have_patch="patch" in todo)
+    return write_report(out, findings), findings
