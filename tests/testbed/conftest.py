@@ -30,6 +30,6 @@ def shipped_stem() -> Any:
     """The shipped stem as a bridge (skipped if the checkpoints are not shipped)."""
     if not shipped("stem"):
         pytest.skip("the testbed checkpoints are not shipped in this checkout")
-    from entitylens.testbed.checkpoints import load_testbed
+    from entitylens.models.testbed.checkpoints import load_testbed
 
     return load_testbed("testbed:stem")

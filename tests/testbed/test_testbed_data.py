@@ -7,18 +7,18 @@ import random
 import pytest
 
 from entitylens.errors import EntitylensError
+from entitylens.models.testbed.tokenizer import OBJECTS, get_tokenizer
+from entitylens.task.compact import compact_prompt
 from entitylens.task.generate import make_state
 from entitylens.task.types import Operation
 from entitylens.task.world import Scenario
 from entitylens.testbed.data import (
     boxes_episode,
     code_program,
-    compact_prompt,
     encode_words,
     filler_episode,
     prose_text,
 )
-from entitylens.testbed.tokenizer import OBJECTS, get_tokenizer
 
 INITIAL = (("car", "map"), (), ("bag",), ("paper", "string"), (), ("apple", "cash", "glass"), ("bottle",))
 

@@ -12,10 +12,10 @@ from testbed_helpers import shipped
 
 from entitylens.behavior.evaluate import EvalConfig, evaluate
 from entitylens.cli import main
+from entitylens.task.targeted import DEFAULT_EVAL_STATES, EVAL_SEED, VALIDATION_SEED, eval_states
 from entitylens.task.world import sample_scenario
 from entitylens.testbed.data import TRAIN_OBJECTS
-from entitylens.testbed.evalset import DEFAULT_EVAL_STATES, EVAL_SEED, VALIDATION_SEED, eval_states
-from entitylens.testbed.train import BASE, STEM
+from entitylens.testbed.recipe import BASE, STEM
 
 
 def _recount(state) -> list[int]:
@@ -92,5 +92,5 @@ def test_cli_eval_scores_baselines_and_models_into_a_run_directory(tmp_path: Pat
         )
         == 2
     )
-    assert "different config" in capsys.readouterr().err
+    assert "of other inputs" in capsys.readouterr().err
     assert (out / "predictions.jsonl").read_bytes() == before

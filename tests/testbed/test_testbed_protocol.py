@@ -6,24 +6,17 @@ from typing import Any
 
 import pytest
 
-from entitylens.activations.roles import tokenize_with_offsets
+from entitylens.activations import compact_cache_prompts
+from entitylens.activations.roles import compact_structure, find_roles, tokenize_with_offsets
+from entitylens.behavior.compact import CompactDecoding, compact_answers, compact_predictor
 from entitylens.behavior.evaluate import EvalConfig, evaluate
 from entitylens.errors import EntitylensError
+from entitylens.models.testbed.tokenizer import get_tokenizer
+from entitylens.task.compact import COMPACT, statement_from_answers
 from entitylens.task.generate import make_state
+from entitylens.task.targeted import eval_states
 from entitylens.task.types import Operation
 from entitylens.task.world import Scenario
-from entitylens.testbed.evalset import eval_states
-from entitylens.testbed.protocol import (
-    COMPACT,
-    CompactProtocol,
-    cache_prompts,
-    compact_answers,
-    compact_predictor,
-    compact_structure,
-    find_compact_roles,
-    statement_from_answers,
-)
-from entitylens.testbed.tokenizer import get_tokenizer
 
 INITIAL = (("car", "map"), (), ("bag",), ("paper", "string"), (), ("apple", "cash", "glass"), ("bottle",))
 OPS = (Operation("put", ("coat",), 3), Operation("move", ("map",), 0, 2))
@@ -76,7 +69,7 @@ def test_compact_roles_point_at_the_right_tokens() -> None:
     text = COMPACT.prompt(_state(), 2)
     ids, offsets = tokenize_with_offsets(tok, text, prepend_bos=True)
     pieces = [p.lstrip("Ġ") for p in tok.convert_ids_to_tokens(ids)]
-    roles = find_compact_roles(
+    roles = find_roles(
         text, offsets,
         ["query_box", "query_box_desc", "box5_desc", "op0_object", "op0_box", "op1_object", "op1_box",
          "op1_dest",
@@ -94,15 +87,15 @@ def test_compact_roles_point_at_the_right_tokens() -> None:
     assert pieces[34] == "B2" and pieces[7] == "B2" and pieces[25] == "coat"
     assert compact_structure(text).query_contains is None
     with pytest.raises(EntitylensError, match="not present"):
-        find_compact_roles(text, offsets, ["op2_object"])
-    assert find_compact_roles(text, offsets, ["op2_object"], allow_missing=True) == {"op2_object": None}
+        find_roles(text, offsets, ["op2_object"])
+    assert find_roles(text, offsets, ["op2_object"], allow_missing=True) == {"op2_object": None}
     with pytest.raises(EntitylensError, match="not a compact prompt"):
         compact_structure("Box 0 contains the car. Box 0 contains")
 
 
 def test_cache_prompts_carry_the_row_metadata() -> None:
     state = _state()
-    rows = cache_prompts([state])
+    rows = compact_cache_prompts([state])
     assert [r.row_id for r in rows] == [f"{state.state_id}:{b}" for b in range(7)]
     assert rows[2].text == COMPACT.prompt(state, 2)
     assert rows[2].meta["gold"] == ["bag", "map"] and rows[2].meta["numops"] == 1
@@ -111,17 +104,16 @@ def test_cache_prompts_carry_the_row_metadata() -> None:
 
 def test_decoding_is_batch_and_backend_invariant(shipped_stem: Any) -> None:
     states = eval_states(seed=11, num_states=6)
-    tok = shipped_stem.tokenizer
-    big = compact_answers(shipped_stem, tok, states, CompactProtocol(batch_size=64))
-    one = compact_answers(shipped_stem, tok, states[:3], CompactProtocol(batch_size=1))
-    bridge = compact_answers(shipped_stem, tok, states[:2], CompactProtocol(batch_size=5, backend="bridge"))
+    big = compact_answers(shipped_stem, states, decoding=CompactDecoding(batch_size=64))
+    one = compact_answers(shipped_stem, states[:3], decoding=CompactDecoding(batch_size=1))
+    bridge = compact_answers(shipped_stem, states[:2], decoding=CompactDecoding(batch_size=5, backend="bridge"))
     assert one == big[:3] and bridge == big[:2]
 
 
 def test_compact_protocol_through_evaluate_matches_gold_driven_rows(shipped_stem: Any) -> None:
     states = eval_states(seed=12, num_states=5)
     res = evaluate(None, states, EvalConfig(), label="stem", predictor=compact_predictor(shipped_stem))
-    answers = compact_answers(shipped_stem, shipped_stem.tokenizer, states)
+    answers = compact_answers(shipped_stem, states)
     by_row = {(p.state_id, p.box): p for p in res.predictions}
     for s, ans in zip(states, answers):
         for b, a in enumerate(ans):

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 from testbed_helpers import shipped
 
+from entitylens.behavior.compact import compact_predictor
 from entitylens.behavior.evaluate import EvalConfig, evaluate
 from entitylens.errors import EntitylensError
-from entitylens.testbed.checkpoints import CHECKPOINT_FILES, CHECKPOINTS_DIR, checkpoint_dir, read_meta
-from entitylens.testbed.evalset import eval_states
-from entitylens.testbed.protocol import compact_predictor
-from entitylens.testbed.tokenizer import tokenizer_json
-from entitylens.testbed.train import RECIPES, STAGES
+from entitylens.models.testbed.checkpoints import CHECKPOINT_FILES, CHECKPOINTS_DIR, STAGES, checkpoint_dir, read_meta
+from entitylens.models.testbed.tokenizer import tokenizer_json
+from entitylens.task.targeted import eval_states
+from entitylens.testbed.recipe import RECIPES
 
 pytestmark = pytest.mark.skipif(not all(shipped(s) for s in STAGES), reason="testbed checkpoints not shipped")
 
@@ -29,7 +29,7 @@ def test_shipped_recipe_is_the_recipe_in_code(stage: str) -> None:
     assert meta["recipe"] == RECIPES[stage].to_dict()
     assert meta["recipe_hash"] == RECIPES[stage].recipe_hash, (
         f"the shipped {stage} checkpoint was trained with another recipe; retrain it with "
-        f"`entitylens testbed train --stage {stage} --out src/entitylens/testbed/checkpoints`"
+        f"`entitylens testbed train --stage {stage} --out src/entitylens/models/testbed/shipped`"
     )
     assert json.loads((d / "tokenizer.json").read_text()) == json.loads(tokenizer_json())
     with open(d / "train_log.csv") as f:
@@ -70,7 +70,7 @@ def test_load_model_knows_testbed_specs() -> None:
         resolve_spec("testbed:stem")
     except EntitylensError:
         pytest.skip(
-            "entitylens.models.load_model has no testbed: branch yet (see entitylens.testbed.checkpoints)"
+            "entitylens.models.load_model has no testbed: branch yet (see entitylens.models.testbed.checkpoints)"
         )
     model = load_model("testbed:stem")
     info = model.entitylens_info

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from entitylens.activations.roles import find_roles, tokenize_with_offsets
+from entitylens.models.testbed.tokenizer import BOX_LABELS, build_tokenizer, get_tokenizer, tokenizer_json, word_ids
 from entitylens.task.prompts import kst24_prompt, statement_text
 from entitylens.task.vocab import BNC_OBJECTS, DISJOINT_OBJECTS
-from entitylens.testbed.tokenizer import BOX_LABELS, build_tokenizer, get_tokenizer, tokenizer_json, word_ids
 
 TEXTS = [
     "B0 car map ; B1 ; B2 bag ; B3 paper string ; B4 ; B5 ; B6 bottle ; "

@@ -12,12 +12,13 @@ import pytest
 import torch
 from testbed_helpers import SMOKE_ARM_STEPS, SMOKE_STEM_STEPS
 
+from entitylens.behavior.compact import compact_answers
 from entitylens.cli import main
 from entitylens.errors import EntitylensError
-from entitylens.testbed.checkpoints import CHECKPOINT_FILES, load_hf_checkpoint, load_testbed, read_meta
-from entitylens.testbed.evalset import eval_states
-from entitylens.testbed.protocol import compact_answers
-from entitylens.testbed.train import BASE, CODE, STEM, Recipe, make_batch, token_budget, train_stage
+from entitylens.models.testbed.checkpoints import CHECKPOINT_FILES, load_hf_checkpoint, load_testbed, read_meta
+from entitylens.task.targeted import eval_states
+from entitylens.testbed.recipe import BASE, CODE, STEM, Recipe
+from entitylens.testbed.train import make_batch, token_budget, train_stage
 
 
 def test_arms_differ_only_in_what_fills_the_filler_share() -> None:
@@ -95,7 +96,7 @@ def test_short_training_through_the_cli_writes_loadable_checkpoints(smoke_root: 
         assert torch.allclose(bridge(ids, return_type="logits"), ref, atol=1e-4)
         assert torch.allclose(bridge.original_model(input_ids=ids).logits, ref, atol=1e-5)
     states = eval_states(seed=3, num_states=3)
-    assert compact_answers(bridge, bridge.tokenizer, states) == compact_answers(hf, bridge.tokenizer, states)
+    assert compact_answers(bridge, states) == compact_answers(hf, states, tokenizer=bridge.tokenizer)
 
 
 def test_same_seed_gives_the_same_final_loss(tmp_path: Path) -> None:

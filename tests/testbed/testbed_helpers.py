@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from entitylens.testbed.checkpoints import checkpoint_dir
+from entitylens.models.testbed.checkpoints import checkpoint_dir
 
 SMOKE_STEM_STEPS = 24
 SMOKE_ARM_STEPS = 6

@@ -6,50 +6,38 @@ budget, differing only in what fills half of every batch (prose vs Python contai
 shipped checkpoints load as ``TransformerBridge`` models through ``testbed:stem|base|code`` specs and are
 evaluated with the same pipeline as real models (compact or KST24 protocol). See ``docs/testbed.md``.
 
+The testbed is split along its jobs: its checkpoints and tokenizer are a model source
+(:mod:`entitylens.models.testbed`, ``testbed:`` specs), its prompt form is the compact form of the task
+(:mod:`entitylens.task.compact`) with its targeted evaluation sets (:mod:`entitylens.task.targeted`), its
+answers are decoded by the one decode loop (:mod:`entitylens.behavior.compact`); this package holds what
+only training needs. Nothing below it imports it.
+
 Public API:
 
-- tokenizer: :func:`build_tokenizer`, :func:`get_tokenizer`, :func:`tokenizer_json`
-- data: :func:`compact_prompt`, :func:`compact_context`, :func:`boxes_episode`, :func:`filler_episode`,
-  :func:`code_program`, :func:`prose_text`, :func:`ordered_contents`
-- evaluation set: :func:`eval_states`, :data:`EVAL_SEED`
-- protocol: :class:`CompactProtocol`, :data:`COMPACT`, :func:`compact_predictor`, :func:`testbed_predictor`,
-  :func:`compact_structure`, :func:`find_compact_roles`, :func:`cache_prompts`
+- data: :func:`boxes_episode`, :func:`filler_episode`, :func:`code_program`, :func:`prose_text`
 - training: :class:`Recipe`, :class:`ModelDims`, :data:`RECIPES`, :func:`train_stage`, :func:`token_budget`
-- checkpoints: :func:`load_testbed`, :func:`resolve_testbed_spec`, :func:`checkpoint_dir`, :func:`read_meta`
-- runs: :func:`run_testbed_eval`
+- runs: :func:`run_testbed_eval`, :func:`testbed_predictor`
+- and, for convenience, from below: :func:`eval_states`, :data:`COMPACT`, :func:`compact_prompt`,
+  :func:`ordered_contents`, :func:`compact_predictor`, :func:`load_testbed`, :func:`get_tokenizer` ...
 """
 
-from entitylens.testbed.checkpoints import (
+from entitylens.behavior.compact import compact_answers, compact_predictor
+from entitylens.models.testbed.checkpoints import (
     CHECKPOINTS_DIR,
+    STAGES,
     checkpoint_dir,
     load_hf_checkpoint,
     load_testbed,
     read_meta,
     resolve_testbed_spec,
 )
-from entitylens.testbed.data import (
-    boxes_episode,
-    code_program,
-    compact_context,
-    compact_prompt,
-    filler_episode,
-    ordered_contents,
-    prose_text,
-)
-from entitylens.testbed.evalset import DEFAULT_EVAL_STATES, EVAL_SEED, eval_states
-from entitylens.testbed.protocol import (
-    COMPACT,
-    PROTOCOL_NAMES,
-    CompactProtocol,
-    cache_prompts,
-    compact_answers,
-    compact_predictor,
-    compact_structure,
-    find_compact_roles,
-    testbed_predictor,
-)
-from entitylens.testbed.tokenizer import build_tokenizer, get_tokenizer, tokenizer_json
-from entitylens.testbed.train import RECIPES, STAGES, ModelDims, Recipe, get_recipe, token_budget, train_stage
+from entitylens.models.testbed.tokenizer import build_tokenizer, get_tokenizer, tokenizer_json
+from entitylens.task.compact import COMPACT, CompactProtocol, compact_context, compact_prompt, ordered_contents
+from entitylens.task.targeted import DEFAULT_EVAL_STATES, EVAL_SEED, eval_states
+from entitylens.testbed.data import boxes_episode, code_program, filler_episode, prose_text
+from entitylens.testbed.recipe import RECIPES, ModelDims, Recipe, get_recipe
+from entitylens.testbed.run import PROTOCOL_NAMES, run_testbed_eval, testbed_predictor
+from entitylens.testbed.train import token_budget, train_stage
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -64,17 +52,14 @@ __all__ = [
     "Recipe",
     "boxes_episode",
     "build_tokenizer",
-    "cache_prompts",
     "checkpoint_dir",
     "code_program",
     "compact_answers",
     "compact_context",
     "compact_predictor",
     "compact_prompt",
-    "compact_structure",
     "eval_states",
     "filler_episode",
-    "find_compact_roles",
     "get_recipe",
     "get_tokenizer",
     "load_hf_checkpoint",
@@ -89,17 +74,4 @@ __all__ = [
     "tokenizer_json",
     "train_stage",
 ]
-
-
-def __getattr__(name: str) -> object:
-    """Import :func:`run_testbed_eval` on first use.
-
-    It pulls in the run/figure layer (matplotlib), which role lookups and caching (``find_roles`` uses
-    the compact protocol) should not pay for.
-    """
-    if name == "run_testbed_eval":
-        from entitylens.testbed.run import run_testbed_eval
-
-        return run_testbed_eval
-    raise AttributeError(f"module 'entitylens.testbed' has no attribute {name!r}")
 

@@ -1,7 +1,7 @@
 """Training and evaluation text of the testbed: compact boxes episodes, code programs, prose.
 
 Every text is a sequence of space-separated words, each one token of
-:mod:`entitylens.testbed.tokenizer`, so a text's token count is its word count plus the BOS token and
+:mod:`entitylens.models.testbed.tokenizer`, so a text's token count is its word count plus the BOS token and
 :func:`encode_words` can map words to ids directly (a test checks it equals the tokenizer).
 
 **Compact boxes format** (the testbed's *compact protocol*; one token per word)::
@@ -41,10 +41,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from entitylens.errors import EntitylensError
-from entitylens.task.types import MAX_PER_BOX, NUM_BOXES, Operation, State
+from entitylens.models.testbed.tokenizer import get_tokenizer
+from entitylens.task.compact import (
+    BOX_LABELS,
+    context_words,
+    ordered_contents,
+    query_words,
+)
+from entitylens.task.types import MAX_PER_BOX, NUM_BOXES
 from entitylens.task.vocab import BNC_OBJECTS
 from entitylens.task.world import sample_initial, sample_scenario
-from entitylens.testbed.tokenizer import BOX_LABELS, get_tokenizer
 
 SOURCES: tuple[str, ...] = ("boxes", "code", "prose")
 """Data sources of the testbed mixtures."""
@@ -94,94 +100,13 @@ def encode_words(words: Sequence[str], bos: bool = True) -> list[int]:
         if w not in table:
             raise EntitylensError(
                 f"word {w!r} is not a token of the testbed vocabulary; "
-                "use the words of entitylens.testbed.tokenizer"
+                "use the words of entitylens.models.testbed.tokenizer"
             )
         ids.append(table[w])
     return ids
 
 
 # ------------------------------------------------------------------------------------- compact boxes
-
-
-def describe_compact(boxes: Sequence[Sequence[str]]) -> list[str]:
-    """Words of the compact description: ``B0 car map ; B1 ; ...``."""
-    words: list[str] = []
-    for i, contents in enumerate(boxes):
-        words.append(BOX_LABELS[i])
-        words.extend(sorted(contents))
-        words.append(";")
-    return words
-
-
-def operation_compact(op: Operation) -> list[str]:
-    """Words of one operation: ``put X Bk .``, ``remove X Bk .`` or ``move X Bsrc Bdst .``."""
-    if op.kind == "put":
-        return ["put", *op.objects, BOX_LABELS[op.box], "."]
-    if op.kind == "remove":
-        return ["remove", *op.objects, BOX_LABELS[op.box], "."]
-    if op.kind in ("move", "move_contents"):
-        assert op.dest is not None
-        return ["move", *op.objects, BOX_LABELS[op.box], BOX_LABELS[op.dest], "."]
-    raise EntitylensError(f"unknown operation kind {op.kind!r}; use move, remove or put")  # pragma: no cover
-
-
-def context_words(initial: Sequence[Sequence[str]], operations: Sequence[Operation]) -> list[str]:
-    """Words of a state's compact context (description then operations), without the ``|``."""
-    if len(initial) > len(BOX_LABELS):
-        raise EntitylensError(
-            f"the compact format has {len(BOX_LABELS)} box labels but the state has {len(initial)} boxes; "
-            f"use at most {len(BOX_LABELS)} boxes"
-        )
-    words = describe_compact(initial)
-    for op in operations:
-        words.extend(operation_compact(op))
-    return words
-
-
-def compact_context(state: State) -> str:
-    """The compact text of a state (``B0 car ; ... ; put coat B3 .``), without the query part."""
-    return " ".join(context_words(state.initial, state.operations))
-
-
-def query_words(box: int, contents: Sequence[str] | None = None) -> list[str]:
-    """``["B3"]`` (an evaluation query), or ``["B3", "car", "map", ";"]`` with the answer (order kept)."""
-    words = [BOX_LABELS[box]]
-    if contents is not None:
-        words.extend(contents)
-        words.append(";")
-    return words
-
-
-def ordered_contents(initial: Sequence[Sequence[str]], operations: Sequence[Operation]) -> list[list[str]]:
-    """Contents of every box after ``operations``, in *list order*.
-
-    A box's initial objects come first (alphabetically, as described), and objects that arrive later are
-    appended in the order they arrive (a put or a move appends its objects in the order it lists them) --
-    the order a Python list would have. Training answers use this order; scoring is order-insensitive.
-
-    Args:
-        initial: Initial contents.
-        operations: Operations, in order.
-
-    Returns:
-        One list per box.
-    """
-    boxes = [sorted(b) for b in initial]
-    for op in operations:
-        if op.kind in ("remove", "move", "move_contents"):
-            boxes[op.box] = [o for o in boxes[op.box] if o not in op.objects]
-        if op.kind == "put":
-            boxes[op.box].extend(op.objects)
-        elif op.dest is not None:
-            boxes[op.dest].extend(op.objects)
-    return boxes
-
-
-def compact_prompt(state: State, box: int) -> str:
-    """The compact-protocol prompt asking for ``box``: ``"<context> | B3"``."""
-    if not 0 <= box < state.num_boxes:
-        raise EntitylensError(f"box {box} is out of range 0-{state.num_boxes - 1}; query a box the state has")
-    return " ".join([*context_words(state.initial, state.operations), "|", *query_words(box)])
 
 
 TOKEN_CONTEXT, TOKEN_ANSWER, TOKEN_ANSWER_OPERATED = 0, 1, 2
@@ -447,15 +372,8 @@ __all__ = [
     "boxes_episode",
     "check_op_count_weights",
     "code_program",
-    "compact_context",
-    "compact_prompt",
-    "context_words",
-    "describe_compact",
     "encode_words",
     "filler_episode",
-    "operation_compact",
-    "ordered_contents",
     "prose_sentence",
     "prose_text",
-    "query_words",
 ]

@@ -1,7 +1,7 @@
 """Evaluate the testbed models and the baselines into a run directory (``entitylens eval``'s outputs).
 
 :func:`run_testbed_eval` scores the weight-free baselines (``random``, ``nothing``, ``initial``) and the
-testbed checkpoints on the targeted evaluation set (:func:`entitylens.testbed.evalset.eval_states`) with a
+testbed checkpoints on the targeted evaluation set (:func:`entitylens.task.targeted.eval_states`) with a
 named protocol (``compact`` or the paper's ``kst24``), through :func:`entitylens.behavior.evaluate.evaluate`
 (resumable per model), and writes ``run.json``, ``predictions.jsonl``, ``summary.csv``, ``comparison.csv``
 (base vs code, stem vs each arm) and ``accuracy_by_numops.png/.pdf`` with
@@ -13,15 +13,22 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from entitylens._io import sha256_json
 from entitylens.behavior.baselines import BASELINES
-from entitylens.behavior.evaluate import EvalConfig, EvalResult, evaluate
-from entitylens.behavior.runs import check_or_write_config, lazy_predictor, run_record, write_outputs
+from entitylens.behavior.compact import compact_predictor
+from entitylens.behavior.evaluate import EvalConfig, EvalResult, Predictor, evaluate, model_predictor
+from entitylens.behavior.runs import check_or_write_config, lazy_predictor, run_record
+from entitylens.behavior.tables import write_outputs
 from entitylens.errors import EntitylensError
+from entitylens.models.testbed.checkpoints import load_testbed, read_meta, resolve_testbed_spec
 from entitylens.task.io import state_records
-from entitylens.testbed.evalset import DEFAULT_EVAL_STATES, EVAL_SEED, eval_states
-from entitylens.testbed.protocol import PROTOCOL_NAMES, testbed_predictor
+from entitylens.task.targeted import DEFAULT_EVAL_STATES, EVAL_SEED, eval_states
+
+PROTOCOL_NAMES: tuple[str, ...] = ("compact", "kst24")
+"""Protocols the testbed evaluation accepts: the testbed's own compact form and the paper's 2-shot statements
+(the testbed tokenizer knows its words, but the testbed models were never trained on it and score about 0)."""
 
 DEFAULT_MODELS: tuple[str, ...] = (
     "random",
@@ -42,6 +49,24 @@ def default_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
     """Comparison pairs among ``labels``: base vs code, then stem vs each arm (those present)."""
     pairs = [("base", "code"), ("stem", "base"), ("stem", "code")]
     return [(a, b) for a, b in pairs if a in labels and b in labels]
+
+
+def testbed_predictor(model: Any, protocol: str, config: EvalConfig | None = None) -> Predictor:
+    """The predictor of a named protocol: ``"compact"`` or ``"kst24"`` (the paper's, via ``model_predictor``).
+
+    Args:
+        model: A loaded testbed bridge.
+        protocol: ``"compact"`` or ``"kst24"``.
+        config: Evaluation config for ``"kst24"`` (default: its defaults, no chat template).
+
+    Returns:
+        The predictor.
+    """
+    if protocol == "compact":
+        return compact_predictor(model)
+    if protocol == "kst24":
+        return model_predictor(model, config or EvalConfig(protocol="kst24", chat="never"))
+    raise EntitylensError(f"unknown testbed protocol {protocol!r}; use one of {', '.join(PROTOCOL_NAMES)}")
 
 
 def run_testbed_eval(
@@ -68,8 +93,6 @@ def run_testbed_eval(
     Returns:
         One result per model.
     """
-    from entitylens.testbed.checkpoints import load_testbed, read_meta, resolve_testbed_spec
-
     if protocol not in PROTOCOL_NAMES:
         raise EntitylensError(
             f"unknown testbed protocol {protocol!r}; use one of {', '.join(PROTOCOL_NAMES)}"
@@ -107,9 +130,11 @@ def run_testbed_eval(
         if m in BASELINES:
             results.append(evaluate(m, states, config, label=lab, run_dir=out))
             continue
-        predict = lazy_predictor(
-            lambda spec=m: testbed_predictor(load_testbed(spec, device=device), protocol, config)
-        )
+
+        def make(spec: str = m) -> Predictor:
+            return testbed_predictor(load_testbed(spec, device=device), protocol, config)
+
+        predict = lazy_predictor(make)
         results.append(evaluate(None, states, config, label=lab, run_dir=out, predictor=predict))
     write_outputs(out, results, pairs, {lab: m for m, lab in zip(models, labels)})
     return results
