@@ -8,6 +8,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLB
 # overhead, and on a shared 2-core machine oversubscribed threads made forwards 10-60x slower.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 .venv/bin/ruff check .
+.venv/bin/mypy src/entitylens
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -10,6 +10,10 @@
   are marked ``smollm2`` automatically. Shared bridges must be left as found: remove any hooks you add
   (``model.reset_hooks()`` or the ``hooks(...)`` context manager).
 - ``@pytest.mark.slow`` tests are skipped unless selected with ``-m slow`` (or ``ENTITYLENS_RUN_SLOW=1``).
+- Runtime type and shape checks: jaxtyping's import hook decorates every function and class of
+  ``entitylens`` with ``@jaxtyped(typechecker=beartype)``, so a tensor whose dims contradict its
+  ``Float[Tensor, "batch pos"]`` annotation (or the other arguments' dims) raises during the tests. It is
+  installed here, before anything imports ``entitylens``; ``ENTITYLENS_SHAPE_CHECKS=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -24,11 +28,61 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import importlib.util  # noqa: E402
 import ipaddress  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# Runtime shape checks (jaxtyping + beartype)
+# --------------------------------------------------------------------------------------------------
+
+SHAPE_CHECKS = os.environ.get("ENTITYLENS_SHAPE_CHECKS", "1") != "0"
+"""Whether ``entitylens`` is imported with jaxtyping's import hook (tests/test_shape_checks.py reads it)."""
+
+SHAPE_CHECKER = "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"
+"""The typechecker ``@jaxtyped`` runs: beartype, accepting an ``int`` where ``float`` is annotated.
+
+``is_pep484_tower``: PEP 484's implicit numeric tower (``int`` is a ``float``, ``float`` a ``complex``), as
+mypy reads the same annotations; beartype's default would reject ``poisson(rng, lam=1)``.
+"""
+
+
+def _install_shape_checks() -> None:
+    """Instrument ``entitylens`` for the session; it only affects modules imported after this runs."""
+    early = sorted(m for m in sys.modules if m == "entitylens" or m.startswith("entitylens."))
+    if early:
+        raise RuntimeError(
+            f"{early[:3]} imported before tests/conftest.py installed the shape-check hook (a plugin?); "
+            "import entitylens lazily, or set ENTITYLENS_SHAPE_CHECKS=0"
+        )
+    from jaxtyping import install_import_hook
+
+    install_import_hook("entitylens", SHAPE_CHECKER)
+
+
+if SHAPE_CHECKS:
+    _install_shape_checks()
+
+
+@pytest.fixture
+def no_shape_checks() -> Iterator[None]:
+    """Switch the runtime shape checks off for one test: what a user (who has no import hook) sees.
+
+    Bad-input tests use it: they assert entitylens's own one-line error for a wrong shape, dtype or value,
+    which the hook would otherwise pre-empt with jaxtyping's ``TypeCheckError``.
+    """
+    from jaxtyping import config
+
+    before = config.jaxtyping_disable
+    config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        config.update("jaxtyping_disable", before)
+
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 """The ``shared`` folder next to the repo root (reference data); tests that read it skip without it."""
