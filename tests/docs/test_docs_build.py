@@ -69,8 +69,9 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         "entitylens.patching.exact.patch_grid",
         "entitylens.patching.attribution.attribution_grid",
         "entitylens.testbed.run.run_testbed_eval",
-        "entitylens.experiments.paper_table",
-        "entitylens.studies.run_patch_study",
+        "entitylens.pipelines.paper_table.paper_table",
+        "entitylens.pipelines.patch_study.run_patch_study",
+        "entitylens.patching.job.run_patch_job",
     ):
         assert f'id="{obj}"' in api, f"api.html does not document {obj}"
     # Docstrings were rendered, not just headings.
