@@ -109,3 +109,11 @@ def test_long_functions_say_why() -> None:
                 if n > MAX_FUNCTION_LINES and LONG_REASON not in (ast.get_docstring(node) or ""):
                     long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines without a reason: {long}"
+
+
+def test_every_source_folder_is_a_regular_package() -> None:
+    # setuptools' find_packages (pyproject) skips a folder without __init__.py: its modules would work in an
+    # editable install and be missing from the wheel.
+    missing = sorted(str(d.relative_to(SRC)) for d in SRC.rglob("*") if d.is_dir() and d.name != "__pycache__"
+                     and any(d.glob("*.py")) and not (d / "__init__.py").is_file())  # fmt: skip
+    assert not missing, f"folders with modules but no __init__.py: {missing}"
