@@ -7,7 +7,7 @@ import random
 import pytest
 
 from entitylens.errors import EntitylensError
-from entitylens.models.testbed.tokenizer import OBJECTS, get_tokenizer
+from entitylens.models.testbed.tokenizer import OBJECTS, testbed_tokenizer
 from entitylens.task.compact import compact_prompt
 from entitylens.task.generate import make_state
 from entitylens.task.types import Operation
@@ -75,7 +75,7 @@ def _simulate_compact(words: list[str]) -> dict[str, list[str]]:
 
 
 def test_boxes_episodes_answer_every_box_correctly_and_are_deterministic() -> None:
-    tok = get_tokenizer()
+    tok = testbed_tokenizer()
     seen_ops = set()
     for index in range(60):
         ep = boxes_episode(5, index, (1, 1, 1))
@@ -112,7 +112,7 @@ def test_code_programs_are_valid_python_whose_asserts_hold() -> None:
         src = " ".join(words)
         exec(compile(src, "<code arm>", "exec"), dict(names))  # every assert holds
         n_asserts += words.count("assert")
-        assert encode_words(words) == get_tokenizer()(src)["input_ids"]
+        assert encode_words(words) == testbed_tokenizer()(src)["input_ids"]
     assert n_asserts > 200
     # and the asserts do check something: corrupt one and it fails
     words = code_program(random.Random(3), 200)

@@ -11,7 +11,7 @@ from entitylens.activations.roles import compact_structure, find_roles, tokenize
 from entitylens.behavior.compact import CompactDecoding, compact_answers, compact_predictor
 from entitylens.behavior.evaluate import EvalConfig, evaluate
 from entitylens.errors import EntitylensError
-from entitylens.models.testbed.tokenizer import get_tokenizer
+from entitylens.models.testbed.tokenizer import testbed_tokenizer
 from entitylens.task.compact import COMPACT, statement_from_answers
 from entitylens.task.generate import make_state
 from entitylens.task.targeted import eval_states
@@ -65,7 +65,7 @@ def test_answers_are_scored_by_the_shared_scorer() -> None:
 
 
 def test_compact_roles_point_at_the_right_tokens() -> None:
-    tok = get_tokenizer()
+    tok = testbed_tokenizer()
     text = COMPACT.prompt(_state(), 2)
     ids, offsets = tokenize_with_offsets(tok, text, prepend_bos=True)
     pieces = [p.lstrip("Ġ") for p in tok.convert_ids_to_tokens(ids)]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from entitylens.activations.roles import find_roles, tokenize_with_offsets
-from entitylens.models.testbed.tokenizer import BOX_LABELS, build_tokenizer, get_tokenizer, tokenizer_json, word_ids
+from entitylens.models.testbed.tokenizer import BOX_LABELS, build_tokenizer, testbed_tokenizer, tokenizer_json, word_ids
 from entitylens.task.prompts import kst24_prompt, statement_text
 from entitylens.task.vocab import BNC_OBJECTS, DISJOINT_OBJECTS
 
@@ -24,7 +24,7 @@ TEXTS = [
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_round_trip_is_exact(text: str) -> None:
-    tok = get_tokenizer()
+    tok = testbed_tokenizer()
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id
     assert tok.unk_token_id not in ids
@@ -32,7 +32,7 @@ def test_round_trip_is_exact(text: str) -> None:
 
 
 def test_every_object_and_box_label_is_one_token() -> None:
-    tok = get_tokenizer()
+    tok = testbed_tokenizer()
     objects = BNC_OBJECTS + DISJOINT_OBJECTS
     ids = word_ids(list(objects) + list(BOX_LABELS))
     assert len(set(ids)) == len(objects) + len(BOX_LABELS)
@@ -43,7 +43,7 @@ def test_every_object_and_box_label_is_one_token() -> None:
 
 
 def test_unknown_word_is_unk_and_the_build_is_deterministic() -> None:
-    tok = get_tokenizer()
+    tok = testbed_tokenizer()
     assert tok(" zyzzyva", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
     assert tokenizer_json() == build_tokenizer().backend_tokenizer.to_str()
     vocab = json.loads(tokenizer_json())["model"]["vocab"]
@@ -51,7 +51,7 @@ def test_unknown_word_is_unk_and_the_build_is_deterministic() -> None:
 
 
 def test_offsets_let_the_role_finder_work_on_kst24_text() -> None:
-    tok = get_tokenizer()
+    tok = testbed_tokenizer()
     text = (
         "Box 0 contains the car, Box 1 contains the map and the bag. Put the coat into Box 1. Box 1 contains"
     )

@@ -18,7 +18,7 @@ Public API:
 - training: :class:`Recipe`, :class:`ModelDims`, :data:`RECIPES`, :func:`train_stage`, :func:`token_budget`
 - runs: :func:`run_testbed_eval`, :func:`testbed_predictor`
 - and, for convenience, from below: :func:`eval_states`, :data:`COMPACT`, :func:`compact_prompt`,
-  :func:`ordered_contents`, :func:`compact_predictor`, :func:`load_testbed`, :func:`get_tokenizer` ...
+  :func:`ordered_contents`, :func:`compact_predictor`, :func:`load_testbed`, :func:`testbed_tokenizer` ...
 """
 
 from entitylens.behavior.compact import compact_answers, compact_predictor
@@ -31,7 +31,7 @@ from entitylens.models.testbed.checkpoints import (
     read_meta,
     resolve_testbed_spec,
 )
-from entitylens.models.testbed.tokenizer import build_tokenizer, get_tokenizer, tokenizer_json
+from entitylens.models.testbed.tokenizer import build_tokenizer, testbed_tokenizer, tokenizer_json
 from entitylens.task.compact import COMPACT, CompactProtocol, compact_context, compact_prompt, ordered_contents
 from entitylens.task.targeted import DEFAULT_EVAL_STATES, EVAL_SEED, eval_states
 from entitylens.testbed.data import boxes_episode, code_program, filler_episode, prose_text
@@ -61,7 +61,7 @@ __all__ = [
     "eval_states",
     "filler_episode",
     "get_recipe",
-    "get_tokenizer",
+    "testbed_tokenizer",
     "load_hf_checkpoint",
     "load_testbed",
     "ordered_contents",

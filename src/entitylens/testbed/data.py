@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from entitylens.errors import EntitylensError
-from entitylens.models.testbed.tokenizer import get_tokenizer
+from entitylens.models.testbed.tokenizer import testbed_tokenizer
 from entitylens.task.compact import (
     BOX_LABELS,
     context_words,
@@ -68,7 +68,7 @@ def _rng(kind: str, seed: int, index: int) -> random.Random:
 
 @functools.lru_cache(maxsize=1)
 def _word_tables() -> tuple[dict[str, int], dict[str, int]]:
-    tok = get_tokenizer()
+    tok = testbed_tokenizer()
     vocab = tok.get_vocab()
     spaced: dict[str, int] = {}
     bare: dict[str, int] = {}
@@ -94,7 +94,7 @@ def encode_words(words: Sequence[str], bos: bool = True) -> list[int]:
         EntitylensError: A word that is not one token of the testbed vocabulary.
     """
     spaced, bare = _word_tables()
-    ids = [get_tokenizer().bos_token_id] if bos else []
+    ids = [testbed_tokenizer().bos_token_id] if bos else []
     for j, w in enumerate(words):
         table = bare if j == 0 else spaced
         if w not in table:

@@ -54,7 +54,7 @@ from entitylens.models.testbed.checkpoints import (
     read_meta,
     save_hf_checkpoint,
 )
-from entitylens.models.testbed.tokenizer import get_tokenizer, tokenizer_json
+from entitylens.models.testbed.tokenizer import testbed_tokenizer, tokenizer_json
 from entitylens.progress import progress
 from entitylens.task.score import RowScore, aggregate
 from entitylens.task.targeted import DEFAULT_EVAL_STATES, EVAL_SEED, VALIDATION_SEED, eval_states
@@ -82,7 +82,7 @@ def build_config(dims: ModelDims, vocab_size: int) -> Any:
     from transformers import LlamaConfig
 
 
-    tok = get_tokenizer()
+    tok = testbed_tokenizer()
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=dims.d_model,
@@ -106,7 +106,7 @@ def build_model(dims: ModelDims, seed: int) -> Any:
     from transformers import LlamaForCausalLM
 
 
-    cfg = build_config(dims, len(get_tokenizer()))
+    cfg = build_config(dims, len(testbed_tokenizer()))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
@@ -246,7 +246,7 @@ def _validate(model: Any, states: Sequence[Any]) -> dict[str, float]:
     """Validation accuracy (compact protocol) overall and by numops bucket 0, 1, 2, 3+."""
     was_training = model.training
     model.eval()
-    answers = compact_answers(model, states, tokenizer=get_tokenizer())
+    answers = compact_answers(model, states, tokenizer=testbed_tokenizer())
     model.train(was_training)
     right = [0, 0, 0, 0]
     n = [0, 0, 0, 0]
@@ -414,7 +414,7 @@ def _check_output_dir(out: Path) -> None:
 def _final_eval(model: Any, num_states: int | None) -> dict[str, Any]:
     n = DEFAULT_EVAL_STATES if num_states is None else num_states
     states = eval_states(EVAL_SEED, num_states=n)
-    answers = compact_answers(model, states, tokenizer=get_tokenizer())
+    answers = compact_answers(model, states, tokenizer=testbed_tokenizer())
     rows = [
         RowScore(s.state_id, b, s.numops[b], a is not None and sorted(a) == sorted(s.contents[b]))
         for s, ans in zip(states, answers)

@@ -172,7 +172,7 @@ def _cached_tokenizer() -> Any:
     return build_tokenizer()
 
 
-def get_tokenizer() -> Any:
+def testbed_tokenizer() -> Any:
     """A shared instance of :func:`build_tokenizer` (do not mutate it)."""
     return _cached_tokenizer()
 
@@ -183,7 +183,7 @@ def word_ids(words: tuple[str, ...] | list[str], tokenizer: Any | None = None) -
     Raises:
         KeyError: If a word is not a single known token.
     """
-    tok = tokenizer if tokenizer is not None else get_tokenizer()
+    tok = tokenizer if tokenizer is not None else testbed_tokenizer()
     out = []
     for w in words:
         ids = tok(" " + w, add_special_tokens=False)["input_ids"]
