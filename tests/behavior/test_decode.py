@@ -315,6 +315,7 @@ def test_auto_batch_size_on_cpu_is_fixed(tiny_model: Any) -> None:
     assert got == decode_mod.CPU_BATCH_SIZE
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_input_raises_one_line_errors(tiny_model: Any, kst24_prompts: list[str], kst24_shared_prefix: str) -> None:
     cases = [

@@ -101,6 +101,7 @@ def test_prefix_with_regex_metacharacters_is_escaped() -> None:
     assert not re.fullmatch(g.regex, "A" + text[1:].replace(".", "z", 1))
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [({"num_boxes": 0}, "num_boxes"), ({"num_boxes": True}, "num_boxes"), ({"prefix": 3}, "prefix")],

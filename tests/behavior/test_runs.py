@@ -125,7 +125,7 @@ def test_comparison_tests_with_the_state_as_unit_and_keeps_row_mcnemar(dataset):
     a = evaluate("nothing", states)
     b = evaluate("initial", states)
     table = compare([a, b])
-    overall = table.where(bucket="overall").rows[0]
+    overall = next(r for r in table.to_dict("records") if r["bucket"] == "overall")
     xs = [p.correct for p in a.predictions]
     ys = [p.correct for p in b.predictions]
     b_only = sum(x and not y for x, y in zip(xs, ys))
@@ -234,7 +234,7 @@ def test_summary_intervals_cluster_rows_by_state(dataset):
             ys, cs = by_bucket.setdefault(k, ([], []))
             ys.append(p.correct)
             cs.append(p.state_id)
-    for r in t.rows:
+    for r in t.to_dict("records"):
         if r["bucket"] == "state" or r["n"] == 0:
             continue
         ys, cs = by_bucket[r["bucket"]]

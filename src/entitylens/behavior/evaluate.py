@@ -282,7 +282,7 @@ def model_predictor(model: Any, config: EvalConfig, protocol: StatementProtocol 
     """
     # Imported here so that scoring and the weight-free baselines never import torch.
     from entitylens.behavior.decode import DecodeConfig, generate_statements
-    from entitylens.models.tokens import model_prepends_bos, prompt_ids
+    from entitylens.models.tokens import model_prepends_bos, prompt_ids  # torch, as above
 
     if protocol is None and config.protocol == COMPACT_PROTOCOL:
         from entitylens.behavior.compact import compact_predictor  # torch, as above
@@ -435,7 +435,7 @@ def evaluate(
         label = label or model
         predictor = predictor or _baseline_predictor(model, config.seed)
     else:
-        from entitylens.models.loading import model_label
+        from entitylens.models.loading import model_label  # torch: scoring and baselines never import it
 
         info = getattr(model, "entitylens_info", None)
         label = label or (model_label(info.spec) if info is not None else type(model).__name__)

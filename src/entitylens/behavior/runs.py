@@ -45,10 +45,12 @@ from entitylens.behavior.evaluate import (
     EvalResult,
     Predictor,
     evaluate,
+    model_predictor,
 )
 from entitylens.behavior.tables import write_outputs
 from entitylens.errors import EntitylensError
 from entitylens.models.registry import EXPERIMENTS
+from entitylens.task.io import read_ks_jsonl
 from entitylens.task.types import State
 
 RUN_FILE = "run.json"
@@ -89,7 +91,7 @@ def shard_states(states: Sequence[State], shard: tuple[int, int] | None) -> list
 
 def default_label(spec: str) -> str:
     """Output label for a spec: :func:`entitylens.models.model_label` (one label everywhere)."""
-    from entitylens.models.loading import model_label
+    from entitylens.models.loading import model_label  # torch: the weight-free baselines never import it
 
     return model_label(spec)
 
@@ -218,7 +220,7 @@ def model_record(model: ModelRun, config: EvalConfig) -> dict[str, Any]:
         if config.protocol == COMPACT_PROTOCOL:
             rec["chat"] = False  # the compact protocol has no chat form
         elif config.chat == "auto":
-            from entitylens.models.loading import resolve_spec
+            from entitylens.models.loading import resolve_spec  # torch, as above
 
             rec["chat"] = resolve_spec(model.spec).chat
         else:
@@ -272,8 +274,6 @@ def read_dataset(path: str | os.PathLike[str]) -> list[State]:
     Raises:
         EntitylensError: The file does not exist, has no rows, or a malformed row.
     """
-    from entitylens.task.io import read_ks_jsonl
-
     dataset = Path(path)
     if not dataset.is_file():
         raise EntitylensError(f"dataset {dataset} does not exist; create one with `entitylens data generate`")
@@ -410,8 +410,7 @@ def lazy_predictor(make: Callable[[], Predictor]) -> Predictor:
 
 def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig, device_map: str | None = None) -> Any:
     """A lazy predictor for a model spec (see :func:`lazy_predictor`)."""
-    from entitylens.behavior.evaluate import model_predictor
-    from entitylens.models import load_model
+    from entitylens.models import load_model  # torch, as above
 
     return lazy_predictor(
         lambda: model_predictor(load_model(spec, device=device, dtype=dtype, device_map=device_map), config)
