@@ -472,8 +472,8 @@ def test_paper_table_matches_the_papers_csv(experiment: str) -> None:
     # 16 rows per model: numops 0..7 twice; model j gets rows with index % (j + 2) == 0 right
     results = [_fake_result(m.label, [i % (j + 2) == 0 for i in range(16)]) for j, m in enumerate(models)]
     table = paper_table(summary_table(results, {m.label: m.spec for m in models}), compare(results, pairs))
-    by_model = {r["model"]: r for r in table if r["kind"] == "model"}
-    by_pair = {(r["base"], r["variant"]): r for r in table if r["kind"] == "pair"}
+    by_model = {r["model"]: r for r in records(table) if r["kind"] == "model"}
+    by_pair = {(r["base"], r["variant"]): r for r in records(table) if r["kind"] == "pair"}
     assert set(by_pair) == set(pairs)
 
     def paper_overall(name: str) -> float:

@@ -167,6 +167,7 @@ def test_probe_study_with_tiny_llama_as_base(tmp_path):
     metrics = {r["metric"] for r in read_csv(out / "probe/base/probe.csv")}
     assert {"random_model_balanced_accuracy", "over_random"} <= metrics
     assert "tiny:llama" in stdout
+    assert (out / "compare/probe_compare.png").is_file()  # 2 layers vs 4: drawn by relative depth, not refused
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,10 +256,11 @@ def test_patch_study_refuses_other_pairs_in_the_same_dir_and_loses_nothing(patch
 
 def test_patch_study_with_tiny_llama_as_base(tmp_path):
     out = tmp_path / "tiny"
-    _main(PATCH, "--base", "tiny:llama", "--variant", "testbed:code", "--pairs", "3", "--states", "6", "--quiet",
-          "--kst24-prefix", "--out", str(out))
+    # a tiny model as deep as the testbed (4 layers), so the comparison is layer by layer
+    _main(PATCH, "--base", "tiny:llama?layers=4", "--variant", "testbed:code", "--pairs", "3", "--states", "6",
+          "--quiet", "--kst24-prefix", "--out", str(out))
     runs = {arm: json.loads((out / "patch" / arm / "run.json").read_text()) for arm in ("base", "variant")}
-    assert runs["base"]["results"]["patch/resid_pre"]["model"] == "tiny:llama"
+    assert runs["base"]["results"]["patch/resid_pre"]["model"] == "tiny:llama?layers=4"
     first = json.loads((out / "pairs.jsonl").read_text().splitlines()[0])  # K&S prompts behind the 2-shot prefix
     assert first["clean_prompt"].startswith("Given the description") and first["clean_prompt"].endswith(" contains")
     a, b = _mean_grid(out / "patch/base"), _mean_grid(out / "patch/variant")
@@ -276,7 +278,7 @@ def test_patch_study_with_tiny_llama_as_base(tmp_path):
 
 def test_compact_pairs_render_the_same_worlds():
     from entitylens.activations.roles import find_roles, tokenize_with_offsets
-    from entitylens.models.testbed.tokenizer import get_tokenizer
+    from entitylens.models.testbed.tokenizer import testbed_tokenizer
     from entitylens.patching.pairs import build_pairs, compact_pairs
     from entitylens.task.compact import compact_prompt, context_words, ordered_contents
     from entitylens.task.targeted import eval_states
@@ -304,7 +306,7 @@ def test_compact_pairs_render_the_same_worlds():
                 assert clean_word != corr_word
                 assert clean_word in s.operations[cp.changed_op].objects
                 assert corr_word in corr.operations[cp.changed_op].objects
-                ids, offsets = tokenize_with_offsets(get_tokenizer(), cp.clean_prompt, prepend_bos=True)
+                ids, offsets = tokenize_with_offsets(testbed_tokenizer(), cp.clean_prompt, prepend_bos=True)
                 assert find_roles(cp.clean_prompt, offsets, ["query_box"])["query_box"] == len(ids) - 1
 
 

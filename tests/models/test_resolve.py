@@ -98,12 +98,15 @@ def test_errors_are_one_line_with_fix(spec: str, pattern: str) -> None:
 
 
 def test_testbed_specs_delegate_to_testbed_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    checkpoints = pytest.importorskip("entitylens.models.testbed.checkpoints")
+    import entitylens.models.loading as loading
+    import entitylens.models.specs as specs
+
     with pytest.raises(EntitylensError, match="unknown testbed model"):
         resolve_spec("testbed:nonsense")
     calls = []
-    monkeypatch.setattr(checkpoints, "resolve_testbed_spec", lambda spec: tmp_path)
-    monkeypatch.setattr(checkpoints, "load_testbed", lambda spec, device, dtype: calls.append((spec, device, dtype)))
+    # the names the spec resolver and the loader call (imported from entitylens.models.testbed.checkpoints)
+    monkeypatch.setattr(specs, "resolve_testbed_spec", lambda spec: tmp_path)
+    monkeypatch.setattr(loading, "load_testbed", lambda spec, device, dtype: calls.append((spec, device, dtype)))
     r = resolve_spec("testbed:base")
     assert (r.kind, r.source, r.path, r.chat) == ("testbed", "testbed", str(tmp_path), False)
     from entitylens.models import load_model

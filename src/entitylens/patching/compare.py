@@ -123,7 +123,8 @@ def compare_patch_runs(
 
     Models of different depth (Gemma-3-270M's 18 layers against Qwen2.5-0.5B's 24) cannot be subtracted layer
     by layer: that would compare one model's last layer with the other's middle. With ``depth="layer"``
-    (default) such runs are refused; ``depth="relative"`` puts both on the relative depth
+    (default) such runs are refused, ``depth="auto"`` picks ``"layer"`` for equal depths and ``"relative"``
+    otherwise (the studies use it); ``depth="relative"`` puts both on the relative depth
     ``layer / (layers - 1)``: the deeper model's values are interpolated linearly at the shallower model's
     relative depths, the difference is taken there, and the figure's and table's rows are relative depths.
 
@@ -138,7 +139,7 @@ def compare_patch_runs(
         labels: Two panel labels (default: the runs' model labels).
         vmax: Colour-scale limit (``None``: from both results).
         say: Optional callable for one progress line.
-        depth: ``"layer"`` or ``"relative"`` (see above).
+        depth: ``"layer"``, ``"relative"`` or ``"auto"`` (see above).
 
     Returns:
         The files written (figures, then ``compare.csv``, whose ``relative_depth`` column is filled with
@@ -162,6 +163,8 @@ def compare_patch_runs(
     rows: list[dict[str, Any]] = []
     written: list[Path] = []
     depth_a, depth_b = run_depth(a), run_depth(b)
+    if depth == "auto":
+        depth = "layer" if depth_a == depth_b else "relative"
     if depth == "layer" and depth_a != depth_b:
         raise EntitylensError(
             f"{names[0]} has {depth_a} layers and {names[1]} {depth_b}: a layer-by-layer difference would compare "
@@ -188,7 +191,7 @@ def _check_compare_args(a: Path, b: Path, out: Path, kind: str, depth: str) -> t
     Returns:
         The kind (aliases resolved) and its result file stem.
     """
-    if depth not in ("layer", "relative"):
+    if depth not in ("layer", "relative", "auto"):
         raise EntitylensError(f"unknown --depth {depth!r}; use layer or relative")
     kind = KIND_ALIASES.get(kind, kind)
     if kind not in RESULT_STEMS:

@@ -256,7 +256,8 @@ def _compare(
         kinds.append(("attribution", cfg.out / "compare-attribution"))
     for kind, d in kinds:
         written, _ = compare_patch_runs(run_dirs["base"], run_dirs["variant"], d, kind=kind,
-                                        components=[cfg.component], labels=labels, vmax=1.0, say=say)  # fmt: skip
+                                        components=[cfg.component], labels=labels, vmax=1.0, say=say,
+                                        depth="auto")  # models of different depth: by relative depth  # fmt: skip
         say("wrote " + ", ".join(str(p) for p in written))
     write_json(cfg.out / "study.json", jsonable({
         "study": "patch_base_vs_variant", "identity": identity, "config": {**asdict(cfg), "out": str(cfg.out)},

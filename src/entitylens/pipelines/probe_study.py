@@ -282,7 +282,8 @@ def _compare(
     """Draw both arms on one figure, write the differences, the summary and ``study.json``."""
     compare_dir = cfg.out / "compare"
     pngs = compare_probe_runs(probe_dirs["base"], probe_dirs["variant"], compare_dir,
-                              labels=(arm_label("base", cfg.base), arm_label("variant", cfg.variant)))  # fmt: skip
+                              labels=(arm_label("base", cfg.base), arm_label("variant", cfg.variant)),
+                              depth="auto")  # models of different depth line up by relative depth  # fmt: skip
     diff_csv = compare_dir / "probe_diff.csv"
     write_csv(probe_diff_table(probe_dirs["base"], probe_dirs["variant"]), diff_csv)
     rows = [r for arm, spec in cfg.specs.items() for r in _summary_rows(arm, spec, read_probe_table(probe_dirs[arm]))]

@@ -241,7 +241,8 @@ def compare_probe_runs(
             sibling-lookup baselines are drawn thin for exact-match metrics, and selectivity gets its own
             row of panels when both runs have it.
         labels: Legend names (default: the runs' model labels).
-        depth: ``"layer"`` (default; refused for models of different depth) or ``"relative"``: the x axis is
+        depth: ``"layer"`` (default; refused for models of different depth), ``"auto"`` (``"layer"`` for equal
+            depths, else ``"relative"``; the studies use it) or ``"relative"``: the x axis is
             ``layer / (layers - 1)`` so models of different depth line up by relative position.
 
     Returns:
@@ -256,9 +257,11 @@ def compare_probe_runs(
     names = labels or (_label(a), _label(b))
     if names[0] == names[1]:
         names = (f"{names[0]} ({a.name})", f"{names[1]} ({b.name})")
-    if depth not in ("layer", "relative"):
+    if depth not in ("layer", "relative", "auto"):
         raise EntitylensError(f"unknown --depth {depth!r}; use layer or relative")
     da, db = _probe_depth(a), _probe_depth(b)
+    if depth == "auto":
+        depth = "layer" if da == db else "relative"
     scales: dict[str, float] | None = None
     if da != db and depth == "layer":
         raise EntitylensError(
