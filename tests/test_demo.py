@@ -111,12 +111,15 @@ def test_probe_sentences_follow_the_numbers(demo_dir, demo_run):
         for role in ("query_box", "query_box_desc"):
             first, base = _first_decodable(rows, role)
             where = {"query_box": "the query token", "query_box_desc": "the queried box's token in the description"}
+            sentence = next(x for x in report.splitlines() if x.startswith(f"In {arm}, at "))
+            clause = sentence.split(f"at {where[role]}, ")[1].split("; at ")[0]
             if first is None:
-                assert f"at {where[role]} they never do" in report
+                assert "the updated contents (numops ≥ 1) never do" in clause
+                assert f"baseline {100 * base:.1f}%)" in clause
                 assert f"{role}: never" in printed
             else:
-                assert f"at {where[role]} the updated contents (numops ≥ 1) first beat the best baseline " \
-                       f"({100 * base:.1f}%) with their interval at layer {first} " in report
+                assert (f"the updated contents (numops ≥ 1) first beat the best baseline ({100 * base:.1f}%) with "
+                        f"their interval at layer {first} (") in clause
                 assert f"{role}: layer {first}" in printed
 
 

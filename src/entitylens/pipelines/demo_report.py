@@ -48,6 +48,7 @@ class ProbeCurve:
         initial: Exact-set accuracy on rows no operation changed (numops 0), with the interval.
         updated: Exact-set accuracy on rows an operation changed (numops >= 1), with the interval.
         baseline: The best baseline's exact-set accuracy on the numops >= 1 rows.
+        baseline_initial: The best baseline's exact-set accuracy on the numops 0 rows.
         selectivity: Task minus control-task balanced accuracy (None without a control).
     """
 
@@ -55,12 +56,19 @@ class ProbeCurve:
     initial: tuple[tuple[float, float, float], ...]
     updated: tuple[tuple[float, float, float], ...]
     baseline: float
+    baseline_initial: float
     selectivity: tuple[float | None, ...]
 
     @property
     def first_decodable(self) -> int | None:
         """The first layer whose updated-state accuracy beats the best baseline with its whole interval."""
         return next((layer for layer, (_, lo, _) in zip(self.layers, self.updated) if lo > self.baseline), None)
+
+    @property
+    def first_decodable_initial(self) -> int | None:
+        """The first layer whose initial-state accuracy (numops 0) beats its best baseline with its interval."""
+        return next((layer for layer, (_, lo, _) in zip(self.layers, self.initial) if lo > self.baseline_initial),
+                    None)  # fmt: skip
 
     @property
     def best_updated(self) -> tuple[int, float]:
@@ -107,11 +115,14 @@ def _probe_curve(rows: list[dict[str, Any]], role: str) -> ProbeCurve | None:
         r = by[(layer, metric)]
         return float(r["value"]), float(r["ci_low"]), float(r["ci_high"])
 
-    base = max(float(by[(layers[0], f"{b}_numops>=1")]["value"]) for b in _BASELINES
-               if (layers[0], f"{b}_numops>=1") in by)  # fmt: skip
+    def best_baseline(stratum: str) -> float:
+        return max(float(by[(layers[0], f"{b}_{stratum}")]["value"]) for b in _BASELINES
+                   if (layers[0], f"{b}_{stratum}") in by)  # fmt: skip
+
     sel = tuple(_f(by[(la, "selectivity")]["value"]) if (la, "selectivity") in by else None for la in layers)
     return ProbeCurve(layers, tuple(triple(la, "exact_match_numops=0") for la in layers),
-                      tuple(triple(la, "exact_match_numops>=1") for la in layers), base, sel)  # fmt: skip
+                      tuple(triple(la, "exact_match_numops>=1") for la in layers), best_baseline("numops>=1"),
+                      best_baseline("numops=0"), sel)  # fmt: skip
 
 
 def find_all(out: Path, *, have_probes: bool, have_patch: bool) -> Findings:
@@ -171,34 +182,40 @@ def comparison_sentence(f: Findings) -> str:
 
 
 def probe_sentence(arm: str, curves: dict[str, ProbeCurve]) -> str:
-    """Where the updated state becomes decodable in one arm, role by role."""
+    """Where the initial and the updated state become decodable in one arm, role by role."""
     parts = []
     for role, c in curves.items():
         where = _ROLE_WORDS.get(role, role)
-        first = c.first_decodable
-        layer, best = c.best_updated
+        first, first0 = c.first_decodable, c.first_decodable_initial
+        if first0 is not None:
+            v0 = c.initial[c.layers.index(first0)][0]
+            init = (f"the initial contents (numops 0) beat their best baseline ({100 * c.baseline_initial:.1f}%) "
+                    f"from layer {first0} ({100 * v0:.1f}%)")  # fmt: skip
+        else:
+            init = (f"the initial contents (numops 0) never beat their best baseline "
+                    f"({100 * c.baseline_initial:.1f}%)")  # fmt: skip
         if first is not None:
             v, lo, hi = c.updated[c.layers.index(first)]
-            parts.append(f"at {where} the updated contents (numops ≥ 1) first beat the best baseline "
-                         f"({100 * c.baseline:.1f}%) with their interval at layer {first} ({100 * v:.1f}% "
-                         f"[{100 * lo:.1f}, {100 * hi:.1f}])")  # fmt: skip
+            upd = (f"the updated contents (numops ≥ 1) first beat the best baseline ({100 * c.baseline:.1f}%) with "
+                   f"their interval at layer {first} ({100 * v:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}])")  # fmt: skip
         else:
-            init = max(v for v, _, _ in c.initial)
-            parts.append(f"at {where} they never do (best {100 * best:.1f}% at layer {layer}, baseline "
-                         f"{100 * c.baseline:.1f}%), although the initial contents (numops 0) reach "
-                         f"{100 * init:.1f}% there")  # fmt: skip
+            layer, best = c.best_updated
+            upd = (f"the updated contents (numops ≥ 1) never do (best {100 * best:.1f}% at layer {layer}, "
+                   f"baseline {100 * c.baseline:.1f}%)")  # fmt: skip
+        parts.append(f"at {where}, {init}; {upd}")
     return f"In {arm}, " + "; ".join(parts) + "."
 
 
-def patch_sentence(arm: str, grid: dict[tuple[int, str], float]) -> str:
-    """Which cell restores the clean answer most, and the strongest cell layer by layer."""
+def patch_sentence(arm: str, grid: dict[tuple[int, str], float], strong: float = 0.5) -> str:
+    """Which cell restores the clean answer most, and layer by layer the cells with a strong effect."""
     (layer, cell), v = max(grid.items(), key=lambda kv: (kv[1], -kv[0][0]))
     per_layer = []
     for la in sorted({k[0] for k in grid}):
-        (_, c), x = max(((k, x) for k, x in grid.items() if k[0] == la), key=lambda kv: kv[1])
-        per_layer.append(f"layer {la}: {c} ({x:.2f})")
+        cells = sorted(((x, c) for (ly, c), x in grid.items() if ly == la and abs(x) >= strong), reverse=True)
+        shown = ", ".join(f"{c} ({x:+.2f})" for x, c in cells) or "none"
+        per_layer.append(f"layer {la}: {shown}")
     return (f"In {arm}, patching restores most of the clean answer at {cell} in layer {layer} ({v:.2f}); "
-            f"the strongest cell by layer is " + ", ".join(per_layer) + ".")  # fmt: skip
+            f"cells with an effect of at least {strong} in size, by layer: " + "; ".join(per_layer) + ".")
 
 
 # ------------------------------------------------------------------------------------------------ report
