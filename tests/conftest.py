@@ -72,7 +72,9 @@ def no_shape_checks() -> Iterator[None]:
     """Switch the runtime shape checks off for one test: what a user (who has no import hook) sees.
 
     Bad-input tests use it: they assert entitylens's own one-line error for a wrong shape, dtype or value,
-    which the hook would otherwise pre-empt with jaxtyping's ``TypeCheckError``.
+    which the hook would otherwise pre-empt with jaxtyping's ``TypeCheckError``. So do tests that time a
+    path (the checks cost time) or assert that the global ``random`` state is untouched (beartype samples
+    container items with it).
     """
     from jaxtyping import config
 

@@ -143,6 +143,7 @@ def test_agreement_errors(tiny_model: Any, pair: PatchPair) -> None:
         agreement(a, b)
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_attribution_bad_input(tiny_model: Any, pair: PatchPair, diff_pair: PatchPair) -> None:
     with pytest.raises(EntitylensError, match="unknown component"):
         attribution_grid(tiny_model, pair, "embed")  # type: ignore[arg-type]

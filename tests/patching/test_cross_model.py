@@ -131,6 +131,7 @@ def test_fast_matches_hooks(
     assert fast.normalised.abs().max() > 1e-3
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_incompatible_models(tiny_model: Any, copy_bridge: Any, pair: PatchPair) -> None:
     from entitylens.models import load_model
 

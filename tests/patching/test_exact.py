@@ -342,6 +342,7 @@ def test_from_texts_appends_the_shared_answer_prefix(tiny_model: Any) -> None:
     assert p.clean_roles["last"] == len(p.clean_tokens) - 1
 
 
+@pytest.mark.usefixtures("no_shape_checks")  # a [1, n] tensor and a list: outside the 1-D annotation, normalised
 def test_pair_normalises_positions_and_roles() -> None:
     p = PatchPair(torch.tensor([[1, 2, 3, 4]]), [1, 2, 5, 4, 6], 7, 8, clean_roles={"x": -2}, corrupted_roles={"x": 3})
     assert p.clean_tokens.tolist() == [1, 2, 3, 4] and p.corrupted_tokens.dtype == torch.long
@@ -352,6 +353,7 @@ def test_pair_normalises_positions_and_roles() -> None:
         p.clean_roles["y"] = 1  # type: ignore[index]
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -376,6 +378,7 @@ def test_bad_pairs(kwargs: dict[str, Any], match: str) -> None:
     assert "\n" not in str(e.value) and ";" in str(e.value)
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 @pytest.mark.parametrize(
     ("args", "kwargs", "match"),
     [
@@ -419,6 +422,7 @@ def test_tokenizer_mismatch(tiny_model: Any, pair: PatchPair, copy_bridge: Any) 
         patch_grid(copy_bridge, pair, "resid_pre", "layer_role")
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_not_pairs_or_model(tiny_model: Any, pair: PatchPair) -> None:
     with pytest.raises(EntitylensError, match="no pairs"):
         patch_grid(tiny_model, [], "resid_pre")

@@ -349,6 +349,7 @@ def test_unknown_kind_and_wrong_data(states: list[Any]) -> None:
         build_pairs(no_ops, "drop_op")
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_bad_files_name_file_and_line(state: Any, tmp_path: Path, tiny_model: Any) -> None:
     (p,) = build_pairs([state], "op_object", seed=0)
     path = tmp_path / "p.jsonl"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from entitylens.task.generate import GeneratorConfig, generate_dataset, generate_states
 
@@ -58,6 +59,7 @@ def test_identical_bytes_across_processes_and_hash_seeds(tmp_path):
     assert len(set(a)) == len(a)  # the configs really produce different files
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_global_random_state_is_untouched():
     random.seed(123)
     np.random.seed(123)

@@ -12,6 +12,7 @@ from entitylens.task.vocab import BNC_OBJECTS, DISJOINT_OBJECTS
 from entitylens.task.world import replay
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [

@@ -251,6 +251,7 @@ def test_p24_like_file_gets_a_hint(tmp_path):
         read_p24_jsonl(f2)
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_reading_a_paper_sized_file_is_fast(tmp_path):
     states = generate_states(GeneratorConfig(seed=0, num_states=716))
     f = tmp_path / "big.jsonl"

@@ -164,6 +164,7 @@ def test_empty_and_garbage_text():
     assert parse_statement("I don't know.").boxes == (INVALID,) * 7
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_bad_arguments():
     with pytest.raises(EntitylensError):
         parse_statement(b"Box 0 contains the a.")  # type: ignore[arg-type]

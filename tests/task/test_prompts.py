@@ -177,6 +177,7 @@ def test_bad_context_raises(bad):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_bad_protocol_config_raises():
     with pytest.raises(EntitylensError):
         StatementProtocol(demonstrations=(("only one",),))

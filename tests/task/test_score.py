@@ -47,6 +47,7 @@ def test_box_correct_set_vs_strict(predicted, raw, gold, set_ok, strict_ok):
     assert box_correct(predicted, gold, raw=raw, mode="strict") is strict_ok
 
 
+@pytest.mark.usefixtures("no_shape_checks")
 def test_bad_mode():
     with pytest.raises(EntitylensError, match="score mode"):
         box_correct((), (), mode="exact")  # type: ignore[arg-type]
