@@ -102,8 +102,8 @@ def _first_decodable(rows, role):
 
 def test_probe_sentences_follow_the_numbers(demo_dir, demo_run):
     report = (demo_dir / "report.md").read_text()
-    printed = demo_run[1]
     for arm in ("base", "code"):
+        printed = next(x for x in demo_run[1].splitlines() if x.startswith(f"{arm}: updated state (numops ≥ 1)"))
         rows = _csv(demo_dir / "probe" / arm / "probe.csv")
         assert {r["role"] for r in rows} == {"query_box", "query_box_desc"}
         layers = {int(r["layer"]) for r in rows}

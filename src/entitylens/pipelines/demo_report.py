@@ -328,9 +328,10 @@ def summary_lines(f: Findings) -> list[str]:
     if f.comparison:
         lines.append(comparison_sentence(f))
     for arm, curves in f.probes.items():
-        first = {role: c.first_decodable for role, c in curves.items()}
-        lines.append(f"{arm}: updated state (numops ≥ 1) first decodable at "
-                     + ", ".join(f"{role}: {'never' if v is None else f'layer {v}'}" for role, v in first.items()))
+        for what, first in (("initial state (numops 0)", {r: c.first_decodable_initial for r, c in curves.items()}),
+                            ("updated state (numops ≥ 1)", {r: c.first_decodable for r, c in curves.items()})):
+            lines.append(f"{arm}: {what} first decodable at "
+                         + ", ".join(f"{role}: {'never' if v is None else f'layer {v}'}" for role, v in first.items()))
     for arm, grid in f.patch.items():
         top = sorted(grid.items(), key=lambda kv: (-kv[1], kv[0][0]))[:3]
         lines.append(f"{arm}: strongest patching cells " + ", ".join(f"layer {la} {c} ({v:.2f})"

@@ -28,8 +28,9 @@ PAPER_TABLE_COLUMNS: tuple[str, ...] = (
     *(c for k in NUMOPS_COLUMNS for c in (f"ours_{k}", f"paper_{k}")), "p_value",
 )  # fmt: skip
 """Columns of ``paper_table.csv``. Model rows (``kind=model``): accuracy in percent. Pair rows
-(``kind=pair``, ``model = "variant - base"``): variant minus base in percentage points, and the exact
-McNemar p-value of the overall difference. ``paper_*`` is blank where the paper has no number."""
+(``kind=pair``, ``model = "variant - base"``): variant minus base in percentage points, and the p-value of
+the overall difference (``comparison.csv``'s ``p_value``: the exact paired test over states). ``paper_*`` is
+blank where the paper has no number."""
 
 
 def _num(v: Any) -> float | None:
@@ -61,7 +62,7 @@ def paper_table(summary: pd.DataFrame, comparison: pd.DataFrame | None = None) -
         A :data:`PAPER_TABLE_COLUMNS` table. Model rows hold accuracies in percent (bucket ``7+`` goes to
         column ``7``); pair rows hold variant − base in percentage points, ours from the paired comparison
         and the paper's from the two models' paper numbers (blank unless both are known), with the overall
-        McNemar p-value.
+        p-value (the exact paired test over states).
 
     """
     models: dict[str, dict[str, Any]] = {}
@@ -136,8 +137,8 @@ def paper_table_markdown(table: pd.DataFrame, title: str = "") -> str:
         lines.append(f"| {r['model']} | {_n(r)} | " + " | ".join(cells) + " |")
     if pairs:
         lines += [
-            "", "Variant − base in percentage points as `ours / paper`; p = exact McNemar test of the overall "
-            "difference on the same rows.", "",
+            "", "Variant − base in percentage points as `ours / paper`; p = exact paired test over states of the "
+            "overall difference (the 7 boxes of a state are one unit).", "",
             "| variant − base | n | p | " + " | ".join(head) + " |", "|---|---:|---:|" + "---:|" * len(head),
         ]  # fmt: skip
         for r in pairs:
