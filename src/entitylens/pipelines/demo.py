@@ -133,9 +133,11 @@ def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[li
     n_ops = max(sorted(candidates), key=lambda k: len(candidates[k]))
     roles = (f"op{n_ops - 2}_object", f"op{n_ops - 2}_box", f"op{n_ops - 1}_object", f"op{n_ops - 1}_box",
              "query_box_desc", "query_box")  # fmt: skip
+    # Role positions must index the same token sequence as the pair (BOS included when the model adds it).
+    bos = model_prepends_bos(model)
     pairs = []
     for s in candidates[n_ops]:
-        pair = _changed_put_pair(model, s, roles)
+        pair = _changed_put_pair(model.tokenizer, bos, s, roles)
         if pair is not None:
             pairs.append(pair)
         if len(pairs) >= limit:
@@ -145,7 +147,7 @@ def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[li
     return pairs, roles
 
 
-def _changed_put_pair(model: Any, s: Any, roles: tuple[str, ...]) -> PatchPair | None:
+def _changed_put_pair(tok: Any, bos: bool, s: Any, roles: tuple[str, ...]) -> PatchPair | None:
     """The pair of one state (``None`` when its roles or a distinguishing answer token are missing)."""
     last = s.operations[-1]
     mentioned = {o for c in s.initial for o in c} | {o for op in s.operations for o in op.objects}
@@ -155,9 +157,6 @@ def _changed_put_pair(model: Any, s: Any, roles: tuple[str, ...]) -> PatchPair |
     clean_p, corr_p = compact_prompt(s, last.box), compact_prompt(corrupted, last.box)
     clean_ans = COMPACT.answer_text(ordered_contents(s.initial, s.operations)[last.box])
     corr_ans = COMPACT.answer_text(ordered_contents(corrupted.initial, corrupted.operations)[last.box])
-    # Role positions must index the same token sequence as the pair (BOS included when the model adds it).
-    bos = model_prepends_bos(model)
-    tok = model.tokenizer
     try:
         return PatchPair.from_texts(
             tok, clean_p, corr_p, clean_ans, corr_ans,

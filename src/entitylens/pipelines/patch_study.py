@@ -78,11 +78,9 @@ class PatchStudyConfig(StudyConfig):
             raise EntitylensError(f"unknown --kind {self.kind!r}; use {', '.join(PAIR_KINDS)}")
         if self.pairs < 1:
             raise EntitylensError(f"--pairs {self.pairs} must be at least 1")
-        self.patch_config()  # checks component, grid, method, batch_cells and k
-        if self.roles is not None:
-            object.__setattr__(self, "roles", tuple(self.roles))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        patch = self.patch_config()  # checks component, grid, method, batch_cells and k
+        object.__setattr__(self, "roles", patch.roles)  # normalised (tuples) by PatchConfig
+        object.__setattr__(self, "layers", patch.layers)
 
     def patch_config(self) -> PatchConfig:
         """The :class:`~entitylens.patching.job.PatchConfig` both models are patched with."""
