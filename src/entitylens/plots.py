@@ -460,3 +460,43 @@ def plot_probe_compare(
     fig.suptitle(title or f"probe {names[0]}: " + " vs ".join(tables) + " (bands: 95%)", fontsize=10)
     fig.tight_layout()
     return _save_atomic(fig, out, formats)
+
+
+def plot_intervention(table: pd.DataFrame, out: str | os.PathLike[str], title: str = "",
+                      formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Effect of an intervention along a probe direction per layer, against random directions.
+
+    One panel per metric: the probe direction's mean effect (edited - clean) with its 95% interval, and the
+    random directions' mean effect with the band between their 2.5% and 97.5% quantiles.
+
+    Args:
+        table: ``intervene.csv`` as a DataFrame (columns layer, direction, metric, effect, ci_low, ci_high).
+        out: Output path without extension.
+        title: Figure title.
+        formats: File formats.
+
+    Returns:
+        The written paths.
+    """
+    metrics = list(dict.fromkeys(table["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for direction, color in (("random", "0.55"), ("probe", "C3")):
+            rows = table[(table["metric"] == metric) & (table["direction"] == direction)].sort_values("layer")
+            if rows.empty:
+                continue
+            x = rows["layer"].to_numpy()
+            label = "probe direction" if direction == "probe" else "random directions (2.5-97.5%)"
+            ax.plot(x, rows["effect"].to_numpy(), marker="o", color=color, label=label)
+            ax.fill_between(x, rows["ci_low"].to_numpy(dtype=float), rows["ci_high"].to_numpy(dtype=float),
+                            color=color, alpha=0.2, linewidth=0)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_title(metric)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("edited - clean")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save_atomic(fig, out, formats)

@@ -103,7 +103,7 @@ def test_cli_end_to_end_matches_direct_fit(caches: tuple[Path, Path], tmp_path: 
     argv = ["--quiet", "probe", "--cache", str(caches[0]), "--target", "box_contents", "--roles", "query_box,last",
             "--seed", "2", "--Cs", "0.1,1", "--folds", "3", "--out", str(out)]
     assert main(argv) == 0
-    assert "probed 630 rows" in capsys.readouterr().out
+    assert "probed 630 examples" in capsys.readouterr().out
     for name in ("probe.csv", "probe_by_layer.png", "meta.json"):
         assert (out / name).stat().st_size > 0
     table = read_probe_table(out)

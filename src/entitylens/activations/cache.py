@@ -10,7 +10,8 @@ every requested hook has fired (no unembedding when only residuals are wanted).
 On disk (``out_dir``)::
 
     meta.json              model / dataset / config identity, per-shard sha256, progress
-    rows.json              one metadata record per row (row id, state id, box, numops, gold, initial, objects)
+    rows.json              one metadata record per row (row id, state id, box, numops, gold, initial, objects,
+                           the prompt text)
     shard_00000.safetensors
     shard_00001.safetensors ...
 
@@ -36,6 +37,7 @@ This module holds the configuration and the run; the parts live next to it and a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,7 +55,7 @@ from entitylens.activations.hooks import HookSpec, resolve_model_hooks
 from entitylens.activations.identity import model_fingerprint, model_record
 from entitylens.activations.prompts import CachePrompt, build_prompts, prompts_sha256, query_text, row_meta
 from entitylens.activations.reader import CachedActivations, load_cache
-from entitylens.activations.roles import validate_roles
+from entitylens.activations.roles import expand_roles, validate_roles
 from entitylens.activations.runner import (
     EncodedPrompts,
     check_finite,
@@ -107,7 +109,9 @@ class CacheConfig:
     Attributes:
         hooks: Hook keys: aliases (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``),
             ``{layer}`` patterns or raw TransformerLens hook names.
-        roles: Token roles (see :data:`entitylens.activations.roles.ROLE_CATALOGUE`).
+        roles: Token roles (see :data:`entitylens.activations.roles.ROLE_CATALOGUE`) and role groups
+            (``@mentions``, ``@op_ends``, ``@objects``: every such role the dataset's prompts have, expanded
+            when caching; roles a prompt lacks are then stored masked).
         layers: Layers for aliases / patterns; ``None`` = all layers.
         batch_size: Prompts per forward pass (left-padded).
         shard_size: Rows per shard file.
@@ -144,7 +148,7 @@ class CacheConfig:
             object.__setattr__(self, name, tuple(value))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
-        validate_roles(self.roles)
+        validate_roles(self.roles, allow_groups=True)
         if not self.hooks:
             raise EntitylensError("no hooks given; pass at least one, e.g. --hooks resid_post")
         if int(self.batch_size) < 1 or int(self.shard_size) < 1:
@@ -220,6 +224,9 @@ def cache_activations(
     """
     out = Path(out_dir)
     prompts = build_prompts(data, prefix=config.prefix)
+    roles, grouped = expand_roles(config.roles, [p.text for p in prompts])
+    if grouped:
+        config = dataclasses.replace(config, roles=roles, allow_missing_roles=True)
     specs = resolve_model_hooks(model, config.hooks, config.layers)
     encoded = encode_prompts(
         model,
@@ -266,7 +273,7 @@ def _rows_bytes(prompts: Sequence[CachePrompt]) -> bytes:
     vocabulary = sorted({o for p in prompts for o in p.meta.get("objects", ())})
     rows_doc = {
         "row_ids": [p.row_id for p in prompts],
-        "rows": [{"row_id": p.row_id, **dict(p.meta)} for p in prompts],
+        "rows": [{"row_id": p.row_id, **dict(p.meta), "text": p.text} for p in prompts],
         "object_vocabulary": vocabulary,
     }
     return (json.dumps(rows_doc, indent=1, sort_keys=True) + "\n").encode()

@@ -5,9 +5,10 @@ second operation, ...) instead of by a raw position, so the same role means the 
 prompt whatever its length, its tokenizer or where it came from (generated in memory or read from a
 file). Roles are found in two steps, both independent of the tokenizer's vocabulary:
 
-1. :func:`parse_prompt` parses the text with regular expressions into character spans: the final query
-   ``Box N contains``, the initial description (the last description before the operations, so a
-   few-shot prefix in front of it is skipped) and every operation sentence.
+1. :func:`~entitylens.activations.structure.parse_prompt` parses the text with regular expressions into
+   character spans: the final query ``Box N contains``, the initial description (the last description
+   before the operations, so a few-shot prefix in front of it is skipped) and every operation sentence
+   (:mod:`entitylens.activations.structure`, which also lists the surface forms understood).
 2. :func:`find_roles` maps each span to a token through the fast tokenizer's character offsets
    (``return_offsets_mapping=True``): a token belongs to a span when their character ranges overlap.
    Multi-token objects therefore work, and a number merged with its neighbours into one token
@@ -30,59 +31,51 @@ role                         token
 ``op{i}_box``                the number token of the first box operation ``i`` names (the source of a
                              move, the box of a remove or put)
 ``op{i}_dest``               the number token of the destination box of move ``i``
+``op{i}_end``                the period that ends operation ``i`` (the compact form's ``.``)
+``op{i}_object{j}``          the last token of the ``j``-th object operation ``i`` names
+``box{k}_object{j}``         the last token of the ``j``-th object the initial description puts in box ``k``
 ``obj:<name>``               the last token of object ``<name>``'s mention in the initial description
 ============================ ===========================================================================
 
-Surface forms understood: the K&S base form (``Box 0 contains the A and the B, Box 1 contains nothing``
-or ``... is empty``; ``Move/Remove/Put`` sentences; ``Move the contents of Box 2 to Box 6.``), the
-AltForms variant (``The A and the B are in Container A, ..., there is nothing in Container G.``;
-``Pick up ... and place it into``, ``Pick up the contents of ...``, ``Take ... out of``,
-``Place ... inside``) and the P24 form (``The magnet is in Box X, ...``). A query may end with
-`` the`` (the P24 next-token form).
+Role *groups* name every role of one kind that a dataset's prompts have (:func:`expand_roles`, used when
+caching): ``@mentions`` (every box mention of the context: ``box{k}_desc``, ``op{i}_box``, ``op{i}_dest``),
+``@op_ends`` (``op{i}_end``) and ``@objects`` (``box{k}_object{j}``, ``op{i}_object{j}``). A prompt with
+fewer operations than the longest has the extra roles stored masked. These are the positions of the
+mention, incremental and tag probes (:mod:`entitylens.probing.family`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal, overload
 
+from entitylens.activations.structure import (
+    OperationSpans,
+    PromptStructure,
+    Span,
+    compact_structure,
+    parse_prompt,
+)
 from entitylens.errors import EntitylensError
-from entitylens.task.compact import is_compact_prompt
 
-Span = tuple[int, int]
-"""A half-open character range ``[start, end)`` in the prompt text."""
+__all__ = [  # the prompt structure is re-exported: roles and their spans are one subject for a reader
+    "ROLE_CATALOGUE",
+    "ROLE_GROUPS",
+    "OperationSpans",
+    "PromptStructure",
+    "Span",
+    "compact_structure",
+    "expand_roles",
+    "find_roles",
+    "parse_prompt",
+    "role_span",
+    "span_to_token",
+    "tokenize_with_offsets",
+    "validate_roles",
+]
 
 _LABEL = r"(?:\d+|[A-Z])"
-_KW = r"(?:Box|Container)"
-
-_QUERY_RE = re.compile(rf"(?P<kw>{_KW}) (?P<label>{_LABEL}) (?P<contains>contains)(?: the)?\s*$")
-
-# Description clauses (searched inside the description sentence).
-_DESC_CONTAINS_RE = re.compile(
-    rf"\b{_KW} (?P<label>{_LABEL}) (?:contains (?:nothing|(?P<objs>the [^,.]+?))|is empty)(?=\s*(?:,|\.|$))"
-)
-_DESC_IN_RE = re.compile(rf"(?P<objs>\b[Tt]he [^,.]+?) (?:is|are) in {_KW} (?P<label>{_LABEL})\b")
-_DESC_NOTHING_RE = re.compile(rf"\b[Tt]here is nothing in {_KW} (?P<label>{_LABEL})\b")
-
-# Operation sentences (each must match a whole sentence, from its verb to its period).
-_OP_RES: tuple[re.Pattern[str], ...] = tuple(
-    re.compile(p)
-    for p in (
-        rf"Move the contents of {_KW} (?P<box>{_LABEL}) to {_KW} (?P<dest>{_LABEL})\.",
-        rf"Pick up the contents of {_KW} (?P<box>{_LABEL}) and place them into {_KW} (?P<dest>{_LABEL})\.",
-        rf"Move (?P<objs>the [^.]+?) from {_KW} (?P<box>{_LABEL}) to {_KW} (?P<dest>{_LABEL})\.",
-        rf"Remove (?P<objs>the [^.]+?) from {_KW} (?P<box>{_LABEL})\.",
-        rf"Put (?P<objs>the [^.]+?) into {_KW} (?P<box>{_LABEL})\.",
-        rf"Pick up (?P<objs>the [^.]+?) in {_KW} (?P<box>{_LABEL}) and place (?:it|them) into "
-        rf"{_KW} (?P<dest>{_LABEL})\.",
-        rf"Take (?P<objs>the [^.]+?) out of {_KW} (?P<box>{_LABEL})\.",
-        rf"Place (?P<objs>the [^.]+?) inside {_KW} (?P<box>{_LABEL})\.",
-    )
-)
-_SENTENCE_RE = re.compile(r"[^.]*\.")
-_OBJ_SPLIT_RE = re.compile(r"(?:,? and |, )(?=the )")
 
 _ROLE_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"last"), "last"),
@@ -94,6 +87,9 @@ _ROLE_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"op(?P<i>\d+)_object_first"), "op_object_first"),
     (re.compile(r"op(?P<i>\d+)_box"), "op_box"),
     (re.compile(r"op(?P<i>\d+)_dest"), "op_dest"),
+    (re.compile(r"op(?P<i>\d+)_end"), "op_end"),
+    (re.compile(r"op(?P<i>\d+)_object(?P<j>\d+)"), "op_object_j"),
+    (re.compile(rf"box(?P<label>{_LABEL})_object(?P<j>\d+)"), "box_object_j"),
     (re.compile(r"obj:(?P<name>\S+)"), "obj"),
 )
 
@@ -107,220 +103,12 @@ ROLE_CATALOGUE: dict[str, str] = {
     "op{i}_object_first": "first token of the first object of operation i",
     "op{i}_box": "number token of the first box operation i names (source of a move)",
     "op{i}_dest": "number token of the destination box of move operation i",
+    "op{i}_end": "the period ending operation i (the compact form's '.')",
+    "op{i}_object{j}": "last token of the j-th object (0-based) operation i names",
+    "box{k}_object{j}": "last token of the j-th object the initial description puts in box k",
     "obj:<name>": "last token of object <name>'s mention in the initial description",
 }
 """Role name patterns and what token each selects (see the module docstring)."""
-
-
-@dataclass(frozen=True)
-class OperationSpans:
-    """Character spans of one operation sentence.
-
-    Attributes:
-        objects: Span of each object name, in the order the sentence lists them (empty for
-            ``Move the contents of ...``).
-        box: Span of the first box label the sentence names.
-        dest: Span of the destination box label (moves only).
-
-    """
-
-    objects: tuple[Span, ...]
-    box: Span
-    dest: Span | None
-
-
-@dataclass(frozen=True)
-class PromptStructure:
-    """Character spans of the parts of one boxes prompt (see :func:`parse_prompt`).
-
-    Attributes:
-        query_label: The queried box's label as written (``"3"``, ``"A"``), or ``None`` without a query.
-        query_box: Span of that label in the final query.
-        query_contains: Span of the query's ``contains``.
-        desc_boxes: Box label -> span of its mention in the initial description.
-        desc_objects: Object name -> span of its (last) mention in the initial description.
-        operations: The operation sentences after the description, in order.
-
-    """
-
-    query_label: str | None
-    query_box: Span | None
-    query_contains: Span | None
-    desc_boxes: Mapping[str, Span]
-    desc_objects: Mapping[str, Span]
-    operations: tuple[OperationSpans, ...]
-
-
-def _object_spans(text: str, start: int, end: int) -> list[tuple[str, Span]]:
-    """Split ``text[start:end]`` (``"the X and the Y"``) into object names with their spans."""
-    out = []
-    pos = start
-    for piece in _OBJ_SPLIT_RE.split(text[start:end]):
-        offset = text.index(piece, pos)
-        name = piece[4:] if piece.startswith(("the ", "The ")) else piece
-        name_start = offset + (len(piece) - len(name))
-        out.append((name, (name_start, name_start + len(name))))
-        pos = offset + len(piece)
-    return out
-
-
-def _match_operation(text: str, start: int, end: int) -> OperationSpans | None:
-    """Parse ``text[start:end]`` as one operation sentence, or return ``None``."""
-    sentence = text[start:end]
-    stripped = sentence.lstrip()
-    base = start + len(sentence) - len(stripped)
-    for pattern in _OP_RES:
-        m = pattern.fullmatch(stripped)
-        if m is None:
-            continue
-        groups = m.groupdict()
-        objects: tuple[Span, ...] = ()
-        if groups.get("objs") is not None:
-            s, e = m.span("objs")
-            objects = tuple(span for _, span in _object_spans(text, base + s, base + e))
-        box = (base + m.start("box"), base + m.end("box"))
-        dest = (base + m.start("dest"), base + m.end("dest")) if groups.get("dest") is not None else None
-        return OperationSpans(objects=objects, box=box, dest=dest)
-    return None
-
-
-def _parse_description(text: str, start: int, end: int) -> tuple[dict[str, Span], dict[str, Span]]:
-    """Find the box mentions and object mentions inside the description sentence ``text[start:end]``."""
-    boxes: dict[str, Span] = {}
-    objects: dict[str, Span] = {}
-    sentence = text[start:end]
-    for pattern in (_DESC_CONTAINS_RE, _DESC_IN_RE, _DESC_NOTHING_RE):
-        for m in pattern.finditer(sentence):
-            boxes.setdefault(m.group("label"), (start + m.start("label"), start + m.end("label")))
-            if m.groupdict().get("objs") is not None:
-                s, e = m.span("objs")
-                for name, span in _object_spans(text, start + s, start + e):
-                    objects[name] = span
-    boxes = dict(sorted(boxes.items(), key=lambda kv: kv[1]))
-    return boxes, objects
-
-
-_COMPACT_WORD_RE = re.compile(r"\S+")
-_COMPACT_LABEL_RE = re.compile(r"^B(\d+)$")
-def compact_structure(text: str) -> PromptStructure:
-    """Parse a compact prompt into the role finder's ``PromptStructure`` (character spans).
-
-    ``query_box`` is the final ``Bk`` label, ``desc_boxes`` maps each label's number (``"3"``) to its
-    ``Bk`` token in the description, ``desc_objects`` each described object to its token, and each
-    operation's spans are its objects, its (source) box and its destination. ``query_contains`` is
-    ``None`` (the compact format has no ``contains``).
-
-    Args:
-        text: A compact prompt (:func:`is_compact_prompt`).
-
-    Returns:
-        The :class:`~entitylens.activations.roles.PromptStructure`.
-
-    Raises:
-        EntitylensError: If ``text`` is not a compact prompt.
-    """
-    if not is_compact_prompt(text):
-        raise EntitylensError("not a compact prompt (expected 'B0 ... | Bk'); build it with compact_prompt()")
-    words = [(m.group(), m.span()) for m in _COMPACT_WORD_RE.finditer(text)]
-    bar = max(i for i, (w, _) in enumerate(words) if w == "|")
-    q_word, q_span = words[-1]
-    desc_boxes: dict[str, tuple[int, int]] = {}
-    desc_objects: dict[str, tuple[int, int]] = {}
-    operations = []
-    i = 0
-    # description: "Bk objects ;" per box, then operations, each ended by "."
-    while i < bar:
-        m = _COMPACT_LABEL_RE.match(words[i][0])
-        if m is None or m.group(1) in desc_boxes:
-            break
-        desc_boxes[m.group(1)] = words[i][1]
-        i += 1
-        while i < bar and words[i][0] != ";":
-            desc_objects[words[i][0]] = words[i][1]
-            i += 1
-        i += 1  # the ";"
-    while i < bar:
-        verb = words[i][0]
-        j = i + 1
-        objs: list[tuple[int, int]] = []
-        while j < bar and not _COMPACT_LABEL_RE.match(words[j][0]) and words[j][0] != ".":
-            objs.append(words[j][1])
-            j += 1
-        boxes = []
-        while j < bar and _COMPACT_LABEL_RE.match(words[j][0]):
-            boxes.append(words[j][1])
-            j += 1
-        if verb not in ("put", "remove", "move") or not boxes or j >= bar or words[j][0] != ".":
-            raise EntitylensError(
-                f"cannot parse the compact operation starting at {text[words[i][1][0] :][:40]!r}"
-            )
-        operations.append(
-            OperationSpans(
-                objects=tuple(objs),
-                box=boxes[0],
-                dest=boxes[1] if verb == "move" and len(boxes) > 1 else None,
-            )
-        )
-        i = j + 1
-    qm = _COMPACT_LABEL_RE.match(q_word)
-    assert qm is not None
-    return PromptStructure(
-        query_label=qm.group(1),
-        query_box=q_span,
-        query_contains=None,
-        desc_boxes=desc_boxes,
-        desc_objects=desc_objects,
-        operations=tuple(operations),
-    )
-
-
-def parse_prompt(text: str) -> PromptStructure:
-    """Parse a boxes prompt into the character spans that roles point at.
-
-    The prompt is ``[any prefix] <description> <operations> <query>``. The query is a final
-    ``Box N contains`` (optionally followed by `` the``). Walking back from the query, every sentence
-    that is an operation belongs to the state; the first sentence that is not is the initial
-    description, so a few-shot prefix (with its own descriptions and statements) is never confused with
-    the state being asked about.
-
-    Args:
-        text: The prompt text.
-
-    Returns:
-        The spans found; parts that are absent are ``None`` / empty. The testbed's compact prompts
-        (``"B0 car ; ... | B3"``) are parsed by :func:`compact_structure`, so every role means the same
-        tokens in both forms.
-
-    """
-    if is_compact_prompt(text):
-        return compact_structure(text)
-    m = _QUERY_RE.search(text)
-    if m is not None:
-        label = m.group("label")
-        query_box: Span | None = m.span("label")
-        query_contains: Span | None = m.span("contains")
-        body_end = m.start()
-    else:
-        label, query_box, query_contains, body_end = None, None, None, len(text)
-    sentences = [s.span() for s in _SENTENCE_RE.finditer(text, 0, body_end)]
-    operations: list[OperationSpans] = []
-    desc_boxes: dict[str, Span] = {}
-    desc_objects: dict[str, Span] = {}
-    for s, e in reversed(sentences):
-        op = _match_operation(text, s, e)
-        if op is not None:
-            operations.append(op)
-            continue
-        desc_boxes, desc_objects = _parse_description(text, s, e)
-        break
-    return PromptStructure(
-        query_label=label,
-        query_box=query_box,
-        query_contains=query_contains,
-        desc_boxes=desc_boxes,
-        desc_objects=desc_objects,
-        operations=tuple(reversed(operations)),
-    )
 
 
 def _classify(role: str) -> tuple[str, dict[str, str]] | None:
@@ -331,11 +119,81 @@ def _classify(role: str) -> tuple[str, dict[str, str]] | None:
     return None
 
 
-def validate_roles(roles: Sequence[str]) -> tuple[str, ...]:
+ROLE_GROUPS: dict[str, str] = {
+    "@mentions": "every box mention of the context: box{k}_desc, op{i}_box, op{i}_dest",
+    "@op_ends": "the end of every operation: op{i}_end",
+    "@objects": "every object mention of the context: box{k}_object{j}, op{i}_object{j}",
+}
+"""Role groups :func:`expand_roles` expands against a dataset's prompts."""
+
+
+def _group_roles(group: str, structure: PromptStructure) -> list[str]:
+    """The roles of ``group`` one parsed prompt has, in text order of their kind."""
+    ops = structure.operations
+    if group == "@mentions":
+        desc = [f"box{label}_desc" for label in structure.desc_boxes]
+        return desc + [f"op{i}_{part}" for i, op in enumerate(ops) for part in ("box", "dest")
+                       if part == "box" or op.dest is not None]
+    if group == "@op_ends":
+        return [f"op{i}_end" for i, op in enumerate(ops) if op.end is not None]
+    return ([f"box{label}_object{j}" for label, objs in structure.desc_contents.items() for j in range(len(objs))]
+            + [f"op{i}_object{j}" for i, op in enumerate(ops) for j in range(len(op.objects))])
+
+
+def expand_roles(roles: Sequence[str], texts: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """Replace role groups (``@mentions``, ``@op_ends``, ``@objects``) by the roles the prompts have.
+
+    Each group becomes the union of its roles over ``texts``, ordered by kind and then by number
+    (descriptions by box, operations by index); plain roles are kept in place. A role listed both plainly
+    and through a group appears once, where it is first listed.
+
+    Args:
+        roles: Role names and group names.
+        texts: The prompts the roles will be found in.
+
+    Returns:
+        The expanded roles, and whether a group was expanded (some prompts then lack some of its roles:
+        cache with missing roles allowed).
+
+    Raises:
+        EntitylensError: An unknown group, or a group no prompt has a role of.
+    """
+    if not any(r.startswith("@") for r in roles):
+        return tuple(roles), False
+    structures = [parse_prompt(t) for t in texts]
+    out: list[str] = []
+    for role in roles:
+        if not role.startswith("@"):
+            if role not in out:
+                out.append(role)
+            continue
+        if role not in ROLE_GROUPS:
+            raise EntitylensError(f"unknown role group {role!r}; use one of: {', '.join(ROLE_GROUPS)}")
+        found = {r for s in structures for r in _group_roles(role, s)}
+        if not found:
+            raise EntitylensError(f"no prompt has a role of {role} ({ROLE_GROUPS[role]}); check the data")
+        out += [r for r in sorted(found, key=_role_order) if r not in out]
+    return tuple(out), True
+
+
+def _role_order(role: str) -> tuple[int, int, int, str]:
+    """Sort key of grouped roles: description roles by box, then operation roles by index and part."""
+    m = re.fullmatch(r"op(\d+)_(box|dest|end|object)(\d*)", role)
+    if m is not None:
+        part = ("box", "object", "dest", "end").index(m.group(2))
+        return (1, int(m.group(1)), part * 100 + int(m.group(3) or 0), role)
+    m = re.fullmatch(rf"box({_LABEL})_(?:desc|object(\d+))", role)
+    assert m is not None
+    label = m.group(1)
+    return (0, int(label) if label.isdigit() else ord(label) - 65, int(m.group(2) or -1), role)
+
+
+def validate_roles(roles: Sequence[str], *, allow_groups: bool = False) -> tuple[str, ...]:
     """Check role names against the catalogue.
 
     Args:
         roles: Role names.
+        allow_groups: Also accept the :data:`ROLE_GROUPS` (expanded later by :func:`expand_roles`).
 
     Returns:
         The roles as a tuple, in the given order.
@@ -349,6 +207,9 @@ def validate_roles(roles: Sequence[str]) -> tuple[str, ...]:
         raise EntitylensError("no roles given; pass at least one role, e.g. --roles query_box,last")
     seen: set[str] = set()
     for role in roles:
+        if allow_groups and role in ROLE_GROUPS:
+            seen.add(role)
+            continue
         if _classify(role) is None:
             known = ", ".join(ROLE_CATALOGUE)
             raise EntitylensError(f"unknown role {role!r}; use one of: {known}")
@@ -391,6 +252,10 @@ def role_span(structure: PromptStructure, role: str, n_chars: int) -> tuple[Span
         span = structure.desc_boxes.get(g["label"])
     elif kind == "obj":
         span = structure.desc_objects.get(g["name"])
+    elif kind == "box_object_j":
+        described = structure.desc_contents.get(g["label"], ())
+        j = int(g["j"])
+        span = described[j][1] if j < len(described) else None
     else:
         i = int(g["i"])
         if i < len(structure.operations):
@@ -398,8 +263,13 @@ def role_span(structure: PromptStructure, role: str, n_chars: int) -> tuple[Span
             if kind in ("op_object", "op_object_first"):
                 span = op.objects[0] if op.objects else None
                 which = "first" if kind == "op_object_first" else "last"
+            elif kind == "op_object_j":
+                j = int(g["j"])
+                span = op.objects[j] if j < len(op.objects) else None
             elif kind == "op_box":
                 span = op.box
+            elif kind == "op_end":
+                span = op.end
             else:
                 span = op.dest
     return None if span is None else (span, which)

@@ -191,7 +191,7 @@ def run_batch(
         The gathered activations per hook key.
     """
     device = torch.device(getattr(model.cfg, "device", None) or "cpu")
-    tokens, mask, pos = _pad_batch(ids, positions, pad_id)
+    tokens, mask, pos = pad_batch(ids, positions, pad_id)
     gathered: dict[tuple[int, int], Tensor] = {}
     fwd_hooks = _gather_hooks(specs, pos, int(tokens.shape[1]), storage_dtype, stop_early, gathered)
     if release_memory and device.type == "cpu" and _MALLOC_TRIM is not None:
@@ -211,7 +211,7 @@ def run_batch(
     return _stack_layers(specs, gathered)
 
 
-def _pad_batch(ids: Sequence[np.ndarray], positions: np.ndarray, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+def pad_batch(ids: Sequence[np.ndarray], positions: np.ndarray, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Left-pad a batch: ``(tokens, attention mask, role positions shifted by the padding)``."""
     batch = len(ids)
     width = max(len(x) for x in ids)

@@ -19,7 +19,7 @@ __all__ = ["build_parser", "guarded", "main"]
 
 # Modules under entitylens.cli that define ``register(subparsers)``; order = order in --help.
 _COMMAND_MODULES = (
-    "demo", "data", "models", "eval", "experiment", "cache", "probe", "patch", "study", "testbed",
+    "demo", "data", "models", "eval", "experiment", "cache", "probe", "intervene", "patch", "study", "testbed",
 )  # fmt: skip
 
 

@@ -18,6 +18,11 @@ from pathlib import Path
 from entitylens.cli._args import csv_list, float_list, layer_list
 from entitylens.errors import EntitylensError
 
+TARGET_CHOICES = ("box_contents", "object_in_box", "global", "prior", "mention", "incremental", "tags_box",
+                  "tags_object")
+"""``--target`` choices: :data:`entitylens.probing.targets.TARGETS` (a test keeps them equal; listed here so
+building the CLI imports no torch)."""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``probe`` subcommand."""
@@ -29,8 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "meta.json. With --compare A B, draw two probe runs on one figure.",
     )
     p.add_argument("--cache", type=Path, help="activation cache directory (from `entitylens cache --out`)")
-    p.add_argument("--target", choices=("box_contents", "object_in_box"), default="box_contents",
-                   help="box_contents: the queried box's object set; object_in_box: every (box, object) pair")
+    p.add_argument("--target", choices=TARGET_CHOICES, default="box_contents",
+                   help="box_contents: the queried box's object set; object_in_box: every (box, object) pair; "
+                   "global: every box's contents at the roles; prior: the queried box before its last operation; "
+                   "mention / tags_box: at every box mention (cache --roles @mentions); incremental: the whole "
+                   "state at every operation's end (@op_ends); tags_object: at every object mention (@objects). "
+                   "See docs/probing.md")
     p.add_argument("--roles", type=csv_list, default=("query_box", "last"), help="comma-separated cached roles")
     p.add_argument("--hook", default="resid_post", help="cached hook key (default resid_post)")
     p.add_argument("--layers", type=layer_list, default=None, help="comma-separated cached layers (default: all)")
@@ -100,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     t = result.target
     unit = "scenarios" if cfg.split == "scenario" else "states"
     n_units = len({(t.scenarios if cfg.split == "scenario" else t.groups)[i] for i in result.split.test.tolist()})
-    print(f"probed {len(t.rows)} rows ({len(result.split.test)} test rows from {n_units} test {unit}), "
-          f"{len(t.target_names)} {t.name} labels, {len(result.layers)} layers x {len(cfg.roles)} roles")
+    what = f"at {len(set(t.example_roles))} positions" if t.is_context else f"x {len(cfg.roles)} roles"
+    print(f"probed {len(t.rows)} examples ({len(result.split.test)} test examples from {n_units} test {unit}), "
+          f"{len(t.target_names)} {t.name} labels, {len(result.layers)} layers {what}")
     print(verdict(result.table))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0

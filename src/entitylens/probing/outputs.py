@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from entitylens._io import RunDir, prepare_output_dir, write_json
+from entitylens._io import RunDir, atomic_write, prepare_output_dir, write_json
 from entitylens.errors import EntitylensError
 from entitylens.frames import frame, read_csv, write_csv
 from entitylens.models.loading import model_label
@@ -27,10 +27,12 @@ from entitylens.probing.run import ProbeRun, ProbeRunConfig
 
 __all__ = [
     "PROBE_FILES",
+    "PROBE_WEIGHTS",
     "STATE_SPLIT_WARNING",
     "best_against_baselines",
     "check_probe_dir",
     "compare_probe_runs",
+    "read_probe_weights",
     "probe_identity",
     "read_probe_table",
     "write_probe_outputs",
@@ -42,7 +44,8 @@ STATE_SPLIT_WARNING = (
 )
 """Recorded in ``meta.json`` (and printed by ``entitylens probe``) for a run split by state."""
 
-PROBE_FILES: tuple[str, ...] = ("probe.csv", "probe_by_layer.png", "probe_by_layer.pdf", "meta.json")
+PROBE_FILES: tuple[str, ...] = ("probe.csv", "probe_by_layer.png", "probe_by_layer.pdf", "probe_weights.safetensors",
+                                 "meta.json")
 """What a probe run writes into its output directory."""
 
 
@@ -144,8 +147,41 @@ def write_probe_outputs(
         "cache": {"model": run.cache_meta.get("model"), "dataset_sha256": run.cache_meta.get("dataset_sha256"),
                   "dataset_source": run.cache_meta.get("dataset_source"), "config": run.cache_meta.get("config")},
     }
+    weights = write_probe_weights(out / PROBE_WEIGHTS, run)
     write_json(out / "meta.json", meta)
-    return [csv_path, *pngs, out / "meta.json"]
+    return [csv_path, *pngs, weights, out / "meta.json"]
+
+
+PROBE_WEIGHTS = "probe_weights.safetensors"
+"""The task probes' weights in a probe run directory (:func:`write_probe_weights`)."""
+
+
+def write_probe_weights(path: Path, run: ProbeRun) -> Path:
+    """Write every role's task probes as raw-space weights (what interventions read).
+
+    ``{role}/coef`` ``[layer, d, column]`` and ``{role}/intercept`` ``[layer, column]`` (float32), so
+    ``h @ coef + intercept`` is the logit on the cached activation ``h``; the metadata name the target, hook,
+    layers and columns.
+
+    Args:
+        path: The file to write (atomically).
+        run: The probe run.
+
+    Returns:
+        ``path``.
+    """
+    from safetensors.torch import save
+
+    tensors = {}
+    for role, res in sorted(run.results.items()):
+        tensors[f"{role}/coef"] = res.coef_raw.float().contiguous()
+        tensors[f"{role}/intercept"] = res.intercept_raw.float().contiguous()
+    meta = {"format": "entitylens.probe_weights/1", "target": run.target.name, "hook": run.config.hook,
+            "layers": json.dumps(list(run.layers)), "columns": json.dumps(list(run.target.target_names)),
+            "roles": json.dumps(sorted(run.results))}
+    with atomic_write(path, "wb") as f:
+        f.write(save(tensors, metadata=meta))
+    return path
 
 
 def read_probe_table(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
@@ -286,3 +322,31 @@ def _probe_depth(run_dir: Path) -> int:
         pass
     layers = read_probe_table(run_dir)["layer"]
     return int(layers.max()) + 1 if len(layers) else 0
+
+
+def read_probe_weights(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a probe run's weights.
+
+    Args:
+        run_dir: Output directory of an ``entitylens probe`` run.
+
+    Returns:
+        ``(tensors, info)``: ``{role}/coef`` and ``{role}/intercept`` tensors, and the ``target``, ``hook``,
+        ``layers``, ``columns`` and ``roles``.
+
+    Raises:
+        EntitylensError: The directory has no weights (a run from before they were saved).
+    """
+    from safetensors import safe_open
+
+    path = Path(run_dir) / PROBE_WEIGHTS
+    if not path.is_file():
+        raise EntitylensError(f"{path} does not exist; rerun `entitylens probe` (this version saves the probes' "
+                              "weights) and pass its --out")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        raw = f.metadata() or {}
+    info: dict[str, Any] = {"target": raw.get("target"), "hook": raw.get("hook")}
+    for key in ("layers", "columns", "roles"):
+        info[key] = json.loads(raw.get(key, "[]"))
+    return tensors, info

@@ -18,6 +18,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from entitylens.errors import EntitylensError
+from entitylens.probing.family_rows import example_correct, family_rows
 from entitylens.probing.linear import ProbeResult
 from entitylens.probing.splits import Split
 from entitylens.probing.targets import ProbeTarget
@@ -145,7 +146,7 @@ def baseline_predictions(target: ProbeTarget, split: Split) -> dict[str, Tensor]
     by_scenario: dict[str, list[int]] = {}
     for j in tr:
         by_scenario.setdefault(target.scenarios[j], []).append(j)
-    same_box = target.name == "box_contents"
+    same_box = target.name in ("box_contents", "prior", "mention", "tags_box")
     lookup = torch.zeros(len(te), y.shape[1], dtype=torch.bool)
     for r, i in enumerate(te):
         cands = [j for j in by_scenario.get(target.scenarios[i], [])
@@ -208,12 +209,12 @@ def role_rows(role: str, layers: Sequence[int], task: ProbeResult, control: Prob
     n = len(te)
     units = list(target.scenarios) if units is None else list(units)
     test_units = [units[i] for i in te.tolist()]
-    correct = task.correct("test")  # [L, n] exact set match
+    correct = example_correct(task, target, te)  # [L, n] exact set match (tags: every scored entry)
     out += _clustered_rows(role, layers, "exact_match", correct, test_units)
     numops_all = target.numops[te]
     strata = sorted(set(numops_all.tolist())) if bool((numops_all >= 0).all()) else []
     for name, pred in (baselines or {}).items():
-        ok = (pred == y).all(-1)[None].expand(len(layers), -1)
+        ok = _baseline_correct(pred, y, target, te)[None].expand(len(layers), -1)
         out += _clustered_rows(role, layers, name, ok, test_units)
         for label, mask in _numops_masks(numops_all, strata):
             out += _clustered_rows(role, layers, f"{name}_{label}", ok[:, mask],
@@ -237,7 +238,8 @@ def role_rows(role: str, layers: Sequence[int], task: ProbeResult, control: Prob
     if random is not None:
         out += _reference_rows(role, layers, n, met, boot_t, random, y, cols, weights,
                                "random_model_balanced_accuracy", "over_random")
-        out += _clustered_rows(role, layers, "random_model_exact_match", random.correct("test"), test_units)
+        out += _clustered_rows(role, layers, "random_model_exact_match",
+                               example_correct(random, target, te), test_units)
     if split.heldout_objects and split.test_heldout is not None:
         seen_ok = (task.predictions("test").bool() == y)[..., ~held_cols].all(-1)  # [L, n]
         for flag, name in ((True, "exact_match_rows_with_heldout"), (False, "exact_match_rows_without_heldout")):
@@ -248,7 +250,16 @@ def role_rows(role: str, layers: Sequence[int], task: ProbeResult, control: Prob
     for label, mask in _numops_masks(numops_all, strata):
         out += _clustered_rows(role, layers, f"exact_match_{label}", correct[:, mask],
                                [u for u, m in zip(test_units, mask.tolist()) if m])
-    return out
+    return out + family_rows(role, layers, task, target, te, test_units, _clustered_rows)
+
+
+def _baseline_correct(pred: Tensor, y: Tensor, target: ProbeTarget, te: Tensor) -> Tensor:
+    """Exact match of a baseline's predicted label sets (tags: every scored entry's class right)."""
+    if not target.column_groups or target.scored is None:
+        return (pred == y).all(-1)
+    n = len(y)
+    ok = (pred.reshape(n, -1, 3) == y.reshape(n, -1, 3)).all(-1)
+    return (ok | ~target.scored[te]).all(-1)
 
 
 def _numops_masks(numops: Tensor, strata: Sequence[int]) -> list[tuple[str, Tensor]]:

@@ -21,6 +21,7 @@ from entitylens.activations import load_cache
 from entitylens.errors import EntitylensError
 from entitylens.frames import frame
 from entitylens.probing.controls import control_labels
+from entitylens.probing.family import CONTEXT_TARGETS
 from entitylens.probing.linear import ProbeConfig, ProbeResult, fit_probes
 from entitylens.probing.rows import PROBE_COLUMNS, baseline_predictions, bootstrap_weights, role_rows
 from entitylens.probing.splits import Split, split_by_group
@@ -43,8 +44,11 @@ class ProbeRunConfig:
     """What :func:`run_probes` probes and how.
 
     Attributes:
-        target: ``"box_contents"`` or ``"object_in_box"`` (see :mod:`entitylens.probing.targets`).
-        roles: Token roles whose activations are probed (each must be in the cache).
+        target: ``"box_contents"``, ``"object_in_box"`` (see :mod:`entitylens.probing.targets`) or a family
+            target (``global``, ``prior``, ``mention``, ``incremental``, ``tags_box``, ``tags_object``; see
+            :mod:`entitylens.probing.family`).
+        roles: Token roles whose activations are probed (each must be in the cache). Context targets
+            (mention, incremental, tags) ignore them: their examples sit at their group's positions.
         hook: Hook key of the cache (``"resid_post"``).
         layers: Cached layers to probe (default: all cached layers of ``hook``).
         min_count: Keep label columns true in at least this many rows.
@@ -178,8 +182,29 @@ def _select_layers(c: Any, cfg: ProbeRunConfig) -> tuple[list[int], tuple[int, .
     return layer_idx, tuple(cached_layers[i] for i in layer_idx)
 
 
+def _features(c: Any, hook: str, role: str, layer_idx: list[int], target: ProbeTarget) -> Tensor:
+    """``[layer, example, d]`` features of the target's examples.
+
+    At ``role``, or (context targets, where ``role`` names the group) each example at its own role.
+    """
+    if not target.is_context:
+        return c.features(hook, role)[layer_idx][:, target.rows].float()
+    out: Tensor | None = None
+    for r in sorted(set(target.example_roles)):
+        idx = torch.tensor([i for i, x in enumerate(target.example_roles) if x == r], dtype=torch.int64)
+        f = c.features(hook, r)[layer_idx][:, target.rows[idx]].float()
+        if out is None:
+            out = torch.empty(f.shape[0], len(target.example_roles), *f.shape[2:], dtype=torch.float32)
+        out[:, idx] = f
+    assert out is not None
+    return out
+
+
 def _check_roles(c: Any, cfg: ProbeRunConfig, target: ProbeTarget) -> None:
     """Every probed role is cached (for ``cfg.hook``) and present in every row of the target."""
+    if target.is_context:
+        c._check(cfg.hook, None)
+        return
     for role in cfg.roles:
         c._check(cfg.hook, role)
         present = c.present(role)[target.rows]
@@ -266,8 +291,9 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
     results: dict[str, ProbeResult] = {}
     controls: dict[str, ProbeResult] = {}
     random_results: dict[str, ProbeResult] = {}
-    for role in progress(cfg.roles, desc="probing roles", unit="role"):
-        feats = c.features(cfg.hook, role)[layer_idx][:, target.rows].float()
+    sources = [CONTEXT_TARGETS[cfg.target]] if target.is_context else list(cfg.roles)
+    for role in progress(sources, desc="probing roles", unit="role"):
+        feats = _features(c, cfg.hook, role, layer_idx, target)
         task = fit_probes(feats, target.labels, units, pc, split=split)
         results[role] = task
         ctl = None
@@ -276,7 +302,7 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
             controls[role] = ctl
         rand = None
         if rc is not None:
-            rfeats = rc.features(cfg.hook, role)[layer_idx][:, target.rows].float()
+            rfeats = _features(rc, cfg.hook, role, layer_idx, target)
             rand = fit_probes(rfeats, target.labels, units, pc, split=split)
             random_results[role] = rand
         rows += role_rows(role, layers, task, ctl, ctl_labels, rand, target, split, weights, units, baselines)

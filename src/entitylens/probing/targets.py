@@ -27,7 +27,7 @@ the box number is the token under the ``query_box`` role -- and selectivity nega
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,9 +35,10 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from entitylens.errors import EntitylensError
+from entitylens.probing.family import CONTEXT_TARGETS, FAMILY_TARGETS, FamilyLabels, family_labels, multi_hot
 
-TARGETS = ("box_contents", "object_in_box")
-"""Target names accepted by :func:`build_target`."""
+TARGETS = ("box_contents", "object_in_box", *FAMILY_TARGETS)
+"""Target names accepted by :func:`build_target` (the family targets: :mod:`entitylens.probing.family`)."""
 
 __all__ = ["TARGETS", "ProbeTarget", "build_target"]
 
@@ -65,6 +66,14 @@ class ProbeTarget:
         column_objects: The object of each label column.
         dropped_states: States left out (``object_in_box`` only: not cached at every box).
         type_names: Name of each control-task type (objects joined by ``+``; ``""`` = empty box).
+        example_roles: Context targets: the role each example's features come from; empty: the run's roles.
+        column_boxes: The box of each label column (-1 / empty: columns are not per box).
+        column_groups: Ternary tags: the (box, object) entry of each column, three one-vs-rest columns per
+            entry decided by the largest logit; empty otherwise.
+        scored: Ternary tags: ``[n, entry]`` entries that are scored (objects named so far).
+        focus: Per example, the boxes split metrics single out (``global``: the queried box;
+            ``incremental``: the boxes the operation changed).
+        strata: Extra per-example strata, reported as ``exact_match_<name>=<value>``.
     """
 
     name: str
@@ -82,6 +91,17 @@ class ProbeTarget:
     scenarios: tuple[str, ...] = ()
     boxes: tuple[str, ...] = ()
     prefix_ops: tuple[int, ...] = ()
+    example_roles: tuple[str, ...] = ()
+    column_boxes: tuple[int, ...] = ()
+    column_groups: tuple[int, ...] = ()
+    scored: Bool[Tensor, "n entry"] | None = None
+    focus: tuple[tuple[int, ...], ...] = ()
+    strata: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def is_context(self) -> bool:
+        """Whether the examples' features come from their own roles (context targets), not the run's roles."""
+        return bool(self.example_roles)
 
     def __post_init__(self) -> None:
         n = len(self.rows)
@@ -104,6 +124,12 @@ def _group(row: Mapping[str, Any], i: int) -> str:
     raise EntitylensError(f"cache row {i} has no state_id or sample_id; cache States/BoxRows so rows carry them")
 
 
+def _scenario(row: Mapping[str, Any], i: int) -> str:
+    """The row's scenario (``sample_id``; its state where it has none): the default split unit."""
+    sid = row.get("sample_id")
+    return str(sid) if sid is not None else _group(row, i)
+
+
 def _need(row: Mapping[str, Any], key: str, i: int) -> Any:
     if row.get(key) is None:
         raise EntitylensError(f"cache row {i} has no {key!r} metadata; cache States or BoxRows (not plain strings)")
@@ -117,17 +143,7 @@ def _box_contents(golds: Sequence[tuple[str, ...]], min_count: int
     Returns:
         The ``[n, target]`` labels, the column names and the object of each column.
     """
-    counts: dict[str, int] = {}
-    for g in golds:
-        for o in set(g):
-            counts[o] = counts.get(o, 0) + 1
-    names = sorted(o for o, c in counts.items() if c >= min_count)
-    col = {o: j for j, o in enumerate(names)}
-    labels = torch.zeros(len(golds), len(names), dtype=torch.bool)
-    for i, g in enumerate(golds):
-        for o in g:
-            if o in col:
-                labels[i, col[o]] = True
+    labels, names = multi_hot([dict.fromkeys(g, True) for g in golds], min_count)
     return labels, tuple(names), tuple(names)
 
 
@@ -201,8 +217,9 @@ def build_target(
 
     Args:
         rows: A :class:`~entitylens.activations.CachedActivations` or its ``rows`` (one metadata dict per
-            cached row).
-        target: ``"box_contents"`` (queried box's object set) or ``"object_in_box"`` (every box x object).
+            cached row; the context targets need the cache itself, for its roles).
+        target: ``"box_contents"`` (queried box's object set), ``"object_in_box"`` (every box x object) or a
+            family target (:data:`~entitylens.probing.family.FAMILY_TARGETS`).
         min_count: Keep only label columns that are true in at least this many rows.
 
     Returns:
@@ -218,6 +235,8 @@ def build_target(
     meta_rows = list(getattr(rows, "rows", rows))
     if not meta_rows:
         raise EntitylensError("the cache has no rows; build a cache with `entitylens cache` first")
+    if target in FAMILY_TARGETS:
+        return _family_target(rows, meta_rows, target, min_count)
     groups = [_group(r, i) for i, r in enumerate(meta_rows)]
     boxes = [int(_need(r, "box", i)) for i, r in enumerate(meta_rows)]
     golds = [tuple(str(o) for o in _need(r, "gold", i)) for i, r in enumerate(meta_rows)]
@@ -245,18 +264,11 @@ def build_target(
                            for i in keep], dtype=torch.int64)
     type_names, types = _control_types(meta_rows, keep)
 
-    def scenario(i: int) -> str:
-        sid = meta_rows[i].get("sample_id")
-        return str(sid) if sid is not None else groups[i]
-
-    def ops_of(i: int) -> int:
-        v = meta_rows[i].get("num_operations")
-        return int(v) if v is not None else -1
-
     return ProbeTarget(
-        scenarios=tuple(scenario(i) for i in keep),
+        scenarios=tuple(_scenario(meta_rows[i], i) for i in keep),
         boxes=tuple(str(meta_rows[i].get("box")) for i in keep),
-        prefix_ops=tuple(ops_of(i) for i in keep),
+        prefix_ops=tuple(-1 if meta_rows[i].get("num_operations") is None else int(meta_rows[i]["num_operations"])
+                         for i in keep),
         name=target,
         rows=torch.tensor(keep, dtype=torch.int64),
         labels=labels,
@@ -270,3 +282,69 @@ def build_target(
         dropped_states=dropped,
         type_names=type_names,
     )
+
+
+def _family_target(cache: Any, meta_rows: Sequence[Mapping[str, Any]], target: str, min_count: int) -> ProbeTarget:
+    """A family target (:mod:`entitylens.probing.family`) as a :class:`ProbeTarget`."""
+    roles: tuple[str, ...] = ()
+    present = None
+    if target in CONTEXT_TARGETS:
+        if not hasattr(cache, "present"):
+            raise EntitylensError(f"target {target!r} needs the cache itself (its roles), not only its rows; "
+                                  "pass the CachedActivations")
+        roles = tuple(cache.roles)
+        present = _LazyPresence(cache)
+    fam: FamilyLabels = family_labels(meta_rows, target, roles=roles, present=present, min_count=min_count)
+    if fam.labels.shape[1] == 0:
+        raise EntitylensError(f"no {target} label is true in >= {min_count} examples; lower --min-count or cache "
+                              "more states")
+    keep = [e.row for e in fam.examples]
+    groups = [_group(meta_rows[i], i) for i in keep]
+    mentioned = [set(fam.column_objects[j] for j in fam.labels[r].nonzero().flatten().tolist()) - {""}
+                 for r in range(len(keep))]
+    vocabulary, objects = _mentioned_objects(mentioned)
+    type_names = tuple(sorted(set(fam.types)))
+    tcode = {t: j for j, t in enumerate(type_names)}
+
+    return ProbeTarget(
+        name=target,
+        rows=torch.tensor(keep, dtype=torch.int64),
+        labels=fam.labels,
+        target_names=fam.column_names,
+        groups=tuple(groups),
+        numops=torch.tensor(fam.numops, dtype=torch.int64),
+        types=torch.tensor([tcode[t] for t in fam.types], dtype=torch.int64),
+        vocabulary=vocabulary,
+        objects=objects,
+        column_objects=fam.column_objects,
+        dropped_states=fam.dropped,
+        type_names=type_names,
+        scenarios=tuple(_scenario(meta_rows[i], i) for i in keep),
+        boxes=tuple(str(e.box) for e in fam.examples),
+        prefix_ops=tuple(e.upto for e in fam.examples),
+        example_roles=tuple(e.role for e in fam.examples) if target in CONTEXT_TARGETS else (),
+        column_boxes=fam.column_boxes,
+        column_groups=fam.column_groups,
+        scored=fam.scored,
+        focus=tuple(e.focus for e in fam.examples),
+        strata=dict(fam.strata),
+    )
+
+
+class _LazyPresence(Mapping[str, Tensor]):
+    """Role -> presence mask of a cache, read on first use (a context target reads only its group's roles)."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+        self._seen: dict[str, Tensor] = {}
+
+    def __getitem__(self, role: str) -> Tensor:
+        if role not in self._seen:
+            self._seen[role] = self._cache.present(role)
+        return self._seen[role]
+
+    def __iter__(self) -> Any:
+        return iter(self._cache.roles)
+
+    def __len__(self) -> int:
+        return len(self._cache.roles)
