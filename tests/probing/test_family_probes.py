@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,9 @@ def test_cli_probe_family_targets(family_cache: Path, tmp_path: Path, capsys: py
     assert set(df.role) == {"@mentions"}
     out2 = tmp_path / "tags"
     assert main(["probe", "--cache", str(family_cache), "--target", "tags_object", "--Cs", "1", "--bootstrap", "0",
-                 "--no-control", "--out", str(out2)]) == 0
+                 "--no-control", "--class-weight", "balanced", "--out", str(out2)]) == 0
+    meta = json.loads((out2 / "meta.json").read_text())
+    assert meta["config"]["probe"]["class_weight"] == "balanced"
     tags = read_probe_table(out2)
     assert {"tag_accuracy", "tag_recall_present", "tag_recall_never"} <= set(tags.metric)
     out3 = tmp_path / "global"

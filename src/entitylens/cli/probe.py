@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-control", action="store_true", help="skip the control task (random labels per object type)")
     p.add_argument("--random-cache", type=Path, default=None,
                    help="cache of the same rows from a randomly initialised model of the same architecture")
+    p.add_argument("--class-weight", choices=("none", "balanced"), default="none",
+                   help="balanced: weight each label column's classes inversely to their frequency (scikit-learn's "
+                   "class_weight='balanced'; for sparse targets such as the family's, as Tang et al.'s weighted loss)")
     p.add_argument("--device", default="cpu", help="device the probes are fitted on (cpu, cuda, ...)")
     p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
                    help="draw two probe output directories on one figure (probe_compare.png)")
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cache is None:
         raise EntitylensError("--cache is required; pass a directory from `entitylens cache --out` (or --compare A B)")
     probe = ProbeConfig(Cs=args.Cs, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
+                        class_weight=None if args.class_weight == "none" else "balanced",
                         device=args.device)
     cfg = ProbeRunConfig(target=args.target, roles=args.roles, hook=args.hook, layers=args.layers,
                          min_count=args.min_count, heldout_object_fraction=args.disjoint_objects,

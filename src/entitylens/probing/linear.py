@@ -100,6 +100,10 @@ class ProbeConfig:
             d > n (the rotation also shrinks the problem to n dimensions) or when there are many problems per
             layer (a C grid x folds x targets), else ``"cholesky"``. All reach the same optimum; they differ
             only in speed.
+        class_weight: ``"balanced"``: weight each example by ``n / (classes * n_class)`` of its class, per
+            binary target (its two classes) or over the classes of a class label -- scikit-learn's
+            ``class_weight="balanced"``, computed on the training split (and used unchanged on the
+            cross-validation folds); ``None`` (default): unit weights. The held-out CV score stays unweighted.
     """
 
     Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
@@ -116,6 +120,7 @@ class ProbeConfig:
     standardize: bool = True
     max_batch_bytes: int | None = None
     preconditioner: Literal["auto", "cholesky", "eigen", "diagonal"] = "auto"
+    class_weight: Literal["balanced"] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -146,6 +151,8 @@ class ProbeConfig:
             raise EntitylensError(f"invalid device {self.device!r}; use 'cpu' or 'cuda'") from e
         if self.max_batch_bytes is not None and int(self.max_batch_bytes) < 1:
             raise EntitylensError("max_batch_bytes must be positive (or None for the default)")
+        if self.class_weight not in (None, "balanced"):
+            raise EntitylensError(f"unknown class_weight {self.class_weight!r}; use None or 'balanced'")
         if self.preconditioner not in ("auto", "cholesky", "eigen", "diagonal"):
             raise EntitylensError(f"unknown preconditioner {self.preconditioner!r}; use 'auto', 'cholesky', 'eigen' "
                                   "or 'diagonal'")
@@ -345,6 +352,8 @@ class _Layout:
     y_dev: Tensor  # the same on the device
     folds: int  # cross-validation folds (0: one C, no CV)
     fold_w: Tensor | None  # [n_tr, folds] 1 where a row is in a fold's training part
+    row_w: Tensor  # [n_tr, 1] example weights (class weights of a class label; else ones)
+    target_w: Tensor | None  # [n_tr, targets] class weights per binary target (None: unit)
     q_fit: int
     out: int
     per_target: bool  # C chosen per (layer, target)
@@ -374,14 +383,36 @@ def _layout(cfg: ProbeConfig, lab: Labels, codes: Tensor, tr: Tensor, d: int) ->
         fold_w = torch.stack([(fold != f) for f in range(cfg.folds)], 1).double()  # [n_tr, F]
     out, q_fit = (lab.T, lab.T) if lab.kind == "binary" else (lab.K, 1)
     y_tr = lab.y[tr]
+    row_w, target_w = _class_weights(cfg, lab.kind, y_tr, lab.K)
+    if fold_w is not None:
+        fold_w = fold_w * row_w
     # problems solved together: (fold, target) along the C path, then the targets of the refit
     q_solve = max(cfg.folds if nC > 1 else 0, 1) * q_fit
     n_tr = len(tr)
     precond = cfg.preconditioner if cfg.preconditioner != "auto" else auto_preconditioner(n_tr, d, q_solve * lab.K, nC)
     return _Layout(cfg=cfg, lab=lab, dev=dev, work=_DTYPES[cfg.dtype], d=d, n_tr=n_tr, y_tr=y_tr,
-                   y_dev=y_tr.to(dev), folds=cfg.folds if nC > 1 else 0, fold_w=fold_w, q_fit=q_fit, out=out,
+                   y_dev=y_tr.to(dev), folds=cfg.folds if nC > 1 else 0, fold_w=fold_w, row_w=row_w,
+                   target_w=None if target_w is None else target_w.to(dev), q_fit=q_fit, out=out,
                    per_target=cfg.select == "target" and lab.kind == "binary",
                    lam_C=torch.tensor([1.0 / c for c in cfg.Cs], dtype=torch.float64, device=dev), precond=precond)
+
+
+def _class_weights(cfg: ProbeConfig, kind: str, y_tr: Tensor, K: int) -> tuple[Tensor, Tensor | None]:
+    """Example weights ``[n_tr, 1]`` and per-target weights ``[n_tr, T]`` of ``class_weight`` (ones / ``None``)."""
+    n = y_tr.shape[0]
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    if cfg.class_weight is None:
+        return ones, None
+    if kind == "binary":
+        yb = y_tr.double()
+        pos = yb.sum(0)
+        neg = n - pos
+        w_pos = torch.where(pos > 0, n / (2 * pos.clamp_min(1)), torch.ones_like(pos))
+        w_neg = torch.where(neg > 0, n / (2 * neg.clamp_min(1)), torch.ones_like(neg))
+        return ones, torch.where(yb > 0, w_pos, w_neg)
+    counts = torch.bincount(y_tr, minlength=K).double()
+    present = int((counts > 0).sum())
+    return (n / (present * counts.clamp_min(1)))[y_tr][:, None], None
 
 
 def _layers_per_batch(lay: _Layout, L: int) -> int:
@@ -444,7 +475,7 @@ def _cv_path(prep: Prepared, lay: _Layout, res: _Outputs, sl: slice) -> tuple[Te
     col_fold = torch.arange(Fn, device=dev).repeat_interleave(q_fit)
     col_t = torch.arange(q_fit, device=dev).repeat(Fn)
     P = Problems(prep, lab.kind, lay.y_dev, fold_w.to(dev), col_fold, col_t,
-                 lam_C[0].expand(Bsz, len(col_fold)).clone(), K, lay.class_presence(fold_w), lay.d)
+                 lam_C[0].expand(Bsz, len(col_fold)).clone(), K, lay.class_presence(fold_w), lay.d, lay.target_w)
     Wi, frozen = P.initial_weights()
     path = []
     for ci in range(nC):
@@ -479,9 +510,10 @@ def _refit(prep: Prepared, lay: _Layout, W0: Tensor | None, lam_fit: Tensor
            ) -> tuple[Problems, Tensor, Tensor, Tensor]:
     """The final fit on the whole training split, from ``W0`` (or the base rate); returns the problems and solution."""
     cfg, dev, q_fit = lay.cfg, lay.dev, lay.q_fit
-    ones = torch.ones(lay.n_tr, 1, dtype=torch.float64, device=dev)
+    ones = lay.row_w.to(dev)
     P = Problems(prep, lay.lab.kind, lay.y_dev, ones, torch.zeros(q_fit, dtype=torch.int64, device=dev),
-                 torch.arange(q_fit, device=dev), lam_fit, lay.lab.K, lay.class_presence(ones.cpu()), lay.d)
+                 torch.arange(q_fit, device=dev), lam_fit, lay.lab.K, lay.class_presence(ones.cpu()), lay.d,
+                 lay.target_w)
     Wi, frozen = P.initial_weights()
     if W0 is not None:
         Wi = torch.where(frozen[:, None, :, None], Wi, W0)

@@ -57,10 +57,12 @@ class Problems:
         K: Outputs per problem (classes; 1 for binary).
         class_present: ``[F, K]`` whether each class occurs in each fold's training rows (multiclass).
         d: Number of features before any rotation.
+        target_w: Binary only: ``[n, T]`` per-example weight of each target (class weights), multiplied into
+            the fold weights of that target's problems; ``None``: unit weights.
     """
 
     def __init__(self, prep: Prepared, kind: str, y: Tensor, fold_w: Tensor, col_fold: Tensor, col_target: Tensor,
-                 lam: Tensor, K: int, class_present: Tensor | None, d: int) -> None:
+                 lam: Tensor, K: int, class_present: Tensor | None, d: int, target_w: Tensor | None = None) -> None:
         self.Z, self.Zt, self.G, self.V, self.r = prep.Z, prep.Zt, prep.G, prep.V, prep.r
         self.kind, self.y, self.fold_w, self.K, self.d = kind, y, fold_w, K, d
         self.edt = self.Z.dtype  # dtype of the [B, n, Q, K] elementwise work (and of its sums)
@@ -68,7 +70,8 @@ class Problems:
         self.B, self.n, self.r1 = self.Z.shape
         self.layers = torch.arange(self.B, device=self.Z.device)
         self.class_present = class_present
-        self.unit = bool((fold_w == 1).all())  # no fold masks: the weighted sums are plain sums
+        self.target_w = target_w
+        self.unit = bool((fold_w == 1).all()) and target_w is None  # unit weights: the weighted sums are plain sums
         self.pen = torch.ones(1, self.r1, 1, 1, dtype=torch.float64, device=self.Z.device)
         self.pen[0, -1] = 0.0
         self.set_cols(col_fold, col_target, lam)
@@ -77,6 +80,8 @@ class Problems:
         """Set the problems: fold ``col_fold[q]``, target ``col_target[q]`` and penalty ``lam[:, q]`` of each."""
         self.col_fold, self.col_target, self.lam = col_fold, col_target, lam
         self.Mw = self.fold_w[:, col_fold]  # [n, Q]
+        if self.target_w is not None:
+            self.Mw = self.Mw * self.target_w[:, col_target]
         self.Mwe = self.Mw.to(self.edt)
         self.nvec = self.Mw.sum(0)
         if self.kind == "binary":
