@@ -22,7 +22,7 @@ def demo_run(tmp_path_factory):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["--quiet", "demo", "--out", str(out), "--eval-states", "24", "--probe-states", "40",
-                   "--patch-pairs", "4"])
+                   "--patch-pairs", "4", "--where-states", "28"])
     assert rc == 0
     return out, buf.getvalue()
 
@@ -41,6 +41,24 @@ def test_demo_writes_report_and_every_artifact(demo_dir):
     report = (demo_dir / "report.md").read_text()
     for fig in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (demo_dir / fig).is_file(), fig
+
+
+def test_where_section_follows_the_probe_csvs(demo_dir, demo_run):
+    """Each family target's row names its best layer by balanced accuracy and that value, from its probe.csv."""
+    report = (demo_dir / "report.md").read_text()
+    assert "## Where is the state" in report
+    targets = ("global", "mention", "incremental", "tags_object")
+    lines = [ln for ln in report.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip() in targets]
+    assert len(lines) == 2 * len(targets)
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        target, arm, layer, bal = cells[0], cells[2], int(cells[3]), cells[4]
+        rows = _csv(demo_dir / "probe" / f"{arm}-{target}" / "probe.csv")
+        bals = {int(r["layer"]): float(r["value"]) for r in rows if r["metric"] == "balanced_accuracy"}
+        assert layer == max(bals, key=lambda k: (bals[k], -k))
+        assert bal.split(" [")[0] == f"{100 * bals[layer]:.1f}"
+        assert (demo_dir / "probe" / f"compare-{target}" / "probe_compare.png").is_file()
+    assert "where is the state:" in demo_run[1]
 
 
 def test_report_accuracy_table_equals_summary_csv(demo_dir):

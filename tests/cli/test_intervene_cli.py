@@ -18,11 +18,36 @@ from entitylens.task import GeneratorConfig, generate_states
 def probed(tmp_path_factory: pytest.TempPathFactory, tiny_model: Any) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("intervene")
     states = list(generate_states(GeneratorConfig(seed=9, num_states=24, num_operations=3)))
-    cache_activations(tiny_model, states, CacheConfig(roles=("query_box", "last", "@mentions")), root / "cache",
-                      model_spec="tiny:llama")
-    assert main(["probe", "--cache", str(root / "cache"), "--target", "tags_box", "--Cs", "1", "--bootstrap", "0",
-                 "--no-control", "--out", str(root / "probe")]) == 0
+    cache_activations(tiny_model, states, CacheConfig(roles=("query_box", "last", "@mentions", "@objects")),
+                      root / "cache", model_spec="tiny:llama")
+    for target, name in (("tags_box", "probe"), ("tags_object", "probe_obj")):
+        assert main(["probe", "--cache", str(root / "cache"), "--target", target, "--Cs", "1", "--bootstrap", "0",
+                     "--no-control", "--out", str(root / name)]) == 0
     return root / "cache", root / "probe"
+
+
+def test_focus_of_a_tags_object_column() -> None:
+    """A box-k tag column scores the object the last operation on box k removed, at its token there."""
+    from entitylens.pipelines.probe_intervene import _focus
+    from entitylens.probing.world import prompt_world
+
+    w = prompt_world("B0 apple bill ; B1 ; B2 cup ; put map B1 . remove bill B0 . move map B1 B2 . | B0")
+    assert _focus(w, None, "removed", "@last_touch") == ("bill", "op1_object0")
+    assert _focus(w, None, "present", "@last_touch") is None  # the last operation on B0 took something out
+    w2 = prompt_world("B0 apple bill ; B1 ; B2 cup ; put map B1 . move map B1 B2 . | B2")
+    assert _focus(w2, None, "present", "@last_touch") == ("map", "op1_object0")
+    assert _focus(w2, "cup", "present", "@last_touch") == ("cup", "op1_dest")
+    assert _focus(w2, "cup", "present", "query_box") == ("cup", "query_box")
+
+
+def test_intervene_tags_object_column(probed: tuple[Path, Path], tmp_path: Path) -> None:
+    cache, probe = probed
+    names = json.loads((probe.parent / "probe_obj" / "meta.json").read_text())["target_names"]
+    col = next(n for n in names if n.endswith("=present"))
+    assert main(["intervene", "--probe", str(probe.parent / "probe_obj"), "--cache", str(cache), "--column", col,
+                 "--role", "@last_touch", "--random", "2", "--out", str(tmp_path / "o")]) == 0
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["rows"] and len(meta["objects"]) == len(meta["rows"])
 
 
 def _column(probe: Path, suffix: str) -> str:

@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-states", type=int, default=720, help="states in the behavioural evaluation (default 720)")
     p.add_argument("--probe-states", type=int, default=240, help="states cached for the probes (default 240)")
     p.add_argument("--patch-pairs", type=int, default=24, help="clean/corrupted pairs for patching (default 24)")
+    p.add_argument("--where-states", type=int, default=120,
+                   help="states (one prompt each) the probe family reads for 'where is the state' (default 120)")
     p.add_argument("--stages", default="eval,probe,patch", help="comma-separated subset of eval,probe,patch")
     p.set_defaults(func=run)
 
@@ -28,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from entitylens.pipelines.demo_report import summary_lines
     from entitylens.progress import is_quiet
 
-    config = DemoConfig(eval_states=args.eval_states, probe_states=args.probe_states, patch_pairs=args.patch_pairs)
+    config = DemoConfig(eval_states=args.eval_states, probe_states=args.probe_states, patch_pairs=args.patch_pairs,
+                        where_states=args.where_states)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     report, findings = run_demo(args.out, config, stages=stages, say=None if is_quiet() else print)
     print("\n".join(["", "what the demo found:", *summary_lines(findings), f"report: {report}"]))

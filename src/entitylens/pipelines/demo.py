@@ -9,7 +9,8 @@
 2. linear probes on the residual stream after every block, at the query token (the last prompt token of a
    compact prompt) and at the queried box's token in the initial description, for base and code, with
    rows for numops 0 (the initial contents suffice) and numops >= 1 (the *updated* state) -- ``cache/``,
-   ``probe/``;
+   ``probe/``; then "where is the state": the probe family (global, mention, incremental, object tags) on
+   one prompt per state (:mod:`entitylens.pipelines.demo_where`);
 3. exact activation patching of the residual stream at every layer x the roles that carry the last two
    operations and the query, on pairs that change the object of the last operation, for base and code on
    one colour scale -- ``patch/``;
@@ -36,6 +37,7 @@ from entitylens.patching import PatchPair
 from entitylens.patching.job import PatchConfig, run_patch_job
 from entitylens.patching.pair_io import patch_pair_record
 from entitylens.pipelines.demo_report import ARMS, Findings, find_all, write_report
+from entitylens.pipelines.demo_where import run_where_stage
 from entitylens.plots import plot_patch_comparison
 from entitylens.probing.linear import ProbeConfig
 from entitylens.probing.outputs import compare_probe_runs, write_probe_outputs
@@ -70,17 +72,20 @@ class DemoConfig:
         eval_states: States in the behavioural evaluation (7 rows each).
         probe_states: States whose 7 query prompts are cached for the probes.
         patch_pairs: Clean/corrupted pairs for patching.
+        where_states: States (one prompt each) the probe family reads ("where is the state").
         seed: Seed of the probe split.
     """
 
     eval_states: int = 720
     probe_states: int = 240
     patch_pairs: int = 24
+    where_states: int = 120
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.eval_states, self.probe_states, self.patch_pairs) < 1:
-            raise EntitylensError("demo sizes must be >= 1; pass positive --eval-states/--probe-states/--patch-pairs")
+        if min(self.eval_states, self.probe_states, self.patch_pairs, self.where_states) < 1:
+            raise EntitylensError("demo sizes must be >= 1; pass positive --eval-states/--probe-states/--patch-pairs/"
+                                  "--where-states")
 
 
 def run_eval_stage(out: Path, config: DemoConfig) -> Path:
@@ -108,6 +113,7 @@ def run_probe_stage(out: Path, config: DemoConfig) -> dict[str, Path]:
         dirs[arm] = out / "probe" / arm
     for name, metric in (("compare_updated", "exact_match_numops>=1"), ("compare_initial", "exact_match_numops=0")):
         compare_probe_runs(dirs["base"], dirs["code"], out / "probe" / name, metric=metric, labels=ARMS)
+    run_where_stage(out, ARMS, config.where_states, config.seed)
     return dirs
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from entitylens._io import atomic_write
 from entitylens.frames import read_csv, records
+from entitylens.pipelines.demo_where import WhereCurve, where_findings, where_section
 from entitylens.testbed.recipe import TRAIN_OPS_PER_BOX
 
 __all__ = ["ARMS", "Findings", "ProbeCurve", "find_all", "summary_lines", "write_report"]
@@ -87,6 +88,7 @@ class Findings:
         probes: Arm -> role -> curve (empty without the probe stage).
         patch: Arm -> ``{(layer, cell): normalised}`` of the mean over pairs (empty without the patch stage).
         patch_cells: The patching grid's cells (roles), in order.
+        where: Target -> arm -> the probe family's curve (empty without the probe stage).
     """
 
     summary: list[dict[str, Any]]
@@ -94,6 +96,7 @@ class Findings:
     probes: dict[str, dict[str, ProbeCurve]] = field(default_factory=dict)
     patch: dict[str, dict[tuple[int, str], float]] = field(default_factory=dict)
     patch_cells: tuple[str, ...] = ()
+    where: dict[str, dict[str, WhereCurve]] = field(default_factory=dict)
 
     def accuracy(self, model: str, bucket: str) -> float | None:
         """A model's accuracy in one bucket (None where the bucket is empty)."""
@@ -142,7 +145,8 @@ def find_all(out: Path, *, have_probes: bool, have_patch: bool) -> Findings:
                 if r["pair"] == "mean" and r["kind"] == "activation"]  # fmt: skip
         patch[arm] = {(int(r["layer"]), r["cell"]): float(r["normalised"]) for r in rows}
         cells = tuple(dict.fromkeys(r["cell"] for r in rows))
-    return Findings(summary, comparison, probes, patch, cells)
+    where = where_findings(out, ARMS) if have_probes else {}
+    return Findings(summary, comparison, probes, patch, cells, where)
 
 
 # ------------------------------------------------------------------------------------------------ sentences
@@ -312,7 +316,7 @@ _SOURCES = "Numbers are read from eval/summary.csv, eval/comparison.csv, probe/*
 def write_report(out: Path, findings: Findings) -> Path:
     """Write ``out/report.md`` from the findings; returns its path."""
     lines = [*_INTRO, *_accuracy_section(findings), *_comparison_section(findings), *_probe_section(findings),
-             *_patch_section(findings), _SOURCES]  # fmt: skip
+             *where_section(findings.where), *_patch_section(findings), _SOURCES]  # fmt: skip
     path = out / "report.md"
     with atomic_write(path) as fh:
         fh.write("\n".join(lines) + "\n")
@@ -332,6 +336,10 @@ def summary_lines(f: Findings) -> list[str]:
                             ("updated state (numops ≥ 1)", {r: c.first_decodable for r, c in curves.items()})):
             lines.append(f"{arm}: {what} first decodable at "
                          + ", ".join(f"{role}: {'never' if v is None else f'layer {v}'}" for role, v in first.items()))
+    if f.where:
+        lines.append("where is the state: " + "; ".join(
+            f"{t} " + "/".join(f"{arm} {'layer ' + str(c.layers[c.best()]) if c.decodable() else 'chance'}"
+                               for arm, c in curves.items()) for t, curves in f.where.items()))
     for arm, grid in f.patch.items():
         top = sorted(grid.items(), key=lambda kv: (-kv[1], kv[0][0]))[:3]
         lines.append(f"{arm}: strongest patching cells " + ", ".join(f"layer {la} {c} ({v:.2f})"

@@ -14,7 +14,10 @@ The same edit along ``random`` unit directions (seeded; same norm, same mode and
 effect is the probe direction's only where it leaves the random band. Prompts are the cache's rows whose
 queried box stands to ``o`` as the column says (a ``tags_box`` column ``o=removed``: ``o`` was in the box and
 was removed; other columns: ``o`` is in the box), as the replayed world (:mod:`entitylens.probing.world`)
-says; a K&S prompt ending ``contains`` gets `` the`` appended so that the next token names an object.
+says. A ``tags_object`` column (``box3=removed``, a probe read at object tokens) has no object of its own:
+each prompt querying box 3 is scored on the object of the last operation that changed the box (removed from
+it, or put or moved into it, as the tag says), edited at that object's token there (``@last_touch``).
+A K&S prompt ending ``contains`` gets `` the`` appended so that the next token names an object.
 
 Probe accuracy is not use: a direction a probe reads may be one the model never reads. This is the test.
 """
@@ -103,23 +106,24 @@ class InterveneResult:
     Attributes:
         table: ``intervene.csv`` (columns :data:`INTERVENE_COLUMNS`).
         rows: The cache row ids edited.
-        object: The column's object.
+        objects: The object each prompt is scored on (the column's; for ``tags_object`` columns, the object
+            of the last operation that changed the queried box).
         skipped: Selected rows left out (no such role in the prompt), with why.
         identity: What the results belong to (probe weights, cache, model, settings).
     """
 
     table: pd.DataFrame
     rows: tuple[str, ...]
-    object: str
+    objects: tuple[str, ...]
     skipped: tuple[str, ...]
     identity: dict[str, Any]
 
 
-def _column_object(target: str, column: str) -> tuple[str, int | None, str]:
-    """The column's object, its box (``boxk:o`` columns) and its relation (tag class)."""
-    if target == "tags_object":
-        raise EntitylensError("tags_object columns name a box, not an object; intervene with a tags_box, "
-                              "box_contents, global, prior or mention probe")
+def _column_object(target: str, column: str) -> tuple[str | None, int | None, str]:
+    """The column's object (``None`` for a ``tags_object`` column: each prompt's own), its box and its tag."""
+    m = re.fullmatch(r"box(?P<box>\d+)=(?P<cls>never|present|removed)", column)
+    if target == "tags_object" and m is not None:
+        return None, int(m.group("box")), m.group("cls")
     m = re.fullmatch(r"(?P<obj>.+)=(?P<cls>never|present|removed)", column)
     if m is not None:
         return m.group("obj"), None, m.group("cls")
@@ -129,16 +133,36 @@ def _column_object(target: str, column: str) -> tuple[str, int | None, str]:
     return column, None, "present"
 
 
-def _edit_role(role: str, world: Any) -> str | None:
-    """The catalogue role to edit in one prompt (``@last_touch`` resolved), ``None`` when it has none."""
+def _last_touch(world: Any) -> tuple[int, Any] | None:
+    """The last operation that changed the queried box, with its index (``None`` when none did)."""
+    touched = [i for i, op in enumerate(world.operations) if world.query_box in op.boxes]
+    return None if not touched else (touched[-1], world.operations[touched[-1]])
+
+
+def _focus(world: Any, obj: str | None, relation: str, role: str) -> tuple[str, str] | None:
+    """The object a prompt is scored on and the catalogue role to edit (``None``: the prompt has neither).
+
+    A column naming an object scores that object; a ``tags_object`` column scores the object of the last
+    operation that changed the queried box (removed from it, or put or moved into it, as the tag says), and
+    ``@last_touch`` is then that object's token in that operation (else the box's mention in it).
+    """
+    last = _last_touch(world)
+    if obj is None:
+        if last is None:
+            return None
+        i, op = last
+        took_out = op.box == world.query_box and op.kind != "put"
+        if op.kind == "move_contents" or took_out != (relation == "removed"):
+            return None
+        obj = op.objects[0]
+        return obj, (f"op{i}_object{world.structure.operations[i].object_names.index(obj)}"
+                     if role == "@last_touch" else role)
     if role != "@last_touch":
-        return role
-    q = world.query_box
-    touched = [i for i, op in enumerate(world.operations) if q in op.boxes]
-    if not touched:
+        return obj, role
+    if last is None:
         return None
-    i = touched[-1]
-    return f"op{i}_box" if world.operations[i].box == q else f"op{i}_dest"
+    i, op = last
+    return obj, f"op{i}_box" if op.box == world.query_box else f"op{i}_dest"
 
 
 def _first_token(tokenizer: Any, obj: str) -> int:
@@ -146,13 +170,18 @@ def _first_token(tokenizer: Any, obj: str) -> int:
     return int(ids[0])
 
 
-def _select(cache: Any, cfg: InterveneConfig, obj: str, box: int | None, relation: str, model: Any
-            ) -> tuple[list[str], list[list[int]], list[int], list[list[int]], list[str]]:
-    """The prompts to edit: row ids, token ids (answer slot appended), edit positions, candidates, skipped."""
+def _select(cache: Any, cfg: InterveneConfig, obj: str | None, box: int | None, relation: str, model: Any
+            ) -> tuple[list[str], list[list[int]], list[int], list[list[int]], list[str], list[str]]:
+    """The prompts to edit.
+
+    Returns:
+        Row ids, token ids (answer slot appended), edit positions, candidates (the scored object first),
+        skipped rows, and each prompt's scored object.
+    """
     want = relation if cfg.rows == "auto" else cfg.rows
     tok = model.tokenizer
     bos = model_prepends_bos(model)
-    row_ids, ids, positions, cands, skipped = [], [], [], [], []
+    row_ids, ids, positions, cands, skipped, objects = [], [], [], [], [], []
     for r, meta in zip(cache.row_ids, cache.rows, strict=True):
         text = meta.get("text")
         if not isinstance(text, str):
@@ -162,24 +191,28 @@ def _select(cache: Any, cfg: InterveneConfig, obj: str, box: int | None, relatio
         q = w.query_box
         if q is None or (box is not None and q != box):
             continue
+        focus = _focus(w, obj, relation, cfg.role)
         tags = w.tags(len(w.operations))
-        if (q, obj) not in tags or (want != "all" and TAG_CLASSES[tags[(q, obj)]] != want):
+        if focus is None or (q, focus[0]) not in tags:
             continue
-        role = _edit_role(cfg.role, w)
+        o, role = focus
+        if want != "all" and TAG_CLASSES[tags[(q, o)]] != want:
+            continue
         full = text + " the" if text.rstrip().endswith("contains") else text
         tids, offsets = tokenize_with_offsets(tok, full, prepend_bos=bos)
-        found = None if role is None else find_roles(full, offsets, [role], allow_missing=True)[role]
+        found = find_roles(full, offsets, [role], allow_missing=True)[role]
         if found is None:
-            skipped.append(f"{r} (no {cfg.role})")
+            skipped.append(f"{r} (no {role})")
             continue
-        others = sorted({o for (b, o) in tags if o != obj})
+        others = sorted({x for (_, x) in tags if x != o})
         row_ids.append(r)
         ids.append(tids)
         positions.append(int(found))
-        cands.append([_first_token(tok, obj)] + [_first_token(tok, o) for o in others])
+        cands.append([_first_token(tok, o)] + [_first_token(tok, x) for x in others])
+        objects.append(o)
         if len(row_ids) >= cfg.max_rows:
             break
-    return row_ids, ids, positions, cands, skipped
+    return row_ids, ids, positions, cands, skipped, objects
 
 
 def _metrics(logits: torch.Tensor, lse: torch.Tensor, top: torch.Tensor, cand: torch.Tensor, valid: torch.Tensor
@@ -231,10 +264,10 @@ def run_probe_intervention(probe_dir: str | os.PathLike[str], cache_dir: str | o
     li = [info["layers"].index(x) for x in layers]
     probe_dirs = tensors[f"{prole}/coef"][li, :, j]  # [L, d]
     obj, box, relation = _column_object(info["target"], config.column)
-    row_ids, ids, positions, cands, skipped = _select(cache, config, obj, box, relation, model)
+    row_ids, ids, positions, cands, skipped, objects = _select(cache, config, obj, box, relation, model)
     if not row_ids:
-        raise EntitylensError(f"no cached prompt has the queried box and {obj!r} as {config.column!r} says "
-                              f"(rows={config.rows}); cache more states or pass --rows all")
+        raise EntitylensError(f"no cached prompt has the queried box and {obj or 'an object'!r} as "
+                              f"{config.column!r} says (rows={config.rows}); cache more states or pass --rows all")
     width = max(len(c) for c in cands)
     cand = torch.tensor([c + [c[0]] * (width - len(c)) for c in cands])
     valid = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in cands])
@@ -247,7 +280,8 @@ def run_probe_intervention(probe_dir: str | os.PathLike[str], cache_dir: str | o
     edited = _metrics(run.edited, run.edited_lse, run.edited_top, cand, valid)
     table = _table(layers, clean, edited, len(row_ids))
     identity = intervention_identity(probe_dir, cache.meta["fingerprint"], fp, config)
-    return InterveneResult(table=table, rows=tuple(row_ids), object=obj, skipped=tuple(skipped), identity=identity)
+    return InterveneResult(table=table, rows=tuple(row_ids), objects=tuple(objects), skipped=tuple(skipped),
+                           identity=identity)
 
 
 def intervention_identity(probe_dir: str | os.PathLike[str], cache_fingerprint: str, model_fp: str,
@@ -308,6 +342,6 @@ def write_intervention_outputs(out_dir: str | os.PathLike[str], result: Interven
     pngs = plot_intervention(result.table, out / "intervene",
                              title=title or f"{result.identity['mode']} along {col!r} at {result.identity['role']}")
     write_json(out / "meta.json", {"kind": "entitylens.intervene", "identity": result.identity,
-                                   "object": result.object, "rows": list(result.rows),
+                                   "objects": list(result.objects), "rows": list(result.rows),
                                    "skipped": list(result.skipped)})
     return [out / "intervene.csv", *pngs, out / "meta.json"]
