@@ -55,7 +55,7 @@ from torch import Tensor
 from entitylens.errors import EntitylensError
 from entitylens.probing import metrics as M
 from entitylens.probing.objective import Problems
-from entitylens.probing.prepare import Labels, Prepared, as_features, as_labels, prepare
+from entitylens.probing.prepare import Labels, Prepared, as_features, as_labels, class_weights, prepare
 from entitylens.probing.solver import auto_preconditioner, layer_bytes, lbfgs
 from entitylens.probing.splits import GroupsLike, Split, group_codes, group_folds, split_by_group
 from entitylens.progress import progress
@@ -383,7 +383,7 @@ def _layout(cfg: ProbeConfig, lab: Labels, codes: Tensor, tr: Tensor, d: int) ->
         fold_w = torch.stack([(fold != f) for f in range(cfg.folds)], 1).double()  # [n_tr, F]
     out, q_fit = (lab.T, lab.T) if lab.kind == "binary" else (lab.K, 1)
     y_tr = lab.y[tr]
-    row_w, target_w = _class_weights(cfg, lab.kind, y_tr, lab.K)
+    row_w, target_w = class_weights(cfg.class_weight, lab.kind, y_tr, lab.K)
     if fold_w is not None:
         fold_w = fold_w * row_w
     # problems solved together: (fold, target) along the C path, then the targets of the refit
@@ -395,24 +395,6 @@ def _layout(cfg: ProbeConfig, lab: Labels, codes: Tensor, tr: Tensor, d: int) ->
                    target_w=None if target_w is None else target_w.to(dev), q_fit=q_fit, out=out,
                    per_target=cfg.select == "target" and lab.kind == "binary",
                    lam_C=torch.tensor([1.0 / c for c in cfg.Cs], dtype=torch.float64, device=dev), precond=precond)
-
-
-def _class_weights(cfg: ProbeConfig, kind: str, y_tr: Tensor, K: int) -> tuple[Tensor, Tensor | None]:
-    """Example weights ``[n_tr, 1]`` and per-target weights ``[n_tr, T]`` of ``class_weight`` (ones / ``None``)."""
-    n = y_tr.shape[0]
-    ones = torch.ones(n, 1, dtype=torch.float64)
-    if cfg.class_weight is None:
-        return ones, None
-    if kind == "binary":
-        yb = y_tr.double()
-        pos = yb.sum(0)
-        neg = n - pos
-        w_pos = torch.where(pos > 0, n / (2 * pos.clamp_min(1)), torch.ones_like(pos))
-        w_neg = torch.where(neg > 0, n / (2 * neg.clamp_min(1)), torch.ones_like(neg))
-        return ones, torch.where(yb > 0, w_pos, w_neg)
-    counts = torch.bincount(y_tr, minlength=K).double()
-    present = int((counts > 0).sum())
-    return (n / (present * counts.clamp_min(1)))[y_tr][:, None], None
 
 
 def _layers_per_batch(lay: _Layout, L: int) -> int:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from entitylens.errors import EntitylensError
 
-__all__ = ["Labels", "Prepared", "as_features", "as_labels", "prepare"]
+__all__ = ["Labels", "Prepared", "as_features", "as_labels", "class_weights", "prepare"]
 
 
 @dataclass
@@ -187,3 +187,23 @@ def as_labels(labels: Any, n: int, train: Tensor) -> Labels:
     return Labels("binary", yd, None, y.shape[1], 1)
 
 
+def class_weights(class_weight: str | None, kind: str, y_tr: Tensor, K: int) -> tuple[Tensor, Tensor | None]:
+    """Example weights ``[n_tr, 1]`` and per-target weights ``[n_tr, T]`` of ``class_weight`` (ones / ``None``).
+
+    ``"balanced"``: ``n / (classes * n_class)``, per binary target (``kind == "binary"``, ``y_tr`` ``[n, T]``) or
+    over the classes of a class label (``y_tr`` ``[n]`` class indices, ``K`` classes).
+    """
+    n = y_tr.shape[0]
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    if class_weight is None:
+        return ones, None
+    if kind == "binary":
+        yb = y_tr.double()
+        pos = yb.sum(0)
+        neg = n - pos
+        w_pos = torch.where(pos > 0, n / (2 * pos.clamp_min(1)), torch.ones_like(pos))
+        w_neg = torch.where(neg > 0, n / (2 * neg.clamp_min(1)), torch.ones_like(neg))
+        return ones, torch.where(yb > 0, w_pos, w_neg)
+    counts = torch.bincount(y_tr, minlength=K).double()
+    present = int((counts > 0).sum())
+    return (n / (present * counts.clamp_min(1)))[y_tr][:, None], None
