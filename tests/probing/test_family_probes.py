@@ -136,6 +136,12 @@ def test_cli_probe_family_targets(family_cache: Path, tmp_path: Path, capsys: py
                  "--bootstrap", "0", "--out", str(out3)]) == 0
     g = read_probe_table(out3)
     assert {"exact_match_queried_box", "exact_match_other_boxes", "exact_match_box=6"} <= set(g.metric)
+    out4 = tmp_path / "tags_ridge"
+    assert main(["probe", "--cache", str(family_cache), "--target", "tags_object", "--Cs", "1e-4,1e-2",
+                 "--folds", "2", "--bootstrap", "0", "--no-control", "--class-weight", "balanced",
+                 "--estimator", "ridge", "--out", str(out4)]) == 0
+    assert json.loads((out4 / "meta.json").read_text())["config"]["probe"]["estimator"] == "ridge"
+    assert {"tag_accuracy", "tag_recall_never"} <= set(read_probe_table(out4).metric)
 
 
 def test_cli_target_choices_match_library() -> None:

@@ -60,6 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class-weight", choices=("none", "balanced"), default="none",
                    help="balanced: weight each label column's classes inversely to their frequency (scikit-learn's "
                    "class_weight='balanced'; for sparse targets such as the family's, as Tang et al.'s weighted loss)")
+    p.add_argument("--estimator", choices=("logistic", "ridge"), default="logistic",
+                   help="logistic (default: L2 logistic regression) or ridge (closed-form least squares on coded "
+                   "targets: one solve per C for every target; decision scores, no probabilities; pass smaller "
+                   "--Cs, e.g. 1e-5,1e-4,1e-3,1e-2)")
     p.add_argument("--device", default="cpu", help="device the probes are fitted on (cpu, cuda, ...)")
     p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
                    help="draw two probe output directories on one figure (probe_compare.png)")
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise EntitylensError("--cache is required; pass a directory from `entitylens cache --out` (or --compare A B)")
     probe = ProbeConfig(Cs=args.Cs, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
                         class_weight=None if args.class_weight == "none" else "balanced",
-                        device=args.device)
+                        estimator=args.estimator, device=args.device)
     cfg = ProbeRunConfig(target=args.target, roles=args.roles, hook=args.hook, layers=args.layers,
                          min_count=args.min_count, heldout_object_fraction=args.disjoint_objects,
                          control=not args.no_control, bootstrap=args.bootstrap, probe=probe, split=args.split)

@@ -32,8 +32,9 @@ How (see ``docs/probing.md``):
   per layer (or per target) by the mean held-out score, ties to the smaller C; the refit on the whole
   training split starts from the mean of the fold solutions at the chosen C.
 
-Where (one job per module): this module holds the configuration, the result and :func:`fit_probes`, which
-lays out the problems, runs the C path and the refit and collects the outputs;
+Where (one job per module): this module holds the result and :func:`fit_probes`, which lays out the
+problems, runs the C path and the refit and collects the outputs (:mod:`~entitylens.probing.config` holds
+:class:`ProbeConfig`; ``estimator="ridge"`` hands the fit to :mod:`~entitylens.probing.ridge`);
 :mod:`~entitylens.probing.prepare` standardises (and rotates) the features and encodes the labels,
 :mod:`~entitylens.probing.objective` evaluates the batched losses and gradients,
 :mod:`~entitylens.probing.solver` is the L-BFGS, and :mod:`~entitylens.probing.io` saves and loads results.
@@ -41,7 +42,6 @@ lays out the problems, runs the C path and the refit and collects the outputs;
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -54,8 +54,10 @@ from torch import Tensor
 
 from entitylens.errors import EntitylensError
 from entitylens.probing import metrics as M
+from entitylens.probing.config import ProbeConfig
 from entitylens.probing.objective import Problems
-from entitylens.probing.prepare import Labels, Prepared, as_features, as_labels, class_weights, prepare
+from entitylens.probing.prepare import Labels, Outputs, Prepared, as_features, as_labels, class_weights, prepare
+from entitylens.probing.ridge import fit_ridge
 from entitylens.probing.solver import auto_preconditioner, layer_bytes, lbfgs
 from entitylens.probing.splits import GroupsLike, Split, group_codes, group_folds, split_by_group
 from entitylens.progress import progress
@@ -63,100 +65,6 @@ from entitylens.progress import progress
 __all__ = ["ProbeConfig", "ProbeResult", "fit_probes"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Configuration of :func:`fit_probes`.
-
-    Attributes:
-        Cs: Inverse L2 strengths to choose from by cross-validation (one value: no CV).
-        folds: Cross-validation folds (split by group).
-        cv_metric: Held-out score that chooses C: ``"log_loss"`` (mean negative log-likelihood, default;
-            informative for sparse targets), ``"accuracy"`` or ``"balanced_accuracy"``.
-        select: ``"layer"``: one C per layer for all targets together; ``"target"``: one per (layer, target).
-        test_fraction: Fraction of examples (whole groups) in the test split when no split is given.
-        max_iter: L-BFGS iteration limit per problem.
-        tol: Stop when the max-abs gradient of the mean loss is <= tol (scikit-learn's lbfgs criterion).
-        history: L-BFGS memory (pairs kept).
-        seed: Seed of the train/test split and of the folds; the solver itself has no randomness.
-        device: Torch device the solver runs on (``"cpu"``, ``"cuda"``, ...).
-        dtype: Dtype of the features in the matrix products (``"float32"`` or ``"float64"``); everything
-            else is float64.
-        standardize: Scale each feature to unit variance on the training split (features are always
-            centred, which is exact since the intercept is not penalised).
-        max_batch_bytes: Memory budget that decides how many layers are solved in one batch. ``None``
-            (default): 128 MiB on the CPU -- small batches stay in the cache (on a 2-core CPU 128 MiB was
-            1.2x faster than 512 MiB, measured) -- and 1 GiB on an accelerator, where large batches amortise
-            the kernel launches.
-        preconditioner: L-BFGS's initial inverse Hessian. ``"cholesky"``: per layer the dense
-            ``(c Gram + lam I)^-1`` from one Cholesky factorisation of the standardised features' Gram matrix,
-            ``c`` the typical curvature at the start; costs one ``[d, d]`` product per problem and iteration.
-            ``"eigen"``: rotate each layer's features into their Gram eigenbasis (exact; drops the null space
-            when n < d) and use the diagonal there -- the same quality with no per-iteration cost, but an
-            eigendecomposition and a rotation per layer (about 3x the Cholesky factorisation when d <= n).
-            ``"diagonal"``: the diagonal in the standardised basis, cheap per layer but 2-6x more iterations on
-            residual-stream-like features (a few massive directions). ``"auto"`` (default): ``"eigen"`` when
-            d > n (the rotation also shrinks the problem to n dimensions) or when there are many problems per
-            layer (a C grid x folds x targets), else ``"cholesky"``. All reach the same optimum; they differ
-            only in speed.
-        class_weight: ``"balanced"``: weight each example by ``n / (classes * n_class)`` of its class, per
-            binary target (its two classes) or over the classes of a class label -- scikit-learn's
-            ``class_weight="balanced"``, computed on the training split (and used unchanged on the
-            cross-validation folds); ``None`` (default): unit weights. The held-out CV score stays unweighted.
-    """
-
-    Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
-    folds: int = 5
-    cv_metric: Literal["log_loss", "accuracy", "balanced_accuracy"] = "log_loss"
-    select: Literal["layer", "target"] = "layer"
-    test_fraction: float = 0.2
-    max_iter: int = 1000
-    tol: float = 1e-4
-    history: int = 10
-    seed: int = 0
-    device: str = "cpu"
-    dtype: Literal["float32", "float64"] = "float32"
-    standardize: bool = True
-    max_batch_bytes: int | None = None
-    preconditioner: Literal["auto", "cholesky", "eigen", "diagonal"] = "auto"
-    class_weight: Literal["balanced"] | None = None
-
-    def __post_init__(self) -> None:
-        try:
-            cs = tuple(sorted(float(c) for c in self.Cs))
-        except (TypeError, ValueError) as e:
-            raise EntitylensError(f"Cs must be numbers, got {self.Cs!r}; use e.g. (0.01, 0.1, 1, 10)") from e
-        if not cs or any(not math.isfinite(c) or c <= 0 for c in cs) or len(set(cs)) != len(cs):
-            raise EntitylensError(f"Cs must be distinct positive finite numbers, got {self.Cs!r}; "
-                                  "use e.g. (0.01, 0.1, 1, 10)")
-        object.__setattr__(self, "Cs", cs)
-        if len(cs) > 1 and int(self.folds) < 2:
-            raise EntitylensError(f"folds must be >= 2 to choose among {len(cs)} Cs, got {self.folds}")
-        if self.cv_metric not in ("log_loss", "accuracy", "balanced_accuracy"):
-            raise EntitylensError(f"unknown cv_metric {self.cv_metric!r}; use log_loss, accuracy or balanced_accuracy")
-        if self.select not in ("layer", "target"):
-            raise EntitylensError(f"unknown select {self.select!r}; use 'layer' or 'target'")
-        if not 0.0 < float(self.test_fraction) < 1.0:
-            raise EntitylensError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if int(self.max_iter) < 1 or int(self.history) < 1:
-            raise EntitylensError("max_iter and history must be >= 1; use e.g. max_iter=1000, history=10")
-        if not (float(self.tol) > 0 and math.isfinite(self.tol)):
-            raise EntitylensError(f"tol must be a positive number, got {self.tol}; use e.g. 1e-4")
-        if self.dtype not in _DTYPES:
-            raise EntitylensError(f"unknown dtype {self.dtype!r}; use 'float32' or 'float64'")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            raise EntitylensError(f"invalid device {self.device!r}; use 'cpu' or 'cuda'") from e
-        if self.max_batch_bytes is not None and int(self.max_batch_bytes) < 1:
-            raise EntitylensError("max_batch_bytes must be positive (or None for the default)")
-        if self.class_weight not in (None, "balanced"):
-            raise EntitylensError(f"unknown class_weight {self.class_weight!r}; use None or 'balanced'")
-        if self.preconditioner not in ("auto", "cholesky", "eigen", "diagonal"):
-            raise EntitylensError(f"unknown preconditioner {self.preconditioner!r}; use 'auto', 'cholesky', 'eigen' "
-                                  "or 'diagonal'")
-
 
 
 @dataclass(frozen=True)
@@ -240,6 +148,9 @@ class ProbeResult:
 
     def predict_proba(self, features: Float[Tensor, "layer n d_model"]) -> Float[Tensor, "layer n out"]:
         """Probabilities: per-target sigmoid (binary) or softmax over :attr:`classes` (multiclass)."""
+        if self.config.estimator == "ridge":
+            raise EntitylensError("ridge probes give decision scores, not probabilities; use decision_function, "
+                                  "or fit with estimator='logistic'")
         z = self.decision_function(features)
         return torch.sigmoid(z) if self.kind == "binary" else torch.softmax(z, -1)
 
@@ -406,42 +317,26 @@ def _layers_per_batch(lay: _Layout, L: int) -> int:
     return max(1, min(L, int(budget) // max(per_layer, 1)))
 
 
-@dataclass
-class _Outputs:
-    """The per-layer outputs of :func:`fit_probes`, filled batch by batch (CPU, float64)."""
-
-    coef: Tensor
-    intercept: Tensor
-    mean: Tensor
-    scale: Tensor
-    C: Tensor
-    cv_score: Tensor | None
-    n_iter: Tensor
-    converged: Tensor
-    train_logits: Tensor
-    test_logits: Tensor
-
-    @staticmethod
-    def empty(lay: _Layout, L: int, n_te: int) -> _Outputs:
-        """Zeros (scales ones, C the first C) for ``L`` layers and ``n_te`` test rows."""
-        d, out, q_fit, nC, T = lay.d, lay.out, lay.q_fit, lay.nC, lay.lab.T
-        sel_shape = (L, T) if lay.per_target else (L,)
-        return _Outputs(
-            coef=torch.zeros(L, d, out, dtype=torch.float64),
-            intercept=torch.zeros(L, out, dtype=torch.float64),
-            mean=torch.zeros(L, d, dtype=torch.float64),
-            scale=torch.ones(L, d, dtype=torch.float64),
-            C=torch.full(sel_shape, lay.cfg.Cs[0], dtype=torch.float64),
-            cv_score=(torch.zeros((L, nC, T) if lay.per_target else (L, nC), dtype=torch.float64) if nC > 1
-                      else None),
-            n_iter=torch.zeros(L, q_fit, dtype=torch.int64),
-            converged=torch.zeros(L, q_fit, dtype=torch.bool),
-            train_logits=torch.zeros(L, lay.n_tr, out, dtype=torch.float64),
-            test_logits=torch.zeros(L, n_te, out, dtype=torch.float64),
-        )
+def _empty_outputs(lay: _Layout, L: int, n_te: int) -> Outputs:
+    """Zeros (scales ones, C the first C) for ``L`` layers and ``n_te`` test rows."""
+    d, out, q_fit, nC, T = lay.d, lay.out, lay.q_fit, lay.nC, lay.lab.T
+    sel_shape = (L, T) if lay.per_target else (L,)
+    return Outputs(
+        coef=torch.zeros(L, d, out, dtype=torch.float64),
+        intercept=torch.zeros(L, out, dtype=torch.float64),
+        mean=torch.zeros(L, d, dtype=torch.float64),
+        scale=torch.ones(L, d, dtype=torch.float64),
+        C=torch.full(sel_shape, lay.cfg.Cs[0], dtype=torch.float64),
+        cv_score=(torch.zeros((L, nC, T) if lay.per_target else (L, nC), dtype=torch.float64) if nC > 1
+                  else None),
+        n_iter=torch.zeros(L, q_fit, dtype=torch.int64),
+        converged=torch.zeros(L, q_fit, dtype=torch.bool),
+        train_logits=torch.zeros(L, lay.n_tr, out, dtype=torch.float64),
+        test_logits=torch.zeros(L, n_te, out, dtype=torch.float64),
+    )
 
 
-def _cv_path(prep: Prepared, lay: _Layout, res: _Outputs, sl: slice) -> tuple[Tensor, Tensor]:
+def _cv_path(prep: Prepared, lay: _Layout, res: Outputs, sl: slice) -> tuple[Tensor, Tensor]:
     """The regularisation path on the folds of the layers ``sl``: scores and chosen C into ``res``.
 
     Returns:
@@ -503,7 +398,7 @@ def _refit(prep: Prepared, lay: _Layout, W0: Tensor | None, lam_fit: Tensor
     return P, Wf, its, ok
 
 
-def _fit_layers(X: Tensor, sl: slice, tr: Tensor, te: Tensor, lay: _Layout, res: _Outputs) -> None:
+def _fit_layers(X: Tensor, sl: slice, tr: Tensor, te: Tensor, lay: _Layout, res: Outputs) -> None:
     """Fit the layers ``sl`` of ``X`` (C path, then refit) and write their outputs into ``res``."""
     dev, q_fit, K = lay.dev, lay.q_fit, lay.lab.K
     # centre and scale in the work dtype, unless the features are more precise than that
@@ -571,8 +466,20 @@ def fit_probes(
     if len(tr) and (int(tr.max()) >= n or int(tr.min()) < 0) or len(te) and (int(te.max()) >= n or int(te.min()) < 0):
         raise EntitylensError(f"split indices out of range for {n} examples; build the split from these groups")
     lab = as_labels(labels, n, tr)
+    if lab.raw is None:  # 2-D binary targets (1-D labels keep their raw values and classes)
+        y_train, y_test = lab.y[tr].bool(), lab.y[te].bool()
+    else:
+        y_train, y_test = lab.raw[tr], lab.raw[te]
+    if cfg.estimator == "ridge":
+        rf = fit_ridge(X, lab, codes, tr, te, cfg)
+        pos = lab.y[tr].sum(0) if lab.kind == "binary" else None
+        return ProbeResult(
+            kind=lab.kind, coef=rf.coef, intercept=rf.intercept, mean=rf.mean, scale=rf.scale, C=rf.C,
+            cv_score=rf.cv_score, n_iter=rf.n_iter, converged=rf.converged, classes=lab.classes,
+            constant_targets=None if pos is None else (pos == 0) | (pos == len(tr)), split=split, n_examples=n,
+            y_train=y_train, y_test=y_test, train_logits=rf.train_logits, test_logits=rf.test_logits, config=cfg)
     lay = _layout(cfg, lab, codes, tr, d)
-    res = _Outputs.empty(lay, L, len(te))
+    res = _empty_outputs(lay, L, len(te))
     lb = _layers_per_batch(lay, L)
     bar = progress(total=L, desc="probes", unit="layer")
     for l0 in range(0, L, lb):
@@ -588,10 +495,6 @@ def fit_probes(
     if lab.kind == "binary":
         pos = lay.y_tr.sum(0)
         constant = (pos == 0) | (pos == lay.n_tr)
-    if lab.raw is None:  # 2-D binary targets (1-D labels keep their raw values and classes)
-        y_train, y_test = lab.y[tr].bool(), lab.y[te].bool()
-    else:
-        y_train, y_test = lab.raw[tr], lab.raw[te]
     return ProbeResult(
         kind=lab.kind, coef=res.coef, intercept=res.intercept, mean=res.mean, scale=res.scale, C=res.C,
         cv_score=res.cv_score, n_iter=res.n_iter, converged=conv, classes=lab.classes, constant_targets=constant,

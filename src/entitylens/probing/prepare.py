@@ -16,7 +16,7 @@ from torch import Tensor
 
 from entitylens.errors import EntitylensError
 
-__all__ = ["Labels", "Prepared", "as_features", "as_labels", "class_weights", "prepare"]
+__all__ = ["Labels", "Outputs", "Prepared", "as_features", "as_labels", "class_weights", "prepare", "standardize_rows"]
 
 
 @dataclass
@@ -44,6 +44,25 @@ class Prepared:
     r: int
 
 
+@dataclass
+class Outputs:
+    """The per-layer outputs of a probe fit (CPU, float64), filled batch by batch; see ``ProbeResult``.
+
+    ``n_iter`` / ``converged`` ``[layer, q]``: solver iterations and convergence (closed-form fits: 0 / True).
+    """
+
+    coef: Tensor
+    intercept: Tensor
+    mean: Tensor
+    scale: Tensor
+    C: Tensor
+    cv_score: Tensor | None
+    n_iter: Tensor
+    converged: Tensor
+    train_logits: Tensor
+    test_logits: Tensor
+
+
 def prepare(X: Tensor, standardize: bool, work: torch.dtype, preconditioner: str) -> Prepared:
     """Standardise on these (training) rows; rotate to the Gram eigenbasis (``"eigen"``) or form it (``"cholesky"``).
 
@@ -62,15 +81,7 @@ def prepare(X: Tensor, standardize: bool, work: torch.dtype, preconditioner: str
         The :class:`Prepared` batch.
     """
     B, n, d = X.shape
-    mean = X.mean(1)
-    Xc = X - mean[:, None]
-    if standardize:
-        sd = Xc.square().mean(1).sqrt_()
-        scale = torch.where(sd > 0, sd, torch.ones_like(sd))
-        Xc = Xc.div_(scale[:, None])
-    else:
-        scale = torch.ones_like(mean)
-    mean, scale = mean.double(), scale.double()
+    Xc, mean, scale = standardize_rows(X, standardize)
     ones = torch.ones(B, n, 1, dtype=work, device=X.device)
     V = None
     r = d
@@ -98,6 +109,24 @@ def prepare(X: Tensor, standardize: bool, work: torch.dtype, preconditioner: str
     Zt = Z.mT.contiguous()
     G = torch.bmm(Zt, Z) if preconditioner == "cholesky" else None
     return Prepared(mean=mean, scale=scale, V=V, Z=Z, Zt=Zt, G=G, r=r)
+
+
+def standardize_rows(X: Tensor, standardize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre (and scale to unit variance) each feature of ``[B, n, d]`` on its rows.
+
+    Returns:
+        The centred (scaled) features in X's dtype, and the float64 ``[B, d]`` mean and scale exactly applied
+        (scale 1 where a feature is constant or when not standardising).
+    """
+    mean = X.mean(1)
+    Xc = X - mean[:, None]
+    if standardize:
+        sd = Xc.square().mean(1).sqrt_()
+        scale = torch.where(sd > 0, sd, torch.ones_like(sd))
+        Xc = Xc.div_(scale[:, None])
+    else:
+        scale = torch.ones_like(mean)
+    return Xc, mean.double(), scale.double()
 
 
 def as_features(features: Any) -> Tensor:

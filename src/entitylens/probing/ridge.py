@@ -1,0 +1,216 @@
+"""Least-squares (ridge) probes for every layer and every target at once, in closed form.
+
+``ProbeConfig(estimator="ridge")``. Per layer, scikit-learn's ``Ridge(alpha=1/C)`` on the standardised
+features (unpenalised intercept) with *coded* targets, one column per output:
+
+* independent 0/1 targets (``[n, T]``): the indicator ``y``; with ``class_weight="balanced"`` the
+  prior-scaled indicator ``y / pi`` (``pi`` the column's positive rate on the training split). The
+  least-squares fit estimates ``E[y | x] = P(1 | x)`` or ``P(1 | x) / pi``; the decision score ("logit")
+  is the fit minus ``0.5`` or minus ``1``, so ``> 0`` is the Bayes decision (plain or balanced: ``P > pi``).
+  Columns that form one categorical variable (e.g. an object's never / present / removed tag) are
+  decided by the argmax of their scores, which with the prior-scaled coding is ``argmax P(c | x) / pi_c``:
+  the decision that maximises balanced accuracy -- the balance their class-weighted softmax aims for,
+  without weights (so one Gram matrix serves every column).
+* a class label (``[n]``): one-hot columns (scaled by ``1 / pi_c`` when balanced); argmax.
+
+Cost per layer: one Gram matrix ``X^T X`` and ``X^T Y`` for all targets, then per C one Cholesky
+factorisation and two triangular solves -- no iterations. Cross-validation reuses the training split's Gram
+matrix: each fold's is a downdate by its held-out rows (and a rank-one re-centring), so the folds cost one
+more Gram's worth of products. C is chosen by the pooled out-of-fold squared error of the coded targets
+(``cv_metric="log_loss"``: the loss ridge minimises), or accuracy / balanced accuracy of the decisions,
+per layer (or per target), ties to the smaller C. Folds reuse the whole training split's standardisation,
+as the logistic path does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from entitylens.errors import EntitylensError
+from entitylens.probing import metrics as M
+from entitylens.probing.config import ProbeConfig
+from entitylens.probing.prepare import Labels, Outputs, standardize_rows
+from entitylens.probing.splits import group_folds
+from entitylens.progress import progress
+
+__all__ = ["coded_targets", "fit_ridge"]
+
+_WORK = {"float32": torch.float32, "float64": torch.float64}
+
+
+def coded_targets(lab: Labels, y_tr: Tensor, class_weight: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The regression targets of the training rows, the decision offset and the constant-column fix.
+
+    Args:
+        lab: The encoded labels (binary ``[n, T]`` 0/1 or a class index ``[n]``).
+        y_tr: The training rows' labels (``lab.y[train]``).
+        class_weight: ``None`` (indicator coding) or ``"balanced"`` (indicator / prior).
+
+    Returns:
+        ``T`` ``[n_tr, out]`` float64 coded targets; ``offset`` ``[out]`` subtracted from the fit to give the
+        decision score; ``always`` ``[out]`` bool: binary columns positive on every training row (their
+        score is set to +1: the coded column is constant there and its fit would sit on the threshold).
+    """
+    if lab.kind == "binary":
+        y = y_tr.double()
+        out = y.shape[1]
+        always = y.min(0).values > 0
+    else:
+        y = F.one_hot(y_tr, lab.K).double()
+        out = lab.K
+        always = torch.zeros(out, dtype=torch.bool)
+    if class_weight == "balanced":
+        pi = y.mean(0)
+        T = torch.where(pi > 0, y / pi.clamp_min(1e-300), torch.zeros_like(y))
+        offset = torch.ones(out, dtype=torch.float64)
+    else:
+        T = y
+        offset = torch.full((out,), 0.5, dtype=torch.float64)
+    if lab.kind != "binary":
+        offset = torch.zeros(out, dtype=torch.float64)  # argmax decides; no threshold
+    return T, offset, always
+
+
+def _chol_solve(A: Tensor, R: Tensor, C: float) -> Tensor:
+    """``A^-1 R`` for a batch of symmetric positive definite ``A`` (one Cholesky), or a one-line error."""
+    Lc, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):
+        Lc, info = torch.linalg.cholesky_ex(A.double())
+        if bool((info != 0).any()):
+            raise EntitylensError(f"the ridge system at C={C:g} is not positive definite; use a smaller C "
+                                  "(a stronger penalty) or dtype='float64'")
+        return torch.cholesky_solve(R.double(), Lc).to(R.dtype)
+    return torch.cholesky_solve(R, Lc)
+
+
+def _fold_systems(Xc: Tensor, Tc: Tensor, G: Tensor, R: Tensor, held: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A fold's Gram matrix and right-hand side on its kept rows, re-centred on them (downdate of ``G``, ``R``).
+
+    Returns:
+        ``G_k`` ``[B, d, d]``, ``R_k`` ``[B, d, out]``, the kept rows' feature mean ``[B, d]`` and target
+        mean ``[out]`` (both relative to the training split's centring).
+    """
+    n_tr = Xc.shape[1]
+    Xh, Th = Xc[:, held], Tc[held]
+    n_k = n_tr - int(held.sum())
+    m = -Xh.sum(1) / n_k  # the split is centred: the kept rows' sum is minus the held rows'
+    tm = -Th.sum(0) / n_k
+    Gk = G - Xh.mT @ Xh - n_k * m[:, :, None] * m[:, None, :]
+    Rk = R - Xh.mT @ Th - n_k * m[:, :, None] * tm[None, None, :]
+    return Gk, Rk, m, tm
+
+
+def _cv_scores(Xc: Tensor, Tc: Tensor, T: Tensor, G: Tensor, R: Tensor, lab: Labels, y_tr: Tensor,
+               fold: Tensor, cfg: ProbeConfig, offset: Tensor) -> Tensor:
+    """Pooled out-of-fold scores ``[B, nC, out]`` (binary) or ``[B, nC, 1]`` (class label); higher is better."""
+    B, n_tr, d = Xc.shape
+    nC, out = len(cfg.Cs), Tc.shape[1]
+    eye = torch.eye(d, dtype=Xc.dtype, device=Xc.device)
+    oof = torch.zeros(B, n_tr, nC, out, dtype=Xc.dtype, device=Xc.device)
+    for f in range(cfg.folds):
+        held = fold == f
+        if not bool(held.any()):
+            continue
+        Gk, Rk, m, tm = _fold_systems(Xc, Tc, G, R, held)
+        Xh = Xc[:, held] - m[:, None]
+        for ci, c in enumerate(cfg.Cs):
+            W = _chol_solve(Gk + eye / c, Rk, c)
+            oof[:, held, ci] = Xh @ W + tm
+    fit = oof + T.mean(0).to(oof)  # back from the centred targets to the coded ones
+    if cfg.cv_metric == "log_loss":  # ridge's own loss: pooled squared error of the coded targets
+        se = -(fit.double() - T.to(fit.device)[None, :, None]).square().mean(1)  # [B, nC, out]
+        return se if lab.kind == "binary" else se.mean(-1, keepdim=True)
+    if lab.kind == "binary":
+        logits = (fit.double() - offset.to(fit.device)).reshape(B, n_tr, nC * out, 1)
+        yq = y_tr.double().to(fit.device).repeat(1, nC)
+        sc = M.heldout_scores(logits, "binary", yq, torch.ones_like(yq, dtype=torch.bool), cfg.cv_metric)
+        return sc.view(B, nC, out)
+    ones = torch.ones(n_tr, nC, dtype=torch.bool, device=fit.device)
+    return M.heldout_scores(fit.double(), "multiclass", y_tr.to(fit.device), ones, cfg.cv_metric)[:, :, None]
+
+
+def _layers_per_batch(n_tr: int, d: int, out: int, L: int, cfg: ProbeConfig) -> int:
+    nC = len(cfg.Cs)
+    per_layer = 8 * (2 * n_tr * d + 3 * d * d + d * out + (n_tr * nC * out if nC > 1 else 0))
+    budget = cfg.max_batch_bytes or (128 * 2**20 if torch.device(cfg.device).type == "cpu" else 2**30)
+    return max(1, min(L, int(budget) // per_layer))
+
+
+def fit_ridge(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg: ProbeConfig) -> Outputs:
+    """Ridge probes on every layer of ``X`` ``[L, n, d]`` (see the module docstring).
+
+    Args:
+        X: Features of every layer.
+        lab: Encoded labels (:func:`~entitylens.probing.prepare.as_labels`).
+        codes: ``[n]`` group code per example (folds never split a group).
+        tr: Training row indices.
+        te: Test row indices.
+        cfg: The configuration (``Cs``, ``folds``, ``cv_metric``, ``select``, ``class_weight``, ``dtype``,
+            ``standardize``, ``device``, ``max_batch_bytes``, ``seed``).
+
+    Returns:
+        The :class:`~entitylens.probing.prepare.Outputs` (no iterations: ``n_iter`` 0, ``converged`` True).
+    """
+    dev, work = torch.device(cfg.device), _WORK[cfg.dtype]
+    L, _, d = X.shape
+    y_tr = lab.y[tr]
+    T, offset, always = coded_targets(lab, y_tr, cfg.class_weight)
+    n_tr, out = T.shape
+    nC = len(cfg.Cs)
+    per_target = cfg.select == "target" and lab.kind == "binary"
+    fold = group_folds(codes[tr], cfg.folds, cfg.seed).to(dev) if nC > 1 else None
+    Td = T.to(device=dev, dtype=work)
+    tbar = Td.mean(0)
+    Tc = Td - tbar
+    b = tbar.double().cpu() - offset
+    b = torch.where(always, torch.ones_like(b), b)
+    q = out if lab.kind == "binary" else 1
+    res = Outputs(coef=torch.zeros(L, d, out, dtype=torch.float64), intercept=b.expand(L, out).clone(),
+                   mean=torch.zeros(L, d, dtype=torch.float64), scale=torch.ones(L, d, dtype=torch.float64),
+                   C=torch.full((L, out) if per_target else (L,), cfg.Cs[0], dtype=torch.float64),
+                   cv_score=(torch.zeros((L, nC, out) if per_target else (L, nC), dtype=torch.float64)
+                             if nC > 1 else None),
+                   n_iter=torch.zeros(L, q, dtype=torch.int64), converged=torch.ones(L, q, dtype=torch.bool),
+                   train_logits=torch.zeros(L, n_tr, out, dtype=torch.float64),
+                   test_logits=torch.zeros(L, len(te), out, dtype=torch.float64))
+    lb = _layers_per_batch(n_tr, d, out, L, cfg)
+    bar = progress(total=L, desc="ridge probes", unit="layer")
+    eye = torch.eye(d, dtype=work, device=dev)
+    Cs = torch.tensor(cfg.Cs, dtype=torch.float64)
+    for l0 in range(0, L, lb):
+        sl = slice(l0, min(L, l0 + lb))
+        Xb = X[sl].to(device=dev, dtype=torch.promote_types(X.dtype, work))
+        Xc, mean, scale = standardize_rows(Xb[:, tr.to(dev)], cfg.standardize)
+        Xc = Xc.to(work)
+        G = Xc.mT @ Xc
+        R = Xc.mT @ Tc
+        B = Xc.shape[0]
+        if nC > 1:
+            assert fold is not None and res.cv_score is not None
+            sc = _cv_scores(Xc, Tc, T, G, R, lab, y_tr, fold, cfg, offset).cpu()  # [B, nC, out or 1]
+            if per_target:
+                res.cv_score[sl] = sc
+                best = sc.argmax(1)  # [B, out]; first max = smallest C
+            else:
+                res.cv_score[sl] = sc.mean(-1)
+                best = sc.mean(-1).argmax(1)[:, None].expand(B, out)
+            W = torch.zeros(B, d, out, dtype=work, device=dev)
+            for ci in sorted(set(best.flatten().tolist())):
+                Wc = _chol_solve(G + eye / cfg.Cs[ci], R, cfg.Cs[ci])
+                W = torch.where((best == ci).to(dev)[:, None, :], Wc, W)
+            res.C[sl] = Cs[best] if per_target else Cs[best[:, 0]]
+        else:
+            W = _chol_solve(G + eye / cfg.Cs[0], R, cfg.Cs[0])
+        Wd = W.double()
+        res.coef[sl] = Wd.cpu()
+        res.mean[sl], res.scale[sl] = mean.cpu(), scale.cpu()
+        bd = b.to(dev)
+        res.train_logits[sl] = (Xc.double() @ Wd + bd).cpu()
+        if len(te):
+            Xt = (Xb[:, te.to(dev)].double() - mean[:, None]) / scale[:, None]
+            res.test_logits[sl] = (Xt @ Wd + bd).cpu()
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    return res
