@@ -187,7 +187,8 @@ def _extend(values: object, vmax: float) -> str:
 
 
 def _draw_patch_grid(
-    ax: plt.Axes, values: object, layers: Sequence[int | str], cells: Sequence[str], vmax: float, annotate: bool | None
+    ax: plt.Axes, values: object, layers: Sequence[int | str], cells: Sequence[str], vmax: float, annotate: bool | None,
+    row_label: str = "layer",
 ) -> AxesImage:
     import numpy as np
 
@@ -198,7 +199,7 @@ def _draw_patch_grid(
     ax.set_xticklabels(list(cells), rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([str(x) for x in layers], fontsize=7)
-    ax.set_ylabel("layer")
+    ax.set_ylabel(row_label)
     if annotate is None:
         annotate = a.size <= 240
     if annotate:
@@ -220,6 +221,7 @@ def plot_patch_heatmap(
     colorbar_label: str = "normalised (1 = clean, 0 = corrupted)",
     annotate: bool | None = None,
     formats: Sequence[str] = ("png",),
+    row_label: str = "layer",
 ) -> list[Path]:
     """Heatmap of a patching grid: layers (rows) x roles or heads (columns), diverging colours centred at 0.
 
@@ -233,6 +235,7 @@ def plot_patch_heatmap(
         colorbar_label: Colour bar label.
         annotate: Write each value in its cell (default: grids of at most 240 cells).
         formats: File formats to write.
+        row_label: Label of the rows (``"sender"`` for path-patching grids).
 
     Returns:
         The files written.
@@ -240,7 +243,7 @@ def plot_patch_heatmap(
     vmax = patch_color_limit(values) if vmax is None else float(vmax)
     n_rows, n_cols = max(1, len(layers)), max(1, len(cells))
     fig, ax = plt.subplots(figsize=(min(18.0, 2.2 + 0.55 * n_cols), min(16.0, 1.6 + 0.28 * n_rows)))
-    im = _draw_patch_grid(ax, values, layers, cells, vmax, annotate)
+    im = _draw_patch_grid(ax, values, layers, cells, vmax, annotate, row_label)
     fig.colorbar(im, ax=ax, label=colorbar_label, fraction=0.05, extend=_extend(values, vmax))
     if title:
         ax.set_title(title, fontsize=9)

@@ -208,3 +208,49 @@ def copy_pair(obj_pos: int = 3, length: int = 7, clean_obj: int = 5, corrupted_o
         corrupted_roles={"object": obj_pos, "filler": 1},
         name="copy",
     )
+
+
+def two_head_path_model() -> Any:
+    """A 2-layer, 2-head Llama with one known path: head 0.0 -> the value of head 1.0 -> the logits.
+
+    Embeddings as :func:`copy_model` (d = 48). Layer 0, head 0 (the mover): the query position attends to the
+    object and writes its one-hot to dims 20..27 of the query position. Layer 1, head 0 (the reader): the
+    query position attends to itself (query and key both read "is query") and its value copies dims 20..27
+    to dims 28..35, which alone the unembedding reads. Heads 0.1 and 1.1 and both MLPs are zero. So the
+    sender head 0.0 at the query position acts only through head 1.0's value there (and the residual stream
+    before layer 1), never through a query or key (those read "is query", which the object never changes,
+    and the RMS norm is the same for every object).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hd = 48
+    cfg = LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=8, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=hd, max_position_embeddings=64,
+                      rope_theta=1e30, tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=BOS,
+                      eos_token_id=14, pad_token_id=15)
+    m = LlamaForCausalLM(cfg).eval()
+    a, slow = 3.0, hd // 2 - 1  # rotary pair (slow, slow + hd/2) turns by ~0 at theta = 1e30
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for layer in m.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        m.model.norm.weight.fill_(1.0)
+        emb = m.model.embed_tokens.weight
+        for t in range(V):
+            emb[t, t] = 1.0
+            emb[t, 16 if t in OBJECTS else 17 if t == QUERY else 18] = 1.0
+        mover, reader = m.model.layers[0].self_attn, m.model.layers[1].self_attn
+        mover.q_proj.weight[slow, 17] = a
+        mover.k_proj.weight[slow, 16] = a
+        reader.q_proj.weight[slow, 17] = 4 * a  # sharper: the mover's output dilutes the RMS-normed "is query"
+        reader.k_proj.weight[slow, 17] = 4 * a
+        for j, t in enumerate(OBJECTS):
+            mover.v_proj.weight[t, t] = 1.0
+            mover.o_proj.weight[20 + j, t] = 1.0
+            reader.v_proj.weight[j, 20 + j] = 1.0
+            reader.o_proj.weight[28 + j, j] = 1.0
+            m.lm_head.weight[t, 28 + j] = 1.0
+    return TransformerBridge.boot_transformers("entitylens/hand-built", hf_model=m, tokenizer=word_tokenizer())

@@ -41,7 +41,7 @@ _VMAX_HELP = "heatmap colour limit: the scale is [-V, V] (default 1); 'auto' = t
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``patch pairs``, ``patch run``, ``patch compare`` and ``patch cross``."""
+    """Add ``patch pairs``, ``patch run``, ``patch compare``, ``patch cross``, ``patch path`` and ``patch sites``."""
     p = sub.add_parser("patch", help="activation / attribution / cross-model patching from boxes datasets")
     psub = p.add_subparsers(dest="patch_command", metavar="SUBCOMMAND")
     psub.required = True
@@ -49,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_run(psub)
     _add_compare(psub)
     _add_cross(psub)
+    from entitylens.cli.patch_circuits import add_path, add_sites
+
+    add_path(psub)
+    add_sites(psub)
 
 
 def _add_pairs(psub: argparse._SubParsersAction) -> None:

@@ -14,6 +14,8 @@
   :func:`write_patch_outputs` -- ``patch.csv``, heatmaps, safetensors, ``agreement.json``, ``run.json``.
 - :class:`PatchConfig` + :func:`run_patch_job` -- the one patch job (pairs in, a checked run directory out)
   that ``entitylens patch run`` / ``patch cross``, the patch study and the demo all run.
+- :class:`Site`, :func:`patch_sites` -- multi-site patching (circuits); :func:`path_patch` -- path patching
+  (sender x receiver grids through one receiver only).
 """
 
 from entitylens.patching.attribution import agreement, attribution_grid
@@ -43,6 +45,7 @@ from entitylens.patching.pairs import (
     write_pairs,
     write_patch_pairs,
 )
+from entitylens.patching.paths import PathResult, path_patch
 from entitylens.patching.run import (
     result_table,
     run_attribution,
@@ -50,6 +53,7 @@ from entitylens.patching.run import (
     run_patching,
     write_patch_outputs,
 )
+from entitylens.patching.sites import Site, SiteResult, parse_sites, patch_sites
 
 __all__ = [
     "ALIAS_ROLES",
@@ -88,4 +92,10 @@ __all__ = [
     "write_pairs",
     "write_patch_outputs",
     "write_patch_pairs",
+    "PathResult",
+    "Site",
+    "SiteResult",
+    "parse_sites",
+    "patch_sites",
+    "path_patch",
 ]

@@ -1,0 +1,96 @@
+"""``entitylens patch path`` / ``patch sites`` end to end on the tiny model, checked against direct calls."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import entitylens.cli as cli
+from entitylens.patching.pair_io import read_any_pairs
+from entitylens.patching.paths import path_patch
+from entitylens.patching.run import prepare_pairs
+from entitylens.patching.sites import Site, patch_sites
+from entitylens.task.generate import GeneratorConfig, generate_dataset
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def main(*argv: str) -> int:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_COMMAND_MODULES", ("patch",))
+        return cli.main(["--quiet", *argv])
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("circuits")
+    generate_dataset(GeneratorConfig(seed=0, num_states=30), root / "d.jsonl")
+    assert main("patch", "pairs", "--data", str(root / "d.jsonl"), "--kind", "op_object", "--max-pairs", "3",
+                "--out", str(root / "pairs.jsonl")) == 0
+    return root / "pairs.jsonl"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_path_cli_equals_direct_call_and_is_deterministic(tiny_model: Any, pairs_file: Path, tmp_path: Path) -> None:
+    argv = ("patch", "path", "--model", "tiny:llama", "--pairs", str(pairs_file), "--senders", "head:0.*@query_box",
+            "--receivers", "resid_pre:1@last,q:1.0@last,k:1.*")
+    assert main(*argv, "--out", str(tmp_path / "a")) == 0
+    assert main(*argv, "--out", str(tmp_path / "b")) == 0
+    for f in ("path.csv", "path_summary.csv", "meta.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a" / "path.png").read_bytes()[:8] == PNG_MAGIC
+    pairs, _ = prepare_pairs(tiny_model, read_any_pairs(pairs_file, tiny_model.tokenizer), "layer_role",
+                             ["last", "query_box"])
+    senders = [Site("head", 0, h, "query_box") for h in range(4)]
+    receivers = [Site("resid_pre", 1, None, "last"), Site("q", 1, 0, "last"), Site("k", 1, 0), Site("k", 1, 1)]
+    direct = path_patch(tiny_model, pairs, senders, receivers)
+    rows = _rows(tmp_path / "a" / "path.csv")
+    assert len(rows) == 3 * 4 * 4
+    got = torch.tensor([float(r["normalised"]) for r in rows]).view(4, 4, 3).permute(2, 0, 1)
+    torch.testing.assert_close(got, direct.normalised, atol=1e-5, rtol=0)
+    summary = _rows(tmp_path / "a" / "path_summary.csv")
+    s0 = summary[0]
+    assert (s0["sender"], s0["receiver"]) == ("head:0.0@query_box", "resid_pre:1@last")
+    assert abs(float(s0["effect"]) - float(direct.normalised[:, 0, 0].mean())) < 1e-5
+    assert float(s0["ci_low"]) <= float(s0["effect"]) <= float(s0["ci_high"])
+
+
+def test_sites_cli_summary(tiny_model: Any, pairs_file: Path, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main("patch", "sites", "--model", "tiny:llama", "--pairs", str(pairs_file), "--circuit",
+                "head:1.*@last", "--circuit", "head:1.0@last,mlp_out:1@last", "--freeze", "mlp_out:0@last",
+                "--out", str(tmp_path / "s")) == 0
+    assert "| circuit" in capsys.readouterr().out
+    table = _rows(tmp_path / "s" / "sites_summary.csv")
+    assert [r["circuit"] for r in table] == ["head:1.0@last+head:1.1@last+head:1.2@last+head:1.3@last",
+                                             "head:1.0@last+mlp_out:1@last"]
+    pairs, _ = prepare_pairs(tiny_model, read_any_pairs(pairs_file, tiny_model.tokenizer), "layer_role", ["last"])
+    direct = patch_sites(tiny_model, pairs, [[Site("head", 1, h, "last") for h in range(4)]],
+                         freeze=[Site("mlp_out", 0, None, "last")])
+    assert abs(float(table[0]["effect"]) - float(direct.normalised[:, 0].mean())) < 1e-5
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["kind"] == "entitylens.sites"
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--senders", "head:1.0@last", "--receivers", "resid_pre:1@last"), "later layer"),
+    (("--senders", "head:0.9@last", "--receivers", "resid_pre:1@last"), "use a head in 0-3"),
+    (("--senders", "head 0.1", "--receivers", "resid_pre:1@last"), "cannot parse site"),
+    (("--senders", "head:0.0@nowhere", "--receivers", "resid_pre:1@last"), "unknown role"),
+])
+def test_path_cli_errors_are_one_line(pairs_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      args: tuple[str, ...], needle: str) -> None:
+    capsys.readouterr()
+    rc = main("patch", "path", "--model", "tiny:llama", "--pairs", str(pairs_file), *args, "--out",
+              str(tmp_path / "x"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "x" / "path.csv").exists()
