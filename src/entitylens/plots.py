@@ -503,3 +503,43 @@ def plot_intervention(table: pd.DataFrame, out: str | os.PathLike[str], title: s
         fig.suptitle(title)
     fig.tight_layout()
     return _save_atomic(fig, out, formats)
+
+
+def _num(v: object) -> float:
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def plot_iia(runs: Mapping[str, pd.DataFrame], out: str | os.PathLike[str], title: str = "",
+             formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Interchange-intervention accuracy by layer, one line per run (held-out solid, training dashed).
+
+    Args:
+        runs: Label -> ``das.csv`` as a DataFrame (columns layer, train_iia, test_iia).
+        out: Output path without extension.
+        title: Figure title.
+        formats: File formats.
+
+    Returns:
+        The written paths.
+    """
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for i, (label, table) in enumerate(runs.items()):
+        rows = table.sort_values("layer")
+        x = rows["layer"].to_numpy()
+        test, train = (np.array([_num(v) for v in rows[c]]) for c in ("test_iia", "train_iia"))
+        ax.plot(x, test, marker="o", color=f"C{i}", label=f"{label} (held-out)")
+        ax.plot(x, train, linestyle="--", color=f"C{i}", alpha=0.6, label=f"{label} (train)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("interchange-intervention accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save_atomic(fig, out, formats)

@@ -254,3 +254,54 @@ def two_head_path_model() -> Any:
             reader.o_proj.weight[28 + j, j] = 1.0
             m.lm_head.weight[t, 28 + j] = 1.0
     return TransformerBridge.boot_transformers("entitylens/hand-built", hf_model=m, tokenizer=word_tokenizer())
+
+
+PLUS, MINUS, ANS_A, ANS_B = (4, 5, 6, 7), (8, 9, 10, 11), 12, 13
+
+
+def variable_model(d: int = 32, seed: int = 0) -> Any:
+    """A 1-layer Llama storing one binary variable in one known direction (dim 0) of the last token's stream.
+
+    Cue tokens 4-7 write +1 and 8-11 write -1 to dim 0, plus a fixed random vector (norm ~1) in dims 2..d-1
+    that the output ignores; attention and MLP are zero, and the unembedding reads dim 0: +dim 0 for token 12,
+    -dim 0 for token 13. So the answer is 12 when the variable is +, 13 when -, and an interchange of dim 0
+    alone moves it; a random 1-D direction barely overlaps dim 0.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=d, max_position_embeddings=64,
+                      tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=BOS, eos_token_id=14,
+                      pad_token_id=15)
+    m = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        layer = m.model.layers[0]
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, m.model.norm):
+            norm.weight.fill_(1.0)
+        emb = m.model.embed_tokens.weight
+        for t in range(V):
+            emb[t, 1] = 1.0  # every token: a constant component
+        for t in PLUS + MINUS:
+            emb[t, 0] = 1.0 if t in PLUS else -1.0
+            emb[t, 2:] = torch.randn(d - 2, generator=gen) / (d - 2) ** 0.5
+        m.lm_head.weight[ANS_A, 0] = 1.0
+        m.lm_head.weight[ANS_B, 0] = -1.0
+    return TransformerBridge.boot_transformers("entitylens/hand-built", hf_model=m, tokenizer=word_tokenizer())
+
+
+def variable_pairs(n: int, seed: int = 0) -> list[PatchPair]:
+    """Pairs whose clean prompt ends in a + cue and corrupted in a - cue (fillers vary); answers 12 / 13."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        filler = [rng.choice([0, 1, 2, 3, 14]) for _ in range(rng.randint(2, 5))]
+        clean = torch.tensor([BOS, *filler, rng.choice(PLUS)])
+        corr = torch.tensor([BOS, *filler, rng.choice(MINUS)])
+        out.append(PatchPair(clean, corr, ANS_A, ANS_B, name=f"v{i}"))
+    return out

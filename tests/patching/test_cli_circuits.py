@@ -94,3 +94,30 @@ def test_path_cli_errors_are_one_line(pairs_file: Path, tmp_path: Path, capsys: 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "x" / "path.csv").exists()
+
+
+def test_das_cli_train_cross_model_and_compare(pairs_file: Path, tmp_path: Path) -> None:
+    from entitylens.pipelines.circuits import read_subspaces
+
+    six = tmp_path / "six.jsonl"
+    assert main("patch", "pairs", "--data", str(pairs_file.parent / "d.jsonl"), "--kind", "op_object",
+                "--max-pairs", "6", "--out", str(six)) == 0
+    common = ("--pairs", str(six), "--role", "last", "--layers", "0,1", "--steps", "3", "--batch", "2",
+              "--test-fraction", "0.5")
+    assert main("patch", "das", "--model", "tiny:llama", *common, "--out", str(tmp_path / "a")) == 0
+    assert main("patch", "das", "--model", "tiny:llama", *common, "--out", str(tmp_path / "a2")) == 0
+    for f in ("das.csv", "das_subspaces.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "a2" / f).read_bytes(), f
+    assert (tmp_path / "a" / "das.png").read_bytes()[:8] == PNG_MAGIC
+    rows = _rows(tmp_path / "a" / "das.csv")
+    assert [r["layer"] for r in rows] == ["0", "1"] and all(r["source"] == "learned" for r in rows)
+    role, bases = read_subspaces(tmp_path / "a")
+    assert role == "last" and sorted(bases) == [0, 1] and bases[0].shape == (64, 1)
+    # the subspaces learned on one model, scored on its pair model (same shapes)
+    assert main("patch", "das", "--model", "tiny:llama?seed=1", *common, "--subspaces", str(tmp_path / "a"),
+                "--out", str(tmp_path / "b")) == 0
+    rows_b = _rows(tmp_path / "b" / "das.csv")
+    assert all(r["source"] == "given" and r["n_test"] == "6" for r in rows_b)
+    assert main("patch", "das", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "base,code",
+                "--out", str(tmp_path / "c")) == 0
+    assert (tmp_path / "c" / "das_compare.png").read_bytes()[:8] == PNG_MAGIC

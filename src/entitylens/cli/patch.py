@@ -49,10 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_run(psub)
     _add_compare(psub)
     _add_cross(psub)
-    from entitylens.cli.patch_circuits import add_path, add_sites
+    from entitylens.cli.patch_circuits import add_das, add_path, add_sites
 
     add_path(psub)
     add_sites(psub)
+    add_das(psub)
 
 
 def _add_pairs(psub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from entitylens.cli.models import add_model_args
 from entitylens.errors import EntitylensError
 
-__all__ = ["add_path", "add_sites"]
+__all__ = ["add_das", "add_path", "add_sites"]
 
 _SITE_HELP = ("comma-separated sites component:layer[.head][@role], '*' for every layer or head, e.g. "
               "head:3.*@last,mlp_out:2@query_box; components: resid_pre, resid_post, attn_out, mlp_out, head, q, k, v")
@@ -117,5 +117,78 @@ def run_sites_cmd(args: argparse.Namespace) -> int:
                                     batch=args.batch, overwrite=args.overwrite)
     print(f"patched {len(circuits)} circuit(s) on {len(pairs)} pairs (mean normalised, 1 = clean behaviour):")
     print(markdown_table(table, ["circuit", "effect", "ci_low", "ci_high", "n_pairs"]))
+    print("wrote " + ", ".join(str(p) for p in files))
+    return 0
+
+
+def add_das(psub: argparse._SubParsersAction) -> None:
+    """Register ``patch das``."""
+    from entitylens.cli._args import layer_list
+
+    p = psub.add_parser(
+        "das", help="distributed alignment search: a learned subspace per layer, held-out interchange accuracy",
+        description="Learn a k-dimensional subspace of resid_pre at --role for every layer (DAS: an orthogonal "
+        "basis trained so that swapping the clean run's coordinates into the corrupted run gives the clean "
+        "answer), on a training split of the pairs; report the held-out interchange-intervention accuracy. "
+        "--subspaces scores given subspaces instead (e.g. learned on the pair model). --compare draws two runs "
+        "on one figure. Writes das.csv, das_subspaces.safetensors, das.png, meta.json, timing.json.")
+    add_model_args(p, required=False)
+    p.add_argument("--pairs", type=Path, default=None, help="pairs file (from `entitylens patch pairs`)")
+    p.add_argument("--role", default="last", help="the site's role (default last)")
+    p.add_argument("--layers", type=layer_list, default=None, help="comma-separated layers or 'all' (default all)")
+    p.add_argument("--k", type=int, default=1, help="subspace dimension (default 1)")
+    p.add_argument("--steps", type=int, default=100, help="optimisation steps per layer (default 100)")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    p.add_argument("--batch", type=int, default=16, help="training pairs per step (default 16)")
+    p.add_argument("--test-fraction", type=float, default=0.3, help="held-out fraction of the pairs (default 0.3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subspaces", type=Path, default=None, help="score these subspaces (a `patch das` run dir)")
+    p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
+                   help="draw two `patch das` runs on one figure (das_compare.png)")
+    p.add_argument("--labels", default=None, help="labels of --compare (comma-separated)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's results in --out")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    p.set_defaults(func=run_das_cmd)
+
+
+def run_das_cmd(args: argparse.Namespace) -> int:
+    """DAS per layer (or the IIA of given subspaces, or a comparison figure)."""
+    from entitylens.patching.das import DASConfig
+
+    if args.compare is not None:
+        return _das_compare(args)
+    if args.model is None or args.pairs is None:
+        raise EntitylensError("--model and --pairs are required (or --compare BASE VARIANT)")
+    from entitylens.frames import markdown_table
+    from entitylens.models import model_label
+    from entitylens.pipelines.circuits import run_das_job
+
+    cfg = DASConfig(k=args.k, steps=args.steps, lr=args.lr, batch=args.batch, test_fraction=args.test_fraction,
+                    seed=args.seed)
+    model, pairs, sha = _load(args, _syntax([f"resid_pre:0@{args.role}"]))
+    layers = args.layers if args.layers is not None else list(range(int(model.cfg.n_layers)))
+    table, files = run_das_job(model, pairs, layers, args.role, args.out, pairs_sha256=sha, config=cfg,
+                               subspaces=args.subspaces, label=model_label(args.model), overwrite=args.overwrite)
+    print(markdown_table(table, ["layer", "k", "source", "train_iia", "test_iia", "n_test"]))
+    print("wrote " + ", ".join(str(p) for p in files))
+    return 0
+
+
+def _das_compare(args: argparse.Namespace) -> int:
+    from entitylens._io import prepare_output_dir
+    from entitylens.frames import read_csv
+    from entitylens.plots import plot_iia
+
+    labels = args.labels.split(",") if args.labels else [p.name for p in args.compare]
+    if len(labels) != 2:
+        raise EntitylensError(f"--labels needs two names, got {args.labels!r}")
+    runs = {}
+    for label, d in zip(labels, args.compare, strict=True):
+        if not (d / "das.csv").is_file():
+            raise EntitylensError(f"{d} has no das.csv; pass two `entitylens patch das` run directories")
+        runs[label] = read_csv(d / "das.csv")
+    out = prepare_output_dir(args.out)
+    files = plot_iia(runs, out / "das_compare", title=" vs ".join(labels))
     print("wrote " + ", ".join(str(p) for p in files))
     return 0

@@ -11,6 +11,7 @@ inputs give byte-identical files.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,20 +21,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from entitylens._io import RunDir, prepare_output_dir, write_json
+from entitylens._io import RunDir, atomic_write, prepare_output_dir, sha256_file, write_json, write_timing
 from entitylens.activations.identity import model_fingerprint
+from entitylens.errors import EntitylensError
 from entitylens.frames import frame, write_csv
+from entitylens.patching.das import DASConfig, DASResult, interchange_iia, train_das
 from entitylens.patching.paths import PathResult, path_patch
 from entitylens.patching.sites import Site, SiteResult, patch_sites
 from entitylens.patching.types import PatchPair
-from entitylens.plots import plot_patch_heatmap
+from entitylens.plots import plot_iia, plot_patch_heatmap
 from entitylens.stats import cluster_bootstrap
 
-__all__ = ["PATH_COLUMNS", "SITES_COLUMNS", "SUMMARY_COLUMNS", "run_path_job", "run_sites_job", "summarise"]
+__all__ = ["DAS_COLUMNS", "PATH_COLUMNS", "SITES_COLUMNS", "SUMMARY_COLUMNS", "read_subspaces", "run_das_job",
+           "run_path_job", "run_sites_job", "summarise"]
 
 PATH_COLUMNS = ("pair", "sender", "receiver", "ld", "normalised", "prob", "top1")
 SITES_COLUMNS = ("pair", "circuit", "ld", "normalised", "prob", "top1")
 SUMMARY_COLUMNS = ("sender", "receiver", "circuit", "effect", "ci_low", "ci_high", "n_pairs")
+DAS_COLUMNS = ("layer", "role", "k", "source", "train_iia", "test_iia", "n_train", "n_test")
+SUBSPACES = "das_subspaces.safetensors"
 
 
 def summarise(values: torch.Tensor, resamples: int = 1000) -> tuple[float, float, float, int]:
@@ -141,3 +147,90 @@ def run_sites_job(model: Any, pairs: Sequence[PatchPair], circuits: Sequence[Seq
     write_json(d / "meta.json", {"kind": "entitylens.sites", "identity": ident, "pairs": list(res.pair_names),
                                  "ld_clean": res.ld_clean.tolist(), "ld_corrupted": res.ld_corrupted.tolist()})
     return res, table, [d / "sites.csv", d / "sites_summary.csv", d / "meta.json"]
+
+
+def read_subspaces(path: str | os.PathLike[str]) -> tuple[str, dict[int, torch.Tensor]]:
+    """The role and the per-layer ``[d, k]`` bases of a ``das_subspaces.safetensors`` file."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / SUBSPACES
+    if not p.is_file():
+        raise EntitylensError(f"{p} does not exist; pass a `patch das` run directory or its {SUBSPACES}")
+    with safe_open(str(p), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("entitylens_das", "{}"))
+        bases = {int(k.removeprefix("layer")): f.get_tensor(k) for k in f.keys()}
+    return str(meta.get("role", "")), bases
+
+
+def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str,
+                out: str | os.PathLike[str], *, pairs_sha256: str, config: DASConfig | None = None,
+                subspaces: str | os.PathLike[str] | None = None, label: str = "",
+                overwrite: bool = False) -> tuple[pd.DataFrame, list[Path]]:
+    """DAS per layer at ``role`` (or the IIA of given subspaces, e.g. learned on the pair model); writes the run.
+
+    Writes ``das.csv`` (layer, role, k, train / held-out IIA), ``das_subspaces.safetensors`` (one ``[d, k]``
+    basis per layer; training runs only), ``das.png`` (IIA by layer), ``meta.json`` and ``timing.json``.
+
+    Args:
+        model: A ``TransformerBridge``.
+        pairs: Tokenised pairs (base = corrupted, source = clean; counterfactual answer = the clean one).
+        layers: ``resid_pre`` layers.
+        role: The site's role.
+        out: Run directory.
+        pairs_sha256: Hash of the pairs file.
+        config: :class:`~entitylens.patching.das.DASConfig`.
+        subspaces: Score these bases (a ``das_subspaces.safetensors`` or its run directory) on every pair
+            instead of training (cross-model: learned on the pair model; shapes must match).
+        label: Model label for the figure.
+        overwrite: Replace another run's results in ``out``.
+
+    Returns:
+        The ``das.csv`` table and the files written.
+    """
+    import time
+
+    from safetensors.torch import save
+
+    cfg = config or DASConfig()
+    src_sha = None
+    if subspaces is not None:
+        sub_role, bases = read_subspaces(subspaces)
+        missing = [la for la in layers if la not in bases]
+        if missing:
+            raise EntitylensError(f"{subspaces} has no subspace for layer(s) {missing}; pick layers it has "
+                                  f"({sorted(bases)})")
+        if sub_role and sub_role != role:
+            raise EntitylensError(f"the subspaces were learned at role {sub_role!r}, not {role!r}; "
+                                  f"pass --role {sub_role}")
+        sp = Path(subspaces)
+        src_sha = sha256_file(sp / SUBSPACES if sp.is_dir() else sp)
+    ident = _identity(model, pairs_sha256, layers=list(layers), role=role, config=dict(cfg.__dict__),
+                      subspaces_sha256=src_sha)
+    d = _check_dir(out, "entitylens.das", ident, overwrite)
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    files = [d / "das.csv"]
+    if subspaces is None:
+        results: list[DASResult] = train_das(model, pairs, layers, role, cfg)
+        for r in results:
+            rows.append({"layer": r.layer, "role": role, "k": cfg.k, "source": "learned", "train_iia": r.train_iia,
+                         "test_iia": r.test_iia, "n_train": len(r.train), "n_test": len(r.test)})
+        head = json.dumps({"role": role, "k": cfg.k, "kind": "entitylens.das"}, sort_keys=True)
+        blob = save({f"layer{r.layer}": r.basis.contiguous() for r in results}, metadata={"entitylens_das": head})
+        with atomic_write(d / SUBSPACES, "wb", encoding=None) as f:
+            f.write(blob)
+        files.append(d / SUBSPACES)
+    else:
+        for la in layers:
+            hit = interchange_iia(model, pairs, la, role, bases[la])
+            rows.append({"layer": la, "role": role, "k": int(bases[la].shape[1]), "source": "given",
+                         "train_iia": float("nan"), "test_iia": float(hit.double().mean()), "n_train": 0,
+                         "n_test": len(pairs)})
+    table = frame(rows, DAS_COLUMNS)
+    write_csv(table, d / "das.csv")
+    pngs = plot_iia({label or "model": table}, d / "das", title=f"DAS at {role} (resid_pre), k = {cfg.k}")
+    write_json(d / "meta.json", {"kind": "entitylens.das", "identity": ident, "pairs": [p.name for p in pairs]})
+    write_timing(d, "das_seconds", time.perf_counter() - t0)
+    return table, [*files, *pngs, d / "meta.json"]

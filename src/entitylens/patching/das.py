@@ -1,0 +1,236 @@
+"""Subspace interchange interventions and distributed alignment search (DAS) on the residual stream.
+
+An interchange intervention on a ``k``-dimensional subspace with orthonormal basis ``Q`` (``[d, k]``) at a site
+(``resid_pre`` of a layer, at a role) runs the corrupted (base) prompt with the site's activation replaced by
+
+    ``h' = h_base + (h_source - h_base) Q Q^T``
+
+(``h_source`` from the clean run at the same role): only the subspace's coordinates are swapped in. Its
+interchange-intervention accuracy (IIA) is the fraction of pairs whose intervened run gives the causal
+model's counterfactual answer (by default the clean answer: "the site's subspace holds the variable the
+corruption changed") as its top-1 token.
+
+DAS (Geiger et al. 2023; pyvene's rotated-space intervention) learns ``Q`` by gradient descent on the
+cross-entropy of the counterfactual answer, ``Q`` kept orthonormal by PyTorch's orthogonal
+parametrisation, on a training split of the pairs; IIA is reported on the held-out pairs (a subspace that
+only fits its training pairs is what the held-out number exposes). :func:`interchange_iia` scores any basis
+(a learned one, probe directions, PCA of the clean - corrupted differences, a random one).
+
+Speed: each pair's corrupted run is captured once on the fast engine's twin (residual stream, keys, values);
+an intervention at layer ``l`` and position ``p`` recomputes only layers ``l..`` at positions ``p..answer``
+(keys and values before ``p`` from the capture), so a site at the query token costs one position per layer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from entitylens.errors import EntitylensError
+from entitylens.patching.sites import site_positions
+from entitylens.patching.types import PatchPair
+from entitylens.progress import progress
+
+__all__ = ["DASConfig", "DASResult", "interchange", "interchange_iia", "train_das"]
+
+
+@dataclass(frozen=True)
+class DASConfig:
+    """Settings of :func:`train_das`.
+
+    Attributes:
+        k: Subspace dimension.
+        steps: Optimisation steps (each over one minibatch of training pairs).
+        lr: Adam learning rate.
+        batch: Training pairs per step.
+        test_fraction: Fraction of pairs held out (IIA reported on them).
+        seed: Seed of the split, the initial rotation and the minibatches.
+    """
+
+    k: int = 1
+    steps: int = 100
+    lr: float = 0.05
+    batch: int = 16
+    test_fraction: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.steps < 1 or self.batch < 1 or not self.lr > 0:
+            raise EntitylensError("DAS needs k, steps and batch >= 1 and lr > 0; e.g. k=1, steps=100, lr=0.05")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise EntitylensError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+@dataclass
+class DASResult:
+    """A learned subspace at one site and its interchange accuracies.
+
+    Attributes:
+        layer: Layer of the site (``resid_pre``).
+        role: Role of the site.
+        basis: ``[d, k]`` orthonormal basis (float32, CPU).
+        train_iia: IIA on the training pairs.
+        test_iia: IIA on the held-out pairs.
+        train: Indices of the training pairs; test: of the held-out pairs.
+        seconds: Training time.
+        losses: Loss per step.
+    """
+
+    layer: int
+    role: str
+    basis: Tensor
+    train_iia: float
+    test_iia: float
+    train: list[int]
+    test: list[int]
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def interchange(h_base: Tensor, h_source: Tensor, basis: Tensor) -> Tensor:
+    """``h_base + (h_source - h_base) Q Q^T``: the source's coordinates in the subspace of ``basis`` ``[d, k]``."""
+    return h_base + ((h_source - h_base) @ basis) @ basis.mT
+
+
+class _Site:
+    """One pair's captured runs at one site: base activation, source activation, suffix to recompute."""
+
+    def __init__(self, fp: Any, p: PatchPair, clean: Any, corr: Any, layer: int, role: str) -> None:
+        self.fp, self.corr, self.layer = fp, corr, layer
+        self.pos = int(site_positions(p, role, "corrupted")[0])
+        self.answer = p.corrupted_answer_pos
+        if self.pos > self.answer:
+            raise EntitylensError(f"pair {p.name!r}: role {role!r} comes after the answer position; it cannot "
+                                  "change the answer")
+        self.h_base = corr.resid[layer][self.pos]
+        self.h_src = clean.resid[layer][int(site_positions(p, role, "clean")[0])]
+
+    def logits(self, basis: Tensor) -> Tensor:
+        """Answer logits ``[V]`` of the intervened base run (differentiable in ``basis``)."""
+        hidden = self.corr.resid[self.layer][self.pos:self.answer + 1][None].clone()
+        hidden[0, 0] = interchange(self.h_base, self.h_src, basis.to(self.h_base.dtype))
+        out = self.fp._layers(self.corr, self.pos, self.answer, self.layer, self.fp.r.n_layers, hidden,
+                              lambda j: [])
+        return self.fp.r.logits(out[:, -1])[0]
+
+
+def _engine(model: Any) -> Any:
+    from entitylens.patching.engine_fast import TwinRunner, Unsupported
+    from entitylens.patching.paths_fast import FastPaths
+
+    try:
+        return FastPaths(TwinRunner(model))
+    except Unsupported as e:
+        raise EntitylensError(f"DAS runs on the fast engine, which cannot run this model ({e})") from None
+
+
+def _capture(fp: Any, pairs: Sequence[PatchPair]) -> list[tuple[Any, Any]]:
+    return [(fp.capture(p.clean_tokens, p.clean_answer_pos), fp.capture(p.corrupted_tokens, p.corrupted_answer_pos))
+            for p in progress(pairs, desc="capture", unit="pair")]
+
+
+def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, basis: Tensor,
+                    targets: Sequence[int] | None = None, _caps: Any = None) -> Tensor:
+    """Whether each pair's intervened run gives its counterfactual answer (top-1), ``[pair]`` bool.
+
+    Args:
+        model: A ``TransformerBridge`` (run on the fast engine's twin).
+        pairs: Tokenised pairs (base = corrupted prompt, source = clean prompt).
+        layer: ``resid_pre`` layer of the site.
+        role: Role of the site.
+        basis: ``[d, k]`` orthonormal basis (e.g. :attr:`DASResult.basis`, probe directions, a random one).
+        targets: Counterfactual answer token per pair (default: the clean answers).
+    """
+    fp = _engine(model) if _caps is None else _caps[0]
+    caps = _capture(fp, pairs) if _caps is None else _caps[1]
+    d = int(fp.r.twin.config.hidden_size)
+    if basis.ndim != 2 or basis.shape[0] != d:
+        raise EntitylensError(f"basis must be [d_model={d}, k], got {tuple(basis.shape)}")
+    tg = [p.clean_answer for p in pairs] if targets is None else list(targets)
+    ok = []
+    with torch.no_grad():
+        for p, (clean, corr), t in zip(pairs, caps, tg, strict=True):
+            ok.append(int(_Site(fp, p, clean, corr, layer, role).logits(basis).argmax()) == int(t))
+    return torch.tensor(ok, dtype=torch.bool)
+
+
+def train_das(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str,
+              config: DASConfig | None = None, targets: Sequence[int] | None = None) -> list[DASResult]:
+    """Learn a ``k``-dimensional subspace of ``resid_pre`` at ``role`` for every layer; held-out IIA per layer.
+
+    Args:
+        model: A ``TransformerBridge``.
+        pairs: Tokenised pairs (at least 4).
+        layers: Layers to search.
+        role: The site's role.
+        config: :class:`DASConfig`.
+        targets: Counterfactual answer token per pair (default: the clean answers).
+
+    Returns:
+        One :class:`DASResult` per layer.
+    """
+    cfg = config or DASConfig()
+    if len(pairs) < 4:
+        raise EntitylensError(f"DAS needs at least 4 pairs (a training and a held-out split), got {len(pairs)}")
+    fp = _engine(model)
+    d = int(fp.r.twin.config.hidden_size)
+    if cfg.k > d:
+        raise EntitylensError(f"subspace dimension k={cfg.k} is larger than d_model={d}; use k <= {d}")
+    n_layers = fp.r.n_layers
+    bad = [la for la in layers if not 0 <= la < n_layers]
+    if bad:
+        raise EntitylensError(f"layers {bad} are outside the model's 0-{n_layers - 1}")
+    tg = [p.clean_answer for p in pairs] if targets is None else [int(t) for t in targets]
+    if len(tg) != len(pairs):
+        raise EntitylensError(f"{len(tg)} targets for {len(pairs)} pairs; give one counterfactual answer per pair")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(pairs), generator=gen).tolist()
+    n_test = max(1, min(len(pairs) - 1, round(cfg.test_fraction * len(pairs))))
+    test, train = sorted(order[:n_test]), sorted(order[n_test:])
+    caps = _capture(fp, pairs)
+    for prm in fp.r.twin.parameters():
+        prm.requires_grad_(False)
+    out = []
+    for layer in progress(list(layers), desc="DAS", unit="layer"):
+        out.append(_train_layer(fp, pairs, caps, tg, layer, role, cfg, train, test, d))
+    return out
+
+
+def _basis(rot: torch.nn.Module) -> Tensor:
+    """The parametrised module's ``[d, k]`` basis (its weight is ``[k, d]`` with orthonormal rows)."""
+    weight: Tensor = rot.weight  # type: ignore[assignment]
+    return weight.mT
+
+
+def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], layer: int, role: str,
+                 cfg: DASConfig, train: list[int], test: list[int], d: int) -> DASResult:
+    t0 = time.perf_counter()
+    sites = [_Site(fp, p, c, x, layer, role) for p, (c, x) in zip(pairs, caps, strict=True)]
+    torch.manual_seed(cfg.seed)
+    rot = torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(d, cfg.k, bias=False))
+    opt = torch.optim.Adam(rot.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.steps):
+        idx = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch].tolist()]
+        basis = _basis(rot)  # [d, k], orthonormal columns
+        loss = torch.stack([torch.nn.functional.cross_entropy(sites[i].logits(basis)[None].float(),
+                                                               torch.tensor([tg[i]])) for i in idx]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    basis = _basis(rot).detach().float().clone()
+    with torch.no_grad():
+        hit = [int(sites[i].logits(basis).argmax()) == tg[i] for i in range(len(pairs))]
+    iia = lambda rows: sum(hit[i] for i in rows) / len(rows)  # noqa: E731
+    if not math.isfinite(losses[-1]):
+        raise EntitylensError(f"DAS diverged at layer {layer} (loss {losses[-1]}); lower lr")
+    return DASResult(layer=layer, role=role, basis=basis, train_iia=iia(train), test_iia=iia(test), train=train,
+                     test=test, seconds=time.perf_counter() - t0, losses=losses)
