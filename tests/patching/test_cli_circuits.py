@@ -121,3 +121,5 @@ def test_das_cli_train_cross_model_and_compare(pairs_file: Path, tmp_path: Path)
     assert main("patch", "das", "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "base,code",
                 "--out", str(tmp_path / "c")) == 0
     assert (tmp_path / "c" / "das_compare.png").read_bytes()[:8] == PNG_MAGIC
+    assert main("patch", "das", "--model", "tiny:llama", *common, "--basis", "pca", "--out", str(tmp_path / "p")) == 0
+    assert {r["source"] for r in _rows(tmp_path / "p" / "das.csv")} == {"pca"}

@@ -68,3 +68,21 @@ def test_das_errors(var_model: Any) -> None:
         interchange_iia(var_model, pairs, 0, "last", torch.zeros(31, 1))
     with pytest.raises(EntitylensError, match="k, steps and batch"):
         DASConfig(k=0)
+
+
+def test_pca_basis_matches_numpy_svd_of_the_differences(var_model: Any) -> None:
+    import numpy as np
+
+    from entitylens.patching.das import pca_basis
+
+    pairs = variable_pairs(12, seed=2)
+    q = pca_basis(var_model, pairs, 0, "last", 2)
+    torch.testing.assert_close(q.T @ q, torch.eye(2), atol=1e-5, rtol=0)
+    diffs = []
+    for p in pairs:
+        _, c = var_model.run_with_cache(p.clean_tokens[None])
+        _, x = var_model.run_with_cache(p.corrupted_tokens[None])
+        diffs.append((c["blocks.0.hook_resid_pre"][0, -1] - x["blocks.0.hook_resid_pre"][0, -1]).double().numpy())
+    _, _, vt = np.linalg.svd(np.stack(diffs), full_matrices=False)
+    for j in range(2):
+        assert abs(float(np.dot(vt[j], q[:, j].double().numpy()))) > 0.999

@@ -143,6 +143,9 @@ def add_das(psub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3, help="held-out fraction of the pairs (default 0.3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subspaces", type=Path, default=None, help="score these subspaces (a `patch das` run dir)")
+    p.add_argument("--basis", choices=("das", "pca"), default="das",
+                   help="das (learn; default) or pca: score the top-k principal directions of the clean - "
+                   "corrupted differences (from the training pairs) instead")
     p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
                    help="draw two `patch das` runs on one figure (das_compare.png)")
     p.add_argument("--labels", default=None, help="labels of --compare (comma-separated)")
@@ -169,7 +172,8 @@ def run_das_cmd(args: argparse.Namespace) -> int:
     model, pairs, sha = _load(args, _syntax([f"resid_pre:0@{args.role}"]))
     layers = args.layers if args.layers is not None else list(range(int(model.cfg.n_layers)))
     table, files = run_das_job(model, pairs, layers, args.role, args.out, pairs_sha256=sha, config=cfg,
-                               subspaces=args.subspaces, label=model_label(args.model), overwrite=args.overwrite)
+                               subspaces=args.subspaces, basis=args.basis, label=model_label(args.model),
+                               overwrite=args.overwrite)
     print(markdown_table(table, ["layer", "k", "source", "train_iia", "test_iia", "n_test"]))
     print("wrote " + ", ".join(str(p) for p in files))
     return 0

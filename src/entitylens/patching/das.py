@@ -37,7 +37,7 @@ from entitylens.patching.sites import site_positions
 from entitylens.patching.types import PatchPair
 from entitylens.progress import progress
 
-__all__ = ["DASConfig", "DASResult", "interchange", "interchange_iia", "train_das"]
+__all__ = ["DASConfig", "DASResult", "interchange", "interchange_iia", "pca_basis", "train_das"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,28 @@ def _engine(model: Any) -> Any:
 def _capture(fp: Any, pairs: Sequence[PatchPair]) -> list[tuple[Any, Any]]:
     return [(fp.capture(p.clean_tokens, p.clean_answer_pos), fp.capture(p.corrupted_tokens, p.corrupted_answer_pos))
             for p in progress(pairs, desc="capture", unit="pair")]
+
+
+def pca_basis(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, k: int) -> Tensor:
+    """The top-``k`` principal directions ``[d, k]`` of the clean - corrupted differences at the site (uncentred).
+
+    The subspace where the pairs' clean and corrupted activations differ most: a data-driven basis to score
+    with :func:`interchange_iia` next to a learned one.
+    """
+    fp = _engine(model)
+    diffs = []
+    with torch.no_grad():
+        for p in pairs:
+            clean, corr = fp.capture(p.clean_tokens, p.clean_answer_pos), fp.capture(p.corrupted_tokens,
+                                                                                       p.corrupted_answer_pos)
+            site = _Site(fp, p, clean, corr, layer, role)
+            diffs.append((site.h_src - site.h_base).double())
+    D = torch.stack(diffs)
+    if k > min(D.shape):
+        raise EntitylensError(f"k={k} exceeds what {len(pairs)} pairs at d_model={D.shape[1]} can span; "
+                              f"use k <= {min(D.shape)}")
+    _, _, vh = torch.linalg.svd(D, full_matrices=False)
+    return vh[:k].T.float().contiguous()
 
 
 def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, basis: Tensor,

@@ -25,7 +25,7 @@ from entitylens._io import RunDir, atomic_write, prepare_output_dir, sha256_file
 from entitylens.activations.identity import model_fingerprint
 from entitylens.errors import EntitylensError
 from entitylens.frames import frame, write_csv
-from entitylens.patching.das import DASConfig, DASResult, interchange_iia, train_das
+from entitylens.patching.das import DASConfig, DASResult, interchange_iia, pca_basis, train_das
 from entitylens.patching.paths import PathResult, path_patch
 from entitylens.patching.sites import Site, SiteResult, patch_sites
 from entitylens.patching.types import PatchPair
@@ -166,7 +166,7 @@ def read_subspaces(path: str | os.PathLike[str]) -> tuple[str, dict[int, torch.T
 
 def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str,
                 out: str | os.PathLike[str], *, pairs_sha256: str, config: DASConfig | None = None,
-                subspaces: str | os.PathLike[str] | None = None, label: str = "",
+                subspaces: str | os.PathLike[str] | None = None, basis: str = "das", label: str = "",
                 overwrite: bool = False) -> tuple[pd.DataFrame, list[Path]]:
     """DAS per layer at ``role`` (or the IIA of given subspaces, e.g. learned on the pair model); writes the run.
 
@@ -183,6 +183,8 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
         config: :class:`~entitylens.patching.das.DASConfig`.
         subspaces: Score these bases (a ``das_subspaces.safetensors`` or its run directory) on every pair
             instead of training (cross-model: learned on the pair model; shapes must match).
+        basis: ``"das"`` (learn, default) or ``"pca"``: score the top-``k`` principal directions of the clean -
+            corrupted differences at each layer (computed on the training split, scored on the held-out one).
         label: Model label for the figure.
         overwrite: Replace another run's results in ``out``.
 
@@ -206,13 +208,26 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
                                   f"pass --role {sub_role}")
         sp = Path(subspaces)
         src_sha = sha256_file(sp / SUBSPACES if sp.is_dir() else sp)
+    if basis not in ("das", "pca"):
+        raise EntitylensError(f"unknown basis {basis!r}; use das or pca")
     ident = _identity(model, pairs_sha256, layers=list(layers), role=role, config=dict(cfg.__dict__),
-                      subspaces_sha256=src_sha)
+                      subspaces_sha256=src_sha, basis=basis)
     d = _check_dir(out, "entitylens.das", ident, overwrite)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     files = [d / "das.csv"]
-    if subspaces is None:
+    if subspaces is None and basis == "pca":
+        gen = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(len(pairs), generator=gen).tolist()
+        n_test = max(1, min(len(pairs) - 1, round(cfg.test_fraction * len(pairs))))
+        test, train = sorted(order[:n_test]), sorted(order[n_test:])
+        for la in layers:
+            q = pca_basis(model, [pairs[i] for i in train], la, role, cfg.k)
+            hit = interchange_iia(model, pairs, la, role, q)
+            rows.append({"layer": la, "role": role, "k": cfg.k, "source": "pca",
+                         "train_iia": float(hit[train].double().mean()), "test_iia": float(hit[test].double().mean()),
+                         "n_train": len(train), "n_test": len(test)})
+    elif subspaces is None:
         results: list[DASResult] = train_das(model, pairs, layers, role, cfg)
         for r in results:
             rows.append({"layer": r.layer, "role": role, "k": cfg.k, "source": "learned", "train_iia": r.train_iia,
@@ -230,7 +245,8 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
                          "n_test": len(pairs)})
     table = frame(rows, DAS_COLUMNS)
     write_csv(table, d / "das.csv")
-    pngs = plot_iia({label or "model": table}, d / "das", title=f"DAS at {role} (resid_pre), k = {cfg.k}")
+    what = "DAS" if basis == "das" and subspaces is None else "given subspaces" if subspaces else "PCA subspace"
+    pngs = plot_iia({label or "model": table}, d / "das", title=f"{what} at {role} (resid_pre), k = {cfg.k}")
     write_json(d / "meta.json", {"kind": "entitylens.das", "identity": ident, "pairs": [p.name for p in pairs]})
     write_timing(d, "das_seconds", time.perf_counter() - t0)
     return table, [*files, *pngs, d / "meta.json"]
