@@ -37,7 +37,7 @@ from entitylens.patching.sites import site_positions
 from entitylens.patching.types import PatchPair
 from entitylens.progress import progress
 
-__all__ = ["DASConfig", "DASResult", "interchange", "interchange_iia", "pca_basis", "train_das"]
+__all__ = ["DASConfig", "DASResult", "das_split", "interchange", "interchange_iia", "pca_basis", "train_das"]
 
 
 @dataclass(frozen=True)
@@ -211,10 +211,7 @@ def train_das(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], rol
     tg = [p.clean_answer for p in pairs] if targets is None else [int(t) for t in targets]
     if len(tg) != len(pairs):
         raise EntitylensError(f"{len(tg)} targets for {len(pairs)} pairs; give one counterfactual answer per pair")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(pairs), generator=gen).tolist()
-    n_test = max(1, min(len(pairs) - 1, round(cfg.test_fraction * len(pairs))))
-    test, train = sorted(order[:n_test]), sorted(order[n_test:])
+    train, test = das_split(len(pairs), cfg)
     caps = _capture(fp, pairs)
     for prm in fp.r.twin.parameters():
         prm.requires_grad_(False)
@@ -222,6 +219,13 @@ def train_das(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], rol
     for layer in progress(list(layers), desc="DAS", unit="layer"):
         out.append(_train_layer(fp, pairs, caps, tg, layer, role, cfg, train, test, d))
     return out
+
+
+def das_split(n: int, cfg: DASConfig) -> tuple[list[int], list[int]]:
+    """The seeded (train, held-out) split of ``n`` pairs: ``test_fraction`` held out, at least one on each side."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_test = max(1, min(n - 1, round(cfg.test_fraction * n)))
+    return sorted(order[n_test:]), sorted(order[:n_test])
 
 
 def _basis(rot: torch.nn.Module) -> Tensor:

@@ -25,7 +25,7 @@ from entitylens._io import RunDir, atomic_write, prepare_output_dir, sha256_file
 from entitylens.activations.identity import model_fingerprint
 from entitylens.errors import EntitylensError
 from entitylens.frames import frame, write_csv
-from entitylens.patching.das import DASConfig, DASResult, interchange_iia, pca_basis, train_das
+from entitylens.patching.das import DASConfig, DASResult, das_split, interchange_iia, pca_basis, train_das
 from entitylens.patching.paths import PathResult, path_patch
 from entitylens.patching.sites import Site, SiteResult, patch_sites
 from entitylens.patching.types import PatchPair
@@ -217,21 +217,11 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
     rows: list[dict[str, Any]] = []
     files = [d / "das.csv"]
     if subspaces is None and basis == "pca":
-        gen = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(pairs), generator=gen).tolist()
-        n_test = max(1, min(len(pairs) - 1, round(cfg.test_fraction * len(pairs))))
-        test, train = sorted(order[:n_test]), sorted(order[n_test:])
-        for la in layers:
-            q = pca_basis(model, [pairs[i] for i in train], la, role, cfg.k)
-            hit = interchange_iia(model, pairs, la, role, q)
-            rows.append({"layer": la, "role": role, "k": cfg.k, "source": "pca",
-                         "train_iia": float(hit[train].double().mean()), "test_iia": float(hit[test].double().mean()),
-                         "n_train": len(train), "n_test": len(test)})
+        rows = _pca_rows(model, pairs, layers, role, cfg)
     elif subspaces is None:
         results: list[DASResult] = train_das(model, pairs, layers, role, cfg)
-        for r in results:
-            rows.append({"layer": r.layer, "role": role, "k": cfg.k, "source": "learned", "train_iia": r.train_iia,
-                         "test_iia": r.test_iia, "n_train": len(r.train), "n_test": len(r.test)})
+        rows = [{"layer": r.layer, "role": role, "k": cfg.k, "source": "learned", "train_iia": r.train_iia,
+                 "test_iia": r.test_iia, "n_train": len(r.train), "n_test": len(r.test)} for r in results]
         head = json.dumps({"role": role, "k": cfg.k, "kind": "entitylens.das"}, sort_keys=True)
         blob = save({f"layer{r.layer}": r.basis.contiguous() for r in results}, metadata={"entitylens_das": head})
         with atomic_write(d / SUBSPACES, "wb", encoding=None) as f:
@@ -250,3 +240,17 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
     write_json(d / "meta.json", {"kind": "entitylens.das", "identity": ident, "pairs": [p.name for p in pairs]})
     write_timing(d, "das_seconds", time.perf_counter() - t0)
     return table, [*files, *pngs, d / "meta.json"]
+
+
+def _pca_rows(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str, cfg: DASConfig
+              ) -> list[dict[str, Any]]:
+    """IIA of the top-k PCA subspace of the training pairs' clean - corrupted differences, per layer."""
+    train, test = das_split(len(pairs), cfg)
+    rows = []
+    for la in layers:
+        q = pca_basis(model, [pairs[i] for i in train], la, role, cfg.k)
+        hit = interchange_iia(model, pairs, la, role, q)
+        rows.append({"layer": la, "role": role, "k": cfg.k, "source": "pca",
+                     "train_iia": float(hit[train].double().mean()), "test_iia": float(hit[test].double().mean()),
+                     "n_train": len(train), "n_test": len(test)})
+    return rows
