@@ -86,3 +86,22 @@ def test_pca_basis_matches_numpy_svd_of_the_differences(var_model: Any) -> None:
     _, _, vt = np.linalg.svd(np.stack(diffs), full_matrices=False)
     for j in range(2):
         assert abs(float(np.dot(vt[j], q[:, j].double().numpy()))) > 0.999
+
+
+def test_batched_interventions_equal_one_pair_at_a_time(tiny_model: Any, pair: PatchPair, diff_pair: PatchPair
+                                                        ) -> None:
+    """Rows of different prompt lengths in one forward (padded, masked prefixes) == each pair on its own."""
+    from entitylens.patching.das import _batched_logits, _capture, _engine, _Site
+
+    fp = _engine(tiny_model)
+    pairs = [pair, diff_pair, pair]
+    caps = _capture(fp, pairs)
+    gen = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(64, 3, generator=gen))
+    for layer in (0, 1):
+        sites = [_Site(fp, p, c, x, layer, "last") for p, (c, x) in zip(pairs, caps, strict=True)]
+        with torch.no_grad():
+            batched = _batched_logits(fp, sites, basis)
+            single = torch.stack([s.logits(basis) for s in sites])
+        torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+        assert len({len(p.corrupted_tokens) for p in pairs}) == 2  # really different lengths

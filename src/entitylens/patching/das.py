@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from entitylens.errors import EntitylensError
+from entitylens.patching.engine_fast import layer_out
 from entitylens.patching.sites import site_positions
 from entitylens.patching.types import PatchPair
 from entitylens.progress import progress
@@ -120,6 +121,60 @@ class _Site:
         return self.fp.r.logits(out[:, -1])[0]
 
 
+class _PaddedPrefixKV:
+    """Stand-in for an HF cache: each row's own keys/values before its position, left-padded to one length."""
+
+    def __init__(self, sites: Sequence[_Site]) -> None:
+        P = max(s.pos for s in sites)
+        self.P = P
+        L = len(sites[0].corr.keys)
+        self.keys, self.values = [], []
+        for j in range(L):
+            ks, vs = [], []
+            for s in sites:
+                k, v = s.corr.keys[j][:, :, :s.pos], s.corr.values[j][:, :, :s.pos]
+                pad = P - s.pos
+                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            self.keys.append(torch.cat(ks))
+            self.values.append(torch.cat(vs))
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """The rows' prefixes behind their one new key/value."""
+        return torch.cat([self.keys[layer_idx], key], 2), torch.cat([self.values[layer_idx], value], 2)
+
+
+def _batched_logits(fp: Any, sites: Sequence[_Site], basis: Tensor) -> Tensor:
+    """Answer logits ``[B, V]`` of sites whose position is the answer's, in one batched forward per layer.
+
+    Each row keeps its own prefix (left-padded and masked), rotary position and layer-``l`` input.
+    """
+    r = fp.r
+    layer = sites[0].layer
+    hb = torch.stack([s.h_base for s in sites])
+    hs = torch.stack([s.h_src for s in sites])
+    hidden = interchange(hb, hs, basis.to(hb.dtype))[:, None]
+    cache = _PaddedPrefixKV(sites)
+    P = cache.P
+    slot = torch.arange(P + 1, device=hidden.device)
+    real = torch.stack([(slot >= P - s.pos) for s in sites])  # [B, P+1]: padding slots hidden
+    mask = torch.where(real, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)[:, None, None, :]
+    pos_ids = torch.tensor([[s.pos] for s in sites], device=hidden.device)
+    rope = {t: (torch.cat([s.corr.rope[t][0][:, s.pos:s.pos + 1] for s in sites]),
+                torch.cat([s.corr.rope[t][1][:, s.pos:s.pos + 1] for s in sites])) for t in sites[0].corr.rope}
+    for j in range(layer, r.n_layers):
+        hidden = layer_out(r.layers[j](hidden, attention_mask=mask, position_ids=pos_ids, past_key_values=cache,
+                                       use_cache=True, position_embeddings=rope[r.layer_types[j]]))
+    return r.logits(hidden[:, -1])
+
+
+def _logits(fp: Any, sites: Sequence[_Site], basis: Tensor) -> Tensor:
+    """Answer logits ``[B, V]`` of several sites: batched when each site is at its answer position."""
+    if fp.r.sliding_window is None and all(s.pos == s.answer for s in sites) and len(sites) > 1:
+        return _batched_logits(fp, sites, basis)
+    return torch.stack([s.logits(basis) for s in sites])
+
+
 def _engine(model: Any) -> Any:
     from entitylens.patching.engine_fast import TwinRunner, Unsupported
     from entitylens.patching.paths_fast import FastPaths
@@ -175,10 +230,12 @@ def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: st
     if basis.ndim != 2 or basis.shape[0] != d:
         raise EntitylensError(f"basis must be [d_model={d}, k], got {tuple(basis.shape)}")
     tg = [p.clean_answer for p in pairs] if targets is None else list(targets)
-    ok = []
+    ok: list[bool] = []
+    sites = [_Site(fp, p, clean, corr, layer, role) for p, (clean, corr) in zip(pairs, caps, strict=True)]
     with torch.no_grad():
-        for p, (clean, corr), t in zip(pairs, caps, tg, strict=True):
-            ok.append(int(_Site(fp, p, clean, corr, layer, role).logits(basis).argmax()) == int(t))
+        for b0 in range(0, len(sites), 32):
+            pred = _logits(fp, sites[b0:b0 + 32], basis).argmax(-1)
+            ok.extend(int(a) == int(t) for a, t in zip(pred.tolist(), tg[b0:b0 + 32], strict=True))
     return torch.tensor(ok, dtype=torch.bool)
 
 
@@ -246,15 +303,18 @@ def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], 
     for _ in range(cfg.steps):
         idx = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch].tolist()]
         basis = _basis(rot)  # [d, k], orthonormal columns
-        loss = torch.stack([torch.nn.functional.cross_entropy(sites[i].logits(basis)[None].float(),
-                                                               torch.tensor([tg[i]])) for i in idx]).mean()
+        logits = _logits(fp, [sites[i] for i in idx], basis).float()
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([tg[i] for i in idx], device=logits.device))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     basis = _basis(rot).detach().float().clone()
+    hit: list[bool] = []
     with torch.no_grad():
-        hit = [int(sites[i].logits(basis).argmax()) == tg[i] for i in range(len(pairs))]
+        for b0 in range(0, len(sites), 32):
+            pred = _logits(fp, sites[b0:b0 + 32], basis).argmax(-1).tolist()
+            hit.extend(int(a) == tg[b0 + i] for i, a in enumerate(pred))
     iia = lambda rows: sum(hit[i] for i in rows) / len(rows)  # noqa: E731
     if not math.isfinite(losses[-1]):
         raise EntitylensError(f"DAS diverged at layer {layer} (loss {losses[-1]}); lower lr")
