@@ -103,7 +103,7 @@ def test_das_cli_train_cross_model_and_compare(pairs_file: Path, tmp_path: Path)
     assert main("patch", "pairs", "--data", str(pairs_file.parent / "d.jsonl"), "--kind", "op_object",
                 "--max-pairs", "6", "--out", str(six)) == 0
     common = ("--pairs", str(six), "--role", "last", "--layers", "0,1", "--steps", "3", "--batch", "2",
-              "--test-fraction", "0.5")
+              "--test-fraction", "0.5", "--all-pairs")
     assert main("patch", "das", "--model", "tiny:llama", *common, "--out", str(tmp_path / "a")) == 0
     assert main("patch", "das", "--model", "tiny:llama", *common, "--out", str(tmp_path / "a2")) == 0
     for f in ("das.csv", "das_subspaces.safetensors"):

@@ -68,6 +68,18 @@ def test_das_errors(var_model: Any) -> None:
         interchange_iia(var_model, pairs, 0, "last", torch.zeros(31, 1))
     with pytest.raises(EntitylensError, match="k, steps and batch"):
         DASConfig(k=0)
+    flipped = [PatchPair(p.corrupted_tokens, p.clean_tokens, p.clean_answer, p.corrupted_answer) for p in pairs]
+    with pytest.raises(EntitylensError, match="gets right both ways"):
+        train_das(var_model, flipped, [0], "last")  # the model prefers the other answer on every clean prompt
+
+
+def test_top1_criterion_and_pairwise_agree_on_the_known_direction(var_model: Any) -> None:
+    pairs = variable_pairs(10, seed=4)
+    e0 = torch.zeros(32, 1)
+    e0[0, 0] = 1.0
+    assert bool(interchange_iia(var_model, pairs, 0, "last", e0, criterion="top1").all())
+    (res,) = train_das(var_model, pairs, [0], "last", DASConfig(k=1, steps=40, criterion="top1", batch=4))
+    assert res.test_iia >= 0.95
 
 
 def test_pca_basis_matches_numpy_svd_of_the_differences(var_model: Any) -> None:

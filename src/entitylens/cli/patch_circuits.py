@@ -142,6 +142,11 @@ def add_das(psub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=16, help="training pairs per step (default 16)")
     p.add_argument("--test-fraction", type=float, default=0.3, help="held-out fraction of the pairs (default 0.3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--criterion", choices=("pairwise", "top1"), default="pairwise",
+                   help="pairwise (default): the intervened run prefers the clean answer over the corrupted one; "
+                   "top1: the clean answer is the top-1 token")
+    p.add_argument("--all-pairs", action="store_true",
+                   help="train on every pair, not only those the model gets right both ways")
     p.add_argument("--subspaces", type=Path, default=None, help="score these subspaces (a `patch das` run dir)")
     p.add_argument("--basis", choices=("das", "pca"), default="das",
                    help="das (learn; default) or pca: score the top-k principal directions of the clean - "
@@ -168,7 +173,7 @@ def run_das_cmd(args: argparse.Namespace) -> int:
     from entitylens.pipelines.circuits import run_das_job
 
     cfg = DASConfig(k=args.k, steps=args.steps, lr=args.lr, batch=args.batch, test_fraction=args.test_fraction,
-                    seed=args.seed)
+                    seed=args.seed, criterion=args.criterion, behaving_only=not args.all_pairs)
     model, pairs, sha = _load(args, _syntax([f"resid_pre:0@{args.role}"]))
     layers = args.layers if args.layers is not None else list(range(int(model.cfg.n_layers)))
     table, files = run_das_job(model, pairs, layers, args.role, args.out, pairs_sha256=sha, config=cfg,

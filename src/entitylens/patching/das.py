@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -52,6 +52,12 @@ class DASConfig:
         batch: Training pairs per step.
         test_fraction: Fraction of pairs held out (IIA reported on them).
         seed: Seed of the split, the initial rotation and the minibatches.
+        criterion: ``"pairwise"`` (default): an intervention succeeds when the counterfactual answer's logit
+            beats the other answer's (the pair's corrupted answer), trained with the logistic loss on that
+            difference -- the pair's two candidate tokens, as the patching metric; ``"top1"``: the
+            counterfactual answer must be the top-1 token, trained with the cross-entropy over the vocabulary.
+        behaving_only: Keep only pairs the model itself gets right both ways (the clean run prefers the
+            counterfactual answer, the corrupted run the other): IIA is defined on what the model does.
     """
 
     k: int = 1
@@ -60,8 +66,12 @@ class DASConfig:
     batch: int = 16
     test_fraction: float = 0.3
     seed: int = 0
+    criterion: Literal["pairwise", "top1"] = "pairwise"
+    behaving_only: bool = True
 
     def __post_init__(self) -> None:
+        if self.criterion not in ("pairwise", "top1"):
+            raise EntitylensError(f"unknown criterion {self.criterion!r}; use pairwise or top1")
         if self.k < 1 or self.steps < 1 or self.batch < 1 or not self.lr > 0:
             raise EntitylensError("DAS needs k, steps and batch >= 1 and lr > 0; e.g. k=1, steps=100, lr=0.05")
         if not 0.0 < self.test_fraction < 1.0:
@@ -175,6 +185,15 @@ def _logits(fp: Any, sites: Sequence[_Site], basis: Tensor) -> Tensor:
     return torch.stack([s.logits(basis) for s in sites])
 
 
+def _hits(logits: Tensor, tg: Sequence[int], alt: Sequence[int], criterion: str) -> list[bool]:
+    """Whether each row gives its counterfactual answer (``pairwise``: over the other answer; ``top1``)."""
+    t = torch.tensor(list(tg), device=logits.device)
+    if criterion == "top1":
+        return (logits.argmax(-1) == t).tolist()
+    a = torch.tensor(list(alt), device=logits.device)
+    return (logits.gather(1, t[:, None]) > logits.gather(1, a[:, None]))[:, 0].tolist()
+
+
 def _engine(model: Any) -> Any:
     from entitylens.patching.engine_fast import TwinRunner, Unsupported
     from entitylens.patching.paths_fast import FastPaths
@@ -213,7 +232,7 @@ def pca_basis(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, k: 
 
 
 def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, basis: Tensor,
-                    targets: Sequence[int] | None = None, _caps: Any = None) -> Tensor:
+                    targets: Sequence[int] | None = None, criterion: str = "pairwise", _caps: Any = None) -> Tensor:
     """Whether each pair's intervened run gives its counterfactual answer (top-1), ``[pair]`` bool.
 
     Args:
@@ -223,6 +242,7 @@ def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: st
         role: Role of the site.
         basis: ``[d, k]`` orthonormal basis (e.g. :attr:`DASResult.basis`, probe directions, a random one).
         targets: Counterfactual answer token per pair (default: the clean answers).
+        criterion: ``"pairwise"`` (over the pair's corrupted answer) or ``"top1"`` (see :class:`DASConfig`).
     """
     fp = _engine(model) if _caps is None else _caps[0]
     caps = _capture(fp, pairs) if _caps is None else _caps[1]
@@ -232,10 +252,10 @@ def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: st
     tg = [p.clean_answer for p in pairs] if targets is None else list(targets)
     ok: list[bool] = []
     sites = [_Site(fp, p, clean, corr, layer, role) for p, (clean, corr) in zip(pairs, caps, strict=True)]
+    alt = [p.corrupted_answer for p in pairs]
     with torch.no_grad():
         for b0 in range(0, len(sites), 32):
-            pred = _logits(fp, sites[b0:b0 + 32], basis).argmax(-1)
-            ok.extend(int(a) == int(t) for a, t in zip(pred.tolist(), tg[b0:b0 + 32], strict=True))
+            ok.extend(_hits(_logits(fp, sites[b0:b0 + 32], basis), tg[b0:b0 + 32], alt[b0:b0 + 32], criterion))
     return torch.tensor(ok, dtype=torch.bool)
 
 
@@ -268,13 +288,24 @@ def train_das(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], rol
     tg = [p.clean_answer for p in pairs] if targets is None else [int(t) for t in targets]
     if len(tg) != len(pairs):
         raise EntitylensError(f"{len(tg)} targets for {len(pairs)} pairs; give one counterfactual answer per pair")
-    train, test = das_split(len(pairs), cfg)
     caps = _capture(fp, pairs)
+    alt = [p.corrupted_answer for p in pairs]
+    keep = list(range(len(pairs)))
+    if cfg.behaving_only:
+        keep = [i for i, (c, x) in enumerate(caps)
+                if _hits(c.answer_logits[None], [tg[i]], [alt[i]], "pairwise")[0]
+                and not _hits(x.answer_logits[None], [tg[i]], [alt[i]], "pairwise")[0]]
+        if len(keep) < 4:
+            raise EntitylensError(f"only {len(keep)} of {len(pairs)} pairs are ones the model gets right both ways "
+                                  "(clean prefers its answer, corrupted the other); DAS needs 4: use pairs the model "
+                                  "solves, or behaving_only=False (--all-pairs)")
+    tr_k, te_k = das_split(len(keep), cfg)
+    train, test = [keep[i] for i in tr_k], [keep[i] for i in te_k]
     for prm in fp.r.twin.parameters():
         prm.requires_grad_(False)
     out = []
     for layer in progress(list(layers), desc="DAS", unit="layer"):
-        out.append(_train_layer(fp, pairs, caps, tg, layer, role, cfg, train, test, d))
+        out.append(_train_layer(fp, pairs, caps, tg, alt, layer, role, cfg, train, test, d))
     return out
 
 
@@ -291,7 +322,7 @@ def _basis(rot: torch.nn.Module) -> Tensor:
     return weight.mT
 
 
-def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], layer: int, role: str,
+def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], alt: list[int], layer: int, role: str,
                  cfg: DASConfig, train: list[int], test: list[int], d: int) -> DASResult:
     t0 = time.perf_counter()
     sites = [_Site(fp, p, c, x, layer, role) for p, (c, x) in zip(pairs, caps, strict=True)]
@@ -304,7 +335,13 @@ def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], 
         idx = [train[i] for i in torch.randperm(len(train), generator=gen)[:cfg.batch].tolist()]
         basis = _basis(rot)  # [d, k], orthonormal columns
         logits = _logits(fp, [sites[i] for i in idx], basis).float()
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([tg[i] for i in idx], device=logits.device))
+        t = torch.tensor([tg[i] for i in idx], device=logits.device)
+        if cfg.criterion == "top1":
+            loss = torch.nn.functional.cross_entropy(logits, t)
+        else:
+            a = torch.tensor([alt[i] for i in idx], device=logits.device)
+            margin = (logits.gather(1, t[:, None]) - logits.gather(1, a[:, None]))[:, 0]
+            loss = torch.nn.functional.softplus(-margin).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -313,8 +350,7 @@ def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], 
     hit: list[bool] = []
     with torch.no_grad():
         for b0 in range(0, len(sites), 32):
-            pred = _logits(fp, sites[b0:b0 + 32], basis).argmax(-1).tolist()
-            hit.extend(int(a) == tg[b0 + i] for i, a in enumerate(pred))
+            hit.extend(_hits(_logits(fp, sites[b0:b0 + 32], basis), tg[b0:b0 + 32], alt[b0:b0 + 32], cfg.criterion))
     iia = lambda rows: sum(hit[i] for i in rows) / len(rows)  # noqa: E731
     if not math.isfinite(losses[-1]):
         raise EntitylensError(f"DAS diverged at layer {layer} (loss {losses[-1]}); lower lr")

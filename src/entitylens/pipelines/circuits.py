@@ -229,7 +229,7 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
         files.append(d / SUBSPACES)
     else:
         for la in layers:
-            hit = interchange_iia(model, pairs, la, role, bases[la])
+            hit = interchange_iia(model, pairs, la, role, bases[la], criterion=cfg.criterion)
             rows.append({"layer": la, "role": role, "k": int(bases[la].shape[1]), "source": "given",
                          "train_iia": float("nan"), "test_iia": float(hit.double().mean()), "n_train": 0,
                          "n_test": len(pairs)})
@@ -249,7 +249,7 @@ def _pca_rows(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], rol
     rows = []
     for la in layers:
         q = pca_basis(model, [pairs[i] for i in train], la, role, cfg.k)
-        hit = interchange_iia(model, pairs, la, role, q)
+        hit = interchange_iia(model, pairs, la, role, q, criterion=cfg.criterion)
         rows.append({"layer": la, "role": role, "k": cfg.k, "source": "pca",
                      "train_iia": float(hit[train].double().mean()), "test_iia": float(hit[test].double().mean()),
                      "n_train": len(train), "n_test": len(test)})
