@@ -38,7 +38,8 @@ from entitylens.patching.sites import site_positions
 from entitylens.patching.types import PatchPair
 from entitylens.progress import progress
 
-__all__ = ["DASConfig", "DASResult", "das_split", "interchange", "interchange_iia", "pca_basis", "train_das"]
+__all__ = ["Captured", "DASConfig", "DASResult", "capture_pairs", "das_split", "interchange", "interchange_iia",
+           "pca_basis", "train_das"]
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class _Site:
         """Answer logits ``[V]`` of the intervened base run (differentiable in ``basis``)."""
         hidden = self.corr.resid[self.layer][self.pos:self.answer + 1][None].clone()
         hidden[0, 0] = interchange(self.h_base, self.h_src, basis.to(self.h_base.dtype))
-        out = self.fp._layers(self.corr, self.pos, self.answer, self.layer, self.fp.r.n_layers, hidden,
+        out = self.fp.run_layers(self.corr, self.pos, self.answer, self.layer, self.fp.r.n_layers, hidden,
                               lambda j: [])
         return self.fp.r.logits(out[:, -1])[0]
 
@@ -209,20 +210,30 @@ def _capture(fp: Any, pairs: Sequence[PatchPair]) -> list[tuple[Any, Any]]:
             for p in progress(pairs, desc="capture", unit="pair")]
 
 
-def pca_basis(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, k: int) -> Tensor:
+@dataclass
+class Captured:
+    """Each pair's clean and corrupted runs on the fast engine's twin, captured once for many layers or bases."""
+
+    fp: Any
+    runs: list[tuple[Any, Any]]
+
+
+def capture_pairs(model: Any, pairs: Sequence[PatchPair]) -> Captured:
+    """Capture every pair once (pass the result to :func:`pca_basis` / :func:`interchange_iia` per layer)."""
+    fp = _engine(model)
+    return Captured(fp, _capture(fp, pairs))
+
+
+def pca_basis(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, k: int,
+              captured: Captured | None = None) -> Tensor:
     """The top-``k`` principal directions ``[d, k]`` of the clean - corrupted differences at the site (uncentred).
 
     The subspace where the pairs' clean and corrupted activations differ most: a data-driven basis to score
-    with :func:`interchange_iia` next to a learned one.
+    with :func:`interchange_iia` next to a learned one. ``captured``: these pairs' runs from :func:`capture_pairs`.
     """
-    fp = _engine(model)
-    diffs = []
-    with torch.no_grad():
-        for p in pairs:
-            clean, corr = fp.capture(p.clean_tokens, p.clean_answer_pos), fp.capture(p.corrupted_tokens,
-                                                                                       p.corrupted_answer_pos)
-            site = _Site(fp, p, clean, corr, layer, role)
-            diffs.append((site.h_src - site.h_base).double())
+    cap = captured or capture_pairs(model, pairs)
+    diffs = [(site.h_src - site.h_base).double()
+             for site in (_Site(cap.fp, p, c, x, layer, role) for p, (c, x) in zip(pairs, cap.runs, strict=True))]
     D = torch.stack(diffs)
     if k > min(D.shape):
         raise EntitylensError(f"k={k} exceeds what {len(pairs)} pairs at d_model={D.shape[1]} can span; "
@@ -232,8 +243,9 @@ def pca_basis(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, k: 
 
 
 def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, basis: Tensor,
-                    targets: Sequence[int] | None = None, criterion: str = "pairwise", _caps: Any = None) -> Tensor:
-    """Whether each pair's intervened run gives its counterfactual answer (top-1), ``[pair]`` bool.
+                    targets: Sequence[int] | None = None, criterion: str = "pairwise",
+                    captured: Captured | None = None) -> Tensor:
+    """Whether each pair's intervened run gives its counterfactual answer, ``[pair]`` bool.
 
     Args:
         model: A ``TransformerBridge`` (run on the fast engine's twin).
@@ -243,9 +255,10 @@ def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: st
         basis: ``[d, k]`` orthonormal basis (e.g. :attr:`DASResult.basis`, probe directions, a random one).
         targets: Counterfactual answer token per pair (default: the clean answers).
         criterion: ``"pairwise"`` (over the pair's corrupted answer) or ``"top1"`` (see :class:`DASConfig`).
+        captured: These pairs' runs from :func:`capture_pairs` (captured here when ``None``).
     """
-    fp = _engine(model) if _caps is None else _caps[0]
-    caps = _capture(fp, pairs) if _caps is None else _caps[1]
+    cap = captured or capture_pairs(model, pairs)
+    fp, caps = cap.fp, cap.runs
     d = int(fp.r.twin.config.hidden_size)
     if basis.ndim != 2 or basis.shape[0] != d:
         raise EntitylensError(f"basis must be [d_model={d}, k], got {tuple(basis.shape)}")

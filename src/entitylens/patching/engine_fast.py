@@ -426,25 +426,34 @@ class TwinRunner:
                     v = v - dst.resid[j][dp]  # attn_out that turns this row's resid_mid into the source's
                 vals.append(v if c.head is None else v[c.head])
         dev = self.device
-        rows_t, idx_t = torch.tensor(rows, device=dev), torch.tensor(idx, device=dev)
-        vals_t = torch.stack(vals)
+        heads_t = None if component != "head_z" else torch.tensor(heads, device=dev)
+        return self.register_setter(j, component, torch.tensor(rows, device=dev), torch.tensor(idx, device=dev),
+                                    torch.stack(vals), heads_t)
+
+    def register_setter(self, j: int, component: str, rows: Tensor, idx: Tensor, vals: Tensor,
+                        heads: Tensor | None = None) -> Any:
+        """A hook on layer ``j`` writing ``vals`` into ``[rows, idx(, heads)]``; returns its handle.
+
+        ``component``: ``"head_z"`` (a head's ``z``, the input of ``o_proj``; ``heads`` required), or what
+        attention (``"attn_out"`` / ``"resid_mid"``) or the MLP (``"mlp_out"``) adds to the residual stream
+        (Gemma-2/3: after its output norm).
+        """
         layer = self.layers[j]
-        if component in ("attn_out", "resid_mid", "mlp_out"):
-            # What the sublayer adds to the residual stream (Gemma-2/3: after its output norm).
+        if component != "head_z":
             target = self.mlp_to_resid(layer) if component == "mlp_out" else self.attn_to_resid(layer)
 
             def set_hook(m: Any, args: Any, output: Any) -> Any:
-                layer_out(output)[rows_t, idx_t] = vals_t.to(layer_out(output).dtype)
+                layer_out(output)[rows, idx] = vals.to(layer_out(output).dtype)
                 return output
 
             return target.register_forward_hook(set_hook)
-        heads_t = torch.tensor(heads, device=dev)
+        assert heads is not None
         n_heads, d_head = self.n_heads, self.d_head
 
         def z_hook(m: Any, args: Any) -> Any:
             x = args[0]
             z = x.reshape(x.shape[0], x.shape[1], n_heads, d_head).clone()
-            z[rows_t, idx_t, heads_t] = vals_t.to(z.dtype)
+            z[rows, idx, heads] = vals.to(z.dtype)
             return (z.reshape(x.shape),) + tuple(args[1:])
 
         return layer.self_attn.o_proj.register_forward_pre_hook(z_hook)

@@ -32,16 +32,17 @@ from entitylens.patching.sites import (
     Edit,
     PatchMetrics,
     Site,
+    answer_ld,
     capture_sites,
-    check_heads,
-    check_layers,
+    check_sites,
     patched_forward,
     site_positions,
+    site_value,
 )
 from entitylens.patching.types import PatchPair
 from entitylens.progress import progress
 
-__all__ = ["RECEIVERS", "SENDERS", "PathResult", "check_path_sites", "path_patch"]
+__all__ = ["RECEIVERS", "SENDERS", "PathResult", "check_path_sites", "path_patch", "reads_after"]
 
 SENDERS = ("head", "attn_out", "mlp_out")
 """Components a path can start from."""
@@ -69,7 +70,8 @@ class PathResult(PatchMetrics):
         return self.normalised.nanmean(0)
 
 
-def _reads_after(sender: Site, receiver: Site) -> bool:
+def reads_after(sender: Site, receiver: Site) -> bool:
+    """Whether ``receiver`` sits after ``sender`` (``resid_post``: the same layer or later; else a later layer)."""
     if receiver.component == "resid_post":
         return receiver.layer >= sender.layer
     return receiver.layer > sender.layer
@@ -86,7 +88,7 @@ def check_path_sites(senders: Sequence[Site], receivers: Sequence[Site]) -> None
         raise EntitylensError(f"sender(s) {bad_s}: a path starts at one of {SENDERS}")
     if bad_r:
         raise EntitylensError(f"receiver(s) {bad_r}: a path ends at one of {RECEIVERS}")
-    if not any(_reads_after(s, r) for s in senders for r in receivers):
+    if not any(reads_after(s, r) for s in senders for r in receivers):
         raise EntitylensError("every sender is at or after every receiver; a receiver must sit at a later layer "
                               "than its sender (resid_post: the same layer or later)")
 
@@ -95,8 +97,7 @@ def _step1_edits(row: int, s: Site, p: PatchPair, c_acts: dict[str, Tensor], x_a
                  n_layers: int, freeze_mlps: bool) -> list[Edit]:
     """The sender at its clean value; every later head (and MLP) at its corrupted value."""
     src, dst = site_positions(p, s.role, "clean"), site_positions(p, s.role, "corrupted")
-    value = c_acts[s.hook][src.to(c_acts[s.hook].device)]
-    edits = [Edit(row, s.hook, dst, s.head, value if s.head is None else value[:, s.head])]
+    edits = [Edit(row, s.hook, dst, s.head, site_value(c_acts[s.hook], src, s.head))]
     every = torch.arange(len(p.corrupted_tokens))
     first_frozen_head_layer = s.layer + 1  # heads at the sender's layer do not see it
     for layer in range(first_frozen_head_layer, n_layers):
@@ -131,7 +132,7 @@ def path_patch(model: Any, pairs: Sequence[PatchPair], senders: Sequence[Site], 
         The :class:`PathResult`; cells whose receiver cannot read the sender (not later) are ``nan``.
     """
     check_path_sites(senders, receivers)
-    check_layers(model, [*senders, *receivers])
+    check_sites(model, [*senders, *receivers])
     if method not in ("fast", "hooks"):
         raise EntitylensError(f"unknown method {method!r}; use 'fast' or 'hooks'")
     fast = _fast_engine(model, pairs) if method == "fast" else None
@@ -143,17 +144,14 @@ def path_patch(model: Any, pairs: Sequence[PatchPair], senders: Sequence[Site], 
         freeze_hooks += [SITE_HOOKS["mlp_out"].format(la) for la in range(n_layers)]
     need = sorted({s.hook for s in senders} | {r.hook for r in receivers} | set(freeze_hooks))
     rec_hooks = sorted({r.hook for r in receivers})
-    P, S, R = len(pairs), len(senders), len(receivers)
-    out = {k: torch.full((P, S, R), float("nan")) for k in ("ld", "prob", "top1")}
-    ld_clean, ld_corr = torch.zeros(P), torch.zeros(P)
-    cells = [(si, ri) for si in range(S) for ri in range(R) if _reads_after(senders[si], receivers[ri])]
+    S, R = len(senders), len(receivers)
+    out, ld_clean, ld_corr = _empty(len(pairs), S, R)
+    cells = [(si, ri) for si in range(S) for ri in range(R) if reads_after(senders[si], receivers[ri])]
     for pi, p in enumerate(progress(pairs, desc="path patching", unit="pair")):
         c_logits, c_acts = capture_sites(model, p.clean_tokens, need)
         x_logits, x_acts = capture_sites(model, p.corrupted_tokens, need)
-        check_heads([*senders, *receivers], x_acts)
-        good, bad = p.clean_answer, p.corrupted_answer
-        ld_clean[pi] = answer_metrics(c_logits[p.clean_answer_pos][None], good, bad)[0][0]
-        ld_corr[pi] = answer_metrics(x_logits[p.corrupted_answer_pos][None], good, bad)[0][0]
+        ld_clean[pi] = answer_ld(c_logits[p.clean_answer_pos], p)
+        ld_corr[pi] = answer_ld(x_logits[p.corrupted_answer_pos], p)
         # step 1: one row per sender, every receiver's input recorded
         recorded: dict[str, list[Tensor]] = {h: [] for h in rec_hooks}
         for s0 in range(0, S, batch):
@@ -172,15 +170,24 @@ def path_patch(model: Any, pairs: Sequence[PatchPair], senders: Sequence[Site], 
             for row, (si, ri) in enumerate(chunk_cells):
                 r = receivers[ri]
                 pos = site_positions(p, r.role, "corrupted")
-                val = inputs[r.hook][si][pos.to(inputs[r.hook].device)]
-                edits.append(Edit(row, r.hook, pos, r.head, val if r.head is None else val[:, r.head]))
+                edits.append(Edit(row, r.hook, pos, r.head, site_value(inputs[r.hook][si], pos, r.head)))
             logits, _ = patched_forward(model, p.corrupted_tokens, len(chunk_cells), edits, p.corrupted_answer_pos)
-            ld, prob, top1 = answer_metrics(logits, good, bad)
+            ld, prob, top1 = answer_metrics(logits, p.clean_answer, p.corrupted_answer)
             si_t = torch.tensor([c[0] for c in chunk_cells])
             ri_t = torch.tensor([c[1] for c in chunk_cells])
             out["ld"][pi, si_t, ri_t] = ld.cpu()
             out["prob"][pi, si_t, ri_t] = prob.cpu()
             out["top1"][pi, si_t, ri_t] = top1.float().cpu()
+    return _result(out, ld_clean, ld_corr, pairs, senders, receivers, freeze_mlps)
+
+
+def _empty(P: int, S: int, R: int) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """``nan`` grids ``[P, S, R]`` of ld / prob / top1 and zero ``[P]`` baselines."""
+    return {k: torch.full((P, S, R), float("nan")) for k in ("ld", "prob", "top1")}, torch.zeros(P), torch.zeros(P)
+
+
+def _result(out: dict[str, Tensor], ld_clean: Tensor, ld_corr: Tensor, pairs: Sequence[PatchPair],
+            senders: Sequence[Site], receivers: Sequence[Site], freeze_mlps: bool) -> PathResult:
     return PathResult(senders=tuple(senders), receivers=tuple(receivers), ld=out["ld"],
                       normalised=normalise(out["ld"], ld_clean, ld_corr), prob=out["prob"], top1=out["top1"],
                       ld_clean=ld_clean, ld_corrupted=ld_corr, pair_names=tuple(p.name for p in pairs),
@@ -204,27 +211,14 @@ def _fast(fp: Any, pairs: Sequence[PatchPair], senders: Sequence[Site], receiver
           freeze_mlps: bool, batch: int) -> PathResult:
     from entitylens.patching.paths_fast import fast_path_grid
 
-    P, S, R = len(pairs), len(senders), len(receivers)
-    out = {k: torch.full((P, S, R), float("nan")) for k in ("ld", "prob", "top1")}
-    ld_clean, ld_corr = torch.zeros(P), torch.zeros(P)
-    kv = int(getattr(fp.r.twin.config, "num_key_value_heads", None) or fp.r.n_heads)
-    for s in [*senders, *receivers]:
-        n = kv if s.component in ("k", "v") else fp.r.n_heads
-        if s.head is not None and s.head >= n:
-            kind = "key/value heads" if s.component in ("k", "v") else "heads"
-            raise EntitylensError(f"site {s}: the model has {n} {kind} at layer {s.layer}; use a head in 0-{n - 1}")
+    out, ld_clean, ld_corr = _empty(len(pairs), len(senders), len(receivers))
     for pi, p in enumerate(progress(pairs, desc="path patching", unit="pair")):
         grid, c_logits, x_logits = fast_path_grid(fp, p, senders, receivers, freeze_mlps, batch)
-        good, bad = p.clean_answer, p.corrupted_answer
-        ld_clean[pi] = answer_metrics(c_logits[None], good, bad)[0][0]
-        ld_corr[pi] = answer_metrics(x_logits[None], good, bad)[0][0]
+        ld_clean[pi], ld_corr[pi] = answer_ld(c_logits, p), answer_ld(x_logits, p)
         ok = ~torch.isnan(grid[:, :, 0])
         if bool(ok.any()):
-            ld, prob, top1 = answer_metrics(grid[ok], good, bad)
+            ld, prob, top1 = answer_metrics(grid[ok], p.clean_answer, p.corrupted_answer)
             out["ld"][pi][ok.cpu()] = ld.cpu()
             out["prob"][pi][ok.cpu()] = prob.cpu()
             out["top1"][pi][ok.cpu()] = top1.float().cpu()
-    return PathResult(senders=tuple(senders), receivers=tuple(receivers), ld=out["ld"],
-                      normalised=normalise(out["ld"], ld_clean, ld_corr), prob=out["prob"], top1=out["top1"],
-                      ld_clean=ld_clean, ld_corrupted=ld_corr, pair_names=tuple(p.name for p in pairs),
-                      freeze_mlps=freeze_mlps)
+    return _result(out, ld_clean, ld_corr, pairs, senders, receivers, freeze_mlps)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from entitylens.patching.engine_fast import CaptureKV, PrefixKV, TwinRunner, layer_out
+from entitylens.patching.paths import reads_after
 from entitylens.patching.sites import Site, site_positions
 from entitylens.patching.types import PatchPair
 
@@ -92,7 +93,7 @@ class FastPaths:
         return _Run(resid=resid, keys=kv.keys, values=kv.values, rope=rope, z=z, attn=attn, mlp=mlp,  # type: ignore[arg-type]
                     answer_logits=logits)
 
-    def _layers(self, run: _Run, start: int, end: int, j0: int, j1: int, hidden: Tensor,
+    def run_layers(self, run: _Run, start: int, end: int, j0: int, j1: int, hidden: Tensor,
                 hooks: Callable[[int], list[Any]], record: Callable[[int, Tensor], None] | None = None) -> Tensor:
         """Run layers ``j0..j1-1`` on positions ``start..end`` (keys/values before ``start`` from ``run``)."""
         r = self.r
@@ -135,7 +136,7 @@ class FastPaths:
             layer = r.layers[j]
             hs = []
             if j == ls:
-                hs.append(self._sender_hook(layer, senders, p, clean, start))
+                hs.append(self._sender_hook(j, senders, p, clean, start))
             if j > ls:
                 zc = corr.z[j][start:end + 1]
 
@@ -164,42 +165,25 @@ class FastPaths:
                     out[x] = h.detach().clone()
 
         with torch.no_grad():
-            self._layers(corr, start, end, ls, last, hidden, hooks, record)
+            self.run_layers(corr, start, end, ls, last, hidden, hooks, record)
         return start, out
 
-    def _sender_hook(self, layer: Any, senders: Sequence[Site], p: PatchPair, clean: _Run, start: int) -> Any:
-        r = self.r
+    def _sender_hook(self, j: int, senders: Sequence[Site], p: PatchPair, clean: _Run, start: int) -> Any:
+        """The senders' clean values written at layer ``j`` (rows share the component)."""
         rows, idx, heads, vals = [], [], [], []
         for row, s in enumerate(senders):
             src, dst = site_positions(p, s.role, "clean"), site_positions(p, s.role, "corrupted")
+            table = clean.z if s.component == "head" else clean.attn if s.component == "attn_out" else clean.mlp
             for sp, dp in zip(src.tolist(), dst.tolist(), strict=True):
                 rows.append(row)
                 idx.append(dp - start)
                 heads.append(s.head or 0)
-                table = clean.z if s.component == "head" else clean.attn if s.component == "attn_out" else clean.mlp
                 v = table[s.layer][sp]
                 vals.append(v if s.component != "head" else v[s.head])
-        dev = r.device
-        rows_t, idx_t, heads_t = (torch.tensor(x, device=dev) for x in (rows, idx, heads))
-        vals_t = torch.stack(vals)
-        comp = senders[0].component
-        if comp == "head":
-            n_heads, d_head = r.n_heads, r.d_head
-
-            def z_hook(m: Any, a: Any) -> Any:
-                x = a[0]
-                zz = x.reshape(x.shape[0], x.shape[1], n_heads, d_head).clone()
-                zz[rows_t, idx_t, heads_t] = vals_t.to(zz.dtype)
-                return (zz.reshape(x.shape),) + tuple(a[1:])
-
-            return layer.self_attn.o_proj.register_forward_pre_hook(z_hook)
-        target = r.attn_to_resid(layer) if comp == "attn_out" else r.mlp_to_resid(layer)
-
-        def set_hook(m: Any, a: Any, o: Any) -> Any:
-            layer_out(o)[rows_t, idx_t] = vals_t.to(layer_out(o).dtype)
-            return o
-
-        return target.register_forward_hook(set_hook)
+        dev = self.r.device
+        comp = {"head": "head_z"}.get(senders[0].component, senders[0].component)
+        return self.r.register_setter(j, comp, torch.tensor(rows, device=dev), torch.tensor(idx, device=dev),
+                                      torch.stack(vals), torch.tensor(heads, device=dev))
 
     def step2(self, p: PatchPair, corr: _Run, cells: Sequence[tuple[Site, Tensor, Tensor]], start: int,
               join: int) -> Tensor:
@@ -230,12 +214,8 @@ class FastPaths:
             return hs
 
         with torch.no_grad():
-            hidden = self._layers(corr, start, a, join, r.n_layers, hidden, hooks)
+            hidden = self.run_layers(corr, start, a, join, r.n_layers, hidden, hooks)
             return r.logits(hidden[:, -1])
-
-
-def _reads_after(sender: Site, receiver: Site) -> bool:
-    return receiver.layer >= sender.layer if receiver.component == "resid_post" else receiver.layer > sender.layer
 
 
 def fast_path_grid(fp: FastPaths, p: PatchPair, senders: Sequence[Site], receivers: Sequence[Site],
@@ -268,7 +248,7 @@ def fast_path_grid(fp: FastPaths, p: PatchPair, senders: Sequence[Site], receive
     for si, s in enumerate(senders):
         start_s, rec, row = inputs[si]
         for ri, x in enumerate(receivers):
-            if not _reads_after(s, x):
+            if not reads_after(s, x):
                 continue
             pos = site_positions(p, x.role, "corrupted")
             pos = pos[pos >= start_s]

@@ -30,8 +30,8 @@ from entitylens.patching.metric import answer_metrics, normalise
 from entitylens.patching.types import PatchPair
 from entitylens.progress import progress
 
-__all__ = ["SITE_HOOKS", "Edit", "PatchMetrics", "Site", "SiteResult", "capture_sites", "check_heads",
-           "check_layers", "parse_sites", "patch_sites", "patched_forward", "site_positions"]
+__all__ = ["SITE_HOOKS", "Edit", "PatchMetrics", "Site", "SiteResult", "answer_ld", "capture_sites", "check_sites",
+           "parse_sites", "patch_sites", "patched_forward", "site_positions", "site_value"]
 
 SITE_HOOKS: Mapping[str, str] = {
     "resid_pre": "blocks.{}.hook_resid_pre",
@@ -83,16 +83,6 @@ class Site:
         head = "" if self.head is None else f".{self.head}"
         role = "" if self.role is None else f"@{self.role}"
         return f"{self.component}:{self.layer}{head}{role}"
-
-    @classmethod
-    def parse(cls, text: str) -> Site:
-        """Parse ``component:layer[.head][@role]`` (e.g. ``head:3.2@last``, ``resid_pre:4``)."""
-        m = _SITE_RE.match(text.strip())
-        if not m or "*" in text:
-            raise EntitylensError(f"cannot parse site {text!r}; write component:layer[.head][@role], "
-                                  "e.g. head:3.2@last or mlp_out:1@query_box")
-        head = m.group("head")
-        return cls(m.group("comp"), int(m.group("layer")), None if head is None else int(head), m.group("role"))
 
 
 def parse_sites(text: str, n_layers: int, n_heads: int, n_kv_heads: int | None = None) -> tuple[Site, ...]:
@@ -238,22 +228,25 @@ class SiteResult(PatchMetrics):
     circuits: tuple[str, ...] = ()
 
 
-def check_heads(sites: Sequence[Site], acts: Mapping[str, Tensor]) -> None:
-    """Refuse head indices beyond the model's heads (key/value heads for ``k`` / ``v``), from captured shapes."""
-    for s in sites:
-        a = acts[s.hook]
-        if s.head is not None and s.head >= a.shape[-2]:
-            kind = "key/value heads" if s.component in ("k", "v") else "heads"
-            raise EntitylensError(f"site {s}: the model has {a.shape[-2]} {kind} at layer {s.layer}; "
-                                  f"use a head in 0-{a.shape[-2] - 1}")
-
-
-def check_layers(model: Any, sites: Sequence[Site]) -> None:
-    """Refuse sites beyond the model's depth (one line)."""
+def check_sites(model: Any, sites: Sequence[Site]) -> None:
+    """Refuse sites beyond the model's layers or heads (key/value heads for ``k`` / ``v``), one line each."""
     n = int(model.cfg.n_layers)
     bad = [str(s) for s in sites if s.layer >= n]
     if bad:
         raise EntitylensError(f"site(s) {bad} are beyond the model's {n} layers; use layers 0-{n - 1}")
+    n_heads = int(model.cfg.n_heads)
+    n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
+    for s in sites:
+        have = n_kv if s.component in ("k", "v") else n_heads
+        if s.head is not None and s.head >= have:
+            kind = "key/value heads" if s.component in ("k", "v") else "heads"
+            raise EntitylensError(f"site {s}: the model has {have} {kind} at layer {s.layer}; "
+                                  f"use a head in 0-{have - 1}")
+
+
+def answer_ld(logits: Tensor, p: PatchPair) -> Tensor:
+    """The logit difference (clean answer - corrupted answer) of one ``[V]`` answer-logits row."""
+    return answer_metrics(logits[None], p.clean_answer, p.corrupted_answer)[0][0]
 
 
 def patch_sites(model: Any, pairs: Sequence[PatchPair], circuits: Sequence[Sequence[Site]],
@@ -275,7 +268,7 @@ def patch_sites(model: Any, pairs: Sequence[PatchPair], circuits: Sequence[Seque
     if not circuits or any(not c for c in circuits):
         raise EntitylensError("give at least one circuit, each with at least one site")
     all_sites = [s for c in circuits for s in c] + list(freeze)
-    check_layers(model, all_sites)
+    check_sites(model, all_sites)
     hooks = sorted({s.hook for s in all_sites})
     P, Cn = len(pairs), len(circuits)
     out = {k: torch.zeros(P, Cn) for k in ("ld", "prob", "top1")}
@@ -283,10 +276,8 @@ def patch_sites(model: Any, pairs: Sequence[PatchPair], circuits: Sequence[Seque
     for pi, p in enumerate(progress(pairs, desc="circuits", unit="pair")):
         c_logits, c_acts = capture_sites(model, p.clean_tokens, hooks)
         x_logits, x_acts = capture_sites(model, p.corrupted_tokens, hooks)
-        check_heads(all_sites, x_acts)
-        ld_clean[pi] = answer_metrics(c_logits[p.clean_answer_pos][None], p.clean_answer, p.corrupted_answer)[0][0]
-        ld_corr[pi] = answer_metrics(x_logits[p.corrupted_answer_pos][None], p.clean_answer,
-                                     p.corrupted_answer)[0][0]
+        ld_clean[pi] = answer_ld(c_logits[p.clean_answer_pos], p)
+        ld_corr[pi] = answer_ld(x_logits[p.corrupted_answer_pos], p)
         for c0 in range(0, Cn, batch):
             chunk = circuits[c0:c0 + batch]
             edits: list[Edit] = []
@@ -295,10 +286,10 @@ def patch_sites(model: Any, pairs: Sequence[PatchPair], circuits: Sequence[Seque
                 for s in freeze:
                     if s not in patched:
                         dst = site_positions(p, s.role, "corrupted")
-                        edits.append(Edit(row, s.hook, dst, s.head, _slice(x_acts[s.hook], dst, s.head)))
+                        edits.append(Edit(row, s.hook, dst, s.head, site_value(x_acts[s.hook], dst, s.head)))
                 for s in circuit:
                     src, dst = site_positions(p, s.role, "clean"), site_positions(p, s.role, "corrupted")
-                    edits.append(Edit(row, s.hook, dst, s.head, _slice(c_acts[s.hook], src, s.head)))
+                    edits.append(Edit(row, s.hook, dst, s.head, site_value(c_acts[s.hook], src, s.head)))
             logits, _ = patched_forward(model, p.corrupted_tokens, len(chunk), edits, p.corrupted_answer_pos)
             ld, prob, top1 = answer_metrics(logits, p.clean_answer, p.corrupted_answer)
             sl = slice(c0, c0 + len(chunk))
@@ -309,6 +300,7 @@ def patch_sites(model: Any, pairs: Sequence[PatchPair], circuits: Sequence[Seque
                       pair_names=tuple(p.name for p in pairs))
 
 
-def _slice(act: Tensor, pos: Tensor, head: int | None) -> Tensor:
+def site_value(act: Tensor, pos: Tensor, head: int | None) -> Tensor:
+    """``act[pos]`` (``act[pos, head]`` for a headed site) of one run's ``[T, ...]`` activation."""
     idx = pos.to(act.device)
     return act[idx] if head is None else act[idx, head]

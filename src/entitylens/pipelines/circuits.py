@@ -25,7 +25,16 @@ from entitylens._io import RunDir, atomic_write, prepare_output_dir, sha256_file
 from entitylens.activations.identity import model_fingerprint
 from entitylens.errors import EntitylensError
 from entitylens.frames import frame, write_csv
-from entitylens.patching.das import DASConfig, DASResult, das_split, interchange_iia, pca_basis, train_das
+from entitylens.patching.das import (
+    Captured,
+    DASConfig,
+    DASResult,
+    capture_pairs,
+    das_split,
+    interchange_iia,
+    pca_basis,
+    train_das,
+)
 from entitylens.patching.paths import PathResult, path_patch
 from entitylens.patching.sites import Site, SiteResult, patch_sites
 from entitylens.patching.types import PatchPair
@@ -228,8 +237,9 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
             f.write(blob)
         files.append(d / SUBSPACES)
     else:
+        cap = capture_pairs(model, pairs)
         for la in layers:
-            hit = interchange_iia(model, pairs, la, role, bases[la], criterion=cfg.criterion)
+            hit = interchange_iia(model, pairs, la, role, bases[la], criterion=cfg.criterion, captured=cap)
             rows.append({"layer": la, "role": role, "k": int(bases[la].shape[1]), "source": "given",
                          "train_iia": float("nan"), "test_iia": float(hit.double().mean()), "n_train": 0,
                          "n_test": len(pairs)})
@@ -246,10 +256,12 @@ def _pca_rows(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], rol
               ) -> list[dict[str, Any]]:
     """IIA of the top-k PCA subspace of the training pairs' clean - corrupted differences, per layer."""
     train, test = das_split(len(pairs), cfg)
+    cap = capture_pairs(model, pairs)
+    train_cap = Captured(cap.fp, [cap.runs[i] for i in train])
     rows = []
     for la in layers:
-        q = pca_basis(model, [pairs[i] for i in train], la, role, cfg.k)
-        hit = interchange_iia(model, pairs, la, role, q, criterion=cfg.criterion)
+        q = pca_basis(model, [pairs[i] for i in train], la, role, cfg.k, captured=train_cap)
+        hit = interchange_iia(model, pairs, la, role, q, criterion=cfg.criterion, captured=cap)
         rows.append({"layer": la, "role": role, "k": cfg.k, "source": "pca",
                      "train_iia": float(hit[train].double().mean()), "test_iia": float(hit[test].double().mean()),
                      "n_train": len(train), "n_test": len(test)})
