@@ -317,25 +317,6 @@ def _layers_per_batch(lay: _Layout, L: int) -> int:
     return max(1, min(L, int(budget) // max(per_layer, 1)))
 
 
-def _empty_outputs(lay: _Layout, L: int, n_te: int) -> Outputs:
-    """Zeros (scales ones, C the first C) for ``L`` layers and ``n_te`` test rows."""
-    d, out, q_fit, nC, T = lay.d, lay.out, lay.q_fit, lay.nC, lay.lab.T
-    sel_shape = (L, T) if lay.per_target else (L,)
-    return Outputs(
-        coef=torch.zeros(L, d, out, dtype=torch.float64),
-        intercept=torch.zeros(L, out, dtype=torch.float64),
-        mean=torch.zeros(L, d, dtype=torch.float64),
-        scale=torch.ones(L, d, dtype=torch.float64),
-        C=torch.full(sel_shape, lay.cfg.Cs[0], dtype=torch.float64),
-        cv_score=(torch.zeros((L, nC, T) if lay.per_target else (L, nC), dtype=torch.float64) if nC > 1
-                  else None),
-        n_iter=torch.zeros(L, q_fit, dtype=torch.int64),
-        converged=torch.zeros(L, q_fit, dtype=torch.bool),
-        train_logits=torch.zeros(L, lay.n_tr, out, dtype=torch.float64),
-        test_logits=torch.zeros(L, n_te, out, dtype=torch.float64),
-    )
-
-
 def _cv_path(prep: Prepared, lay: _Layout, res: Outputs, sl: slice) -> tuple[Tensor, Tensor]:
     """The regularisation path on the folds of the layers ``sl``: scores and chosen C into ``res``.
 
@@ -479,7 +460,8 @@ def fit_probes(
             constant_targets=None if pos is None else (pos == 0) | (pos == len(tr)), split=split, n_examples=n,
             y_train=y_train, y_test=y_test, train_logits=rf.train_logits, test_logits=rf.test_logits, config=cfg)
     lay = _layout(cfg, lab, codes, tr, d)
-    res = _empty_outputs(lay, L, len(te))
+    res = Outputs.empty(L, lay.d, lay.out, lay.q_fit, lay.n_tr, len(te), cfg.Cs[0], lay.nC,
+                        lay.lab.T if lay.per_target else None)
     lb = _layers_per_batch(lay, L)
     bar = progress(total=L, desc="probes", unit="layer")
     for l0 in range(0, L, lb):

@@ -62,6 +62,36 @@ class Outputs:
     train_logits: Tensor
     test_logits: Tensor
 
+    @staticmethod
+    def empty(L: int, d: int, out: int, q: int, n_tr: int, n_te: int, C0: float, nC: int,
+              per_target: int | None) -> Outputs:
+        """Zeros (scales ones, C the first C, not converged) for ``L`` layers.
+
+        Args:
+            L: Layers.
+            d: Features.
+            out: Outputs per layer.
+            q: Problems per layer (``n_iter`` / ``converged``).
+            n_tr: Training rows.
+            n_te: Test rows.
+            C0: The first C.
+            nC: Number of Cs (``cv_score`` when > 1).
+            per_target: Number of targets when C is chosen per target, else ``None``.
+        """
+        sel = (L,) if per_target is None else (L, per_target)
+        return Outputs(
+            coef=torch.zeros(L, d, out, dtype=torch.float64),
+            intercept=torch.zeros(L, out, dtype=torch.float64),
+            mean=torch.zeros(L, d, dtype=torch.float64),
+            scale=torch.ones(L, d, dtype=torch.float64),
+            C=torch.full(sel, C0, dtype=torch.float64),
+            cv_score=(torch.zeros((L, nC) + sel[1:], dtype=torch.float64) if nC > 1 else None),
+            n_iter=torch.zeros(L, q, dtype=torch.int64),
+            converged=torch.zeros(L, q, dtype=torch.bool),
+            train_logits=torch.zeros(L, n_tr, out, dtype=torch.float64),
+            test_logits=torch.zeros(L, n_te, out, dtype=torch.float64),
+        )
+
 
 def prepare(X: Tensor, standardize: bool, work: torch.dtype, preconditioner: str) -> Prepared:
     """Standardise on these (training) rows; rotate to the Gram eigenbasis (``"eigen"``) or form it (``"cholesky"``).

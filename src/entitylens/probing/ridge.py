@@ -167,14 +167,9 @@ def fit_ridge(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg
     b = tbar.double().cpu() - offset
     b = torch.where(always, torch.ones_like(b), b)
     q = out if lab.kind == "binary" else 1
-    res = Outputs(coef=torch.zeros(L, d, out, dtype=torch.float64), intercept=b.expand(L, out).clone(),
-                   mean=torch.zeros(L, d, dtype=torch.float64), scale=torch.ones(L, d, dtype=torch.float64),
-                   C=torch.full((L, out) if per_target else (L,), cfg.Cs[0], dtype=torch.float64),
-                   cv_score=(torch.zeros((L, nC, out) if per_target else (L, nC), dtype=torch.float64)
-                             if nC > 1 else None),
-                   n_iter=torch.zeros(L, q, dtype=torch.int64), converged=torch.ones(L, q, dtype=torch.bool),
-                   train_logits=torch.zeros(L, n_tr, out, dtype=torch.float64),
-                   test_logits=torch.zeros(L, len(te), out, dtype=torch.float64))
+    res = Outputs.empty(L, d, out, q, n_tr, len(te), cfg.Cs[0], nC, out if per_target else None)
+    res.intercept[:] = b
+    res.converged[:] = True  # closed form: nothing to converge
     lb = _layers_per_batch(n_tr, d, out, L, cfg)
     bar = progress(total=L, desc="ridge probes", unit="layer")
     eye = torch.eye(d, dtype=work, device=dev)
