@@ -144,6 +144,41 @@ def word_tokenizer(n: int = V) -> Any:
     return tok
 
 
+def blank_llama(d: int, layers: int = 1, heads: int = 1, head_dim: int | None = None, **cfg: Any) -> Any:
+    """A Llama over the word vocabulary with every weight zero and every RMSNorm weight one (build on it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=8, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim or d,
+                         max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                         bos_token_id=BOS, eos_token_id=14, pad_token_id=15, **cfg)
+    m = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for layer in m.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        m.model.norm.weight.fill_(1.0)
+    return m
+
+
+def word_embeddings(m: Any) -> None:
+    """Embeddings: one-hot token id in dims 0..15 plus "is object" (16), "is query" (17) or "other" (18)."""
+    emb = m.model.embed_tokens.weight
+    with torch.no_grad():
+        for t in range(V):
+            emb[t, t] = 1.0
+            emb[t, 16 if t in OBJECTS else 17 if t == QUERY else 18] = 1.0
+
+
+def hand_built_bridge(m: Any) -> Any:
+    """The TransformerBridge over a hand-built HF model, with the word tokenizer."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers("entitylens/hand-built", hf_model=m, tokenizer=word_tokenizer())
+
+
 def copy_model() -> Any:
     """A 1-layer Llama whose only head moves the object token's identity into the last (query) position.
 
@@ -153,36 +188,10 @@ def copy_model() -> Any:
     to the object with weight ~1. Values copy the object one-hot (dims 4..11), o_proj writes it to dims
     20..27, the MLP is zero, and the unembedding reads dims 20..27 as the object logits.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=64,
-        rope_theta=1e30,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-        bos_token_id=BOS,
-        eos_token_id=14,
-        pad_token_id=15,
-    )
-    m = LlamaForCausalLM(cfg).eval()
+    m = blank_llama(32, rope_theta=1e30)
     with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
         layer = m.model.layers[0]
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm, m.model.norm):
-            norm.weight.fill_(1.0)
-        emb = m.model.embed_tokens.weight
-        for t in range(V):
-            emb[t, t] = 1.0
-            emb[t, 16 if t in OBJECTS else 17 if t == QUERY else 18] = 1.0
+        word_embeddings(m)
         a = 3.0
         layer.self_attn.q_proj.weight[15, 17] = a
         layer.self_attn.k_proj.weight[15, 16] = a
@@ -190,7 +199,7 @@ def copy_model() -> Any:
             layer.self_attn.v_proj.weight[t, t] = 1.0
             layer.self_attn.o_proj.weight[20 + j, t] = 1.0
             m.lm_head.weight[t, 20 + j] = 1.0
-    return TransformerBridge.boot_transformers("entitylens/hand-built", hf_model=m, tokenizer=word_tokenizer())
+    return hand_built_bridge(m)
 
 
 def copy_pair(obj_pos: int = 3, length: int = 7, clean_obj: int = 5, corrupted_obj: int = 9) -> PatchPair:
@@ -221,27 +230,11 @@ def two_head_path_model() -> Any:
     before layer 1), never through a query or key (those read "is query", which the object never changes,
     and the RMS norm is the same for every object).
     """
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     hd = 48
-    cfg = LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=8, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=hd, max_position_embeddings=64,
-                      rope_theta=1e30, tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=BOS,
-                      eos_token_id=14, pad_token_id=15)
-    m = LlamaForCausalLM(cfg).eval()
+    m = blank_llama(48, layers=2, heads=2, head_dim=hd, rope_theta=1e30)
     a, slow = 3.0, hd // 2 - 1  # rotary pair (slow, slow + hd/2) turns by ~0 at theta = 1e30
     with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-        for layer in m.model.layers:
-            layer.input_layernorm.weight.fill_(1.0)
-            layer.post_attention_layernorm.weight.fill_(1.0)
-        m.model.norm.weight.fill_(1.0)
-        emb = m.model.embed_tokens.weight
-        for t in range(V):
-            emb[t, t] = 1.0
-            emb[t, 16 if t in OBJECTS else 17 if t == QUERY else 18] = 1.0
+        word_embeddings(m)
         mover, reader = m.model.layers[0].self_attn, m.model.layers[1].self_attn
         mover.q_proj.weight[slow, 17] = a
         mover.k_proj.weight[slow, 16] = a
@@ -253,7 +246,7 @@ def two_head_path_model() -> Any:
             reader.v_proj.weight[j, 20 + j] = 1.0
             reader.o_proj.weight[28 + j, j] = 1.0
             m.lm_head.weight[t, 28 + j] = 1.0
-    return TransformerBridge.boot_transformers("entitylens/hand-built", hf_model=m, tokenizer=word_tokenizer())
+    return hand_built_bridge(m)
 
 
 PLUS, MINUS, ANS_A, ANS_B = (4, 5, 6, 7), (8, 9, 10, 11), 12, 13
@@ -267,21 +260,9 @@ def variable_model(d: int = 32, seed: int = 0) -> Any:
     -dim 0 for token 13. So the answer is 12 when the variable is +, 13 when -, and an interchange of dim 0
     alone moves it; a random 1-D direction barely overlaps dim 0.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=8, num_hidden_layers=1,
-                      num_attention_heads=1, num_key_value_heads=1, head_dim=d, max_position_embeddings=64,
-                      tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=BOS, eos_token_id=14,
-                      pad_token_id=15)
-    m = LlamaForCausalLM(cfg).eval()
+    m = blank_llama(d)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-        layer = m.model.layers[0]
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm, m.model.norm):
-            norm.weight.fill_(1.0)
         emb = m.model.embed_tokens.weight
         for t in range(V):
             emb[t, 1] = 1.0  # every token: a constant component
@@ -290,7 +271,7 @@ def variable_model(d: int = 32, seed: int = 0) -> Any:
             emb[t, 2:] = torch.randn(d - 2, generator=gen) / (d - 2) ** 0.5
         m.lm_head.weight[ANS_A, 0] = 1.0
         m.lm_head.weight[ANS_B, 0] = -1.0
-    return TransformerBridge.boot_transformers("entitylens/hand-built", hf_model=m, tokenizer=word_tokenizer())
+    return hand_built_bridge(m)
 
 
 def variable_pairs(n: int, seed: int = 0) -> list[PatchPair]:
