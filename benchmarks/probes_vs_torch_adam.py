@@ -269,6 +269,12 @@ def main() -> None:
         default=[1e-5, 1e-4, 1e-3, 1e-2],
         help="entitylens ridge's C grid (alpha = 1/C; one value: no CV)",
     )
+    p.add_argument(
+        "--cv-metric",
+        choices=("accuracy", "balanced_accuracy", "log_loss"),
+        default="accuracy",
+        help="what ridge CV maximises (accuracy: of each entry's argmax tag, their reported metric)",
+    )
     p.add_argument("--fixed-C", type=float, default=1e-4, help="C of entitylens ridge's single-C run (no CV)")
     p.add_argument(
         "--logistic",
@@ -298,7 +304,7 @@ def main() -> None:
 
     cw = None if args.class_weight == "none" else args.class_weight
     configs = [
-        ("ridge CV", ProbeConfig(Cs=tuple(args.Cs), class_weight=cw, estimator="ridge")),
+        ("ridge CV", ProbeConfig(Cs=tuple(args.Cs), class_weight=cw, estimator="ridge", cv_metric=args.cv_metric)),
         (f"ridge C={args.fixed_C:g}", ProbeConfig(Cs=(args.fixed_C,), class_weight=cw, estimator="ridge")),
     ]
     if args.logistic:
@@ -309,7 +315,8 @@ def main() -> None:
     ours_runs = []
     for name, cfg in configs:
         t0 = time.perf_counter()
-        res = fit_probes(X, target.labels, list(target.scenarios), cfg, split=split)
+        res = fit_probes(X, target.labels, list(target.scenarios), cfg, split=split,
+                         column_groups=target.column_groups)
         ours_runs.append(
             (
                 name,
@@ -367,14 +374,16 @@ def main() -> None:
         )
     for oname, _, to, _ in ours_runs:
         for tname, _, tt, _ in their_runs:
-            worse = sum(a[1] < b[1] - 0.005 for a, b in zip(scores[oname], scores[tname], strict=True))
+            worse = [
+                sum(a[i] < b[i] - 0.005 for a, b in zip(scores[oname], scores[tname], strict=True)) for i in (0, 1)
+            ]
             ratio = tt / to
-            verdict = "met" if ratio >= 20 and worse == 0 else "missed"
+            verdict = "met" if ratio >= 20 and worse == [0, 0] else "missed"
             print(
-                f"{oname} vs {tname}: speed ratio {ratio:.2f}x; layers where ours is > 0.5 points worse "
-                f"(balanced): {worse}/{X.shape[0]}; >= 20x at equal or better accuracy: {verdict}"
+                f"{oname} vs {tname}: speed ratio {ratio:.2f}x; layers where ours is > 0.5 points worse: "
+                f"accuracy {worse[0]}/{X.shape[0]}, balanced {worse[1]}/{X.shape[0]}; "
+                f">= 20x at equal or better accuracy (both): {verdict}"
             )
-
 
 if __name__ == "__main__":
     main()

@@ -174,3 +174,85 @@ def test_ridge_errors() -> None:
     res = fit_probes(X, y, groups, ProbeConfig(Cs=(1.0,), estimator="ridge"))
     with pytest.raises(EntitylensError, match="not probabilities"):
         res.predict_proba(X)
+
+
+def _tags(seed: int, n: int = 240, entries: int = 4, d: int = 10) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Ternary tags: ``entries`` one-vs-rest groups of three columns, classes with skewed, per-entry priors."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(2, n, d, generator=gen, dtype=torch.float64)
+    labels = torch.zeros(n, entries * 3, dtype=torch.bool)
+    for e in range(entries):
+        p = torch.tensor([0.7 - 0.1 * e, 0.2 + 0.05 * e, 0.1 + 0.05 * e])
+        cls = torch.multinomial(p, n, replacement=True, generator=gen)
+        X[:, :, e] += 1.5 * (cls == 1).double() - 1.5 * (cls == 2).double()
+        labels[torch.arange(n), e * 3 + cls] = True
+    return X, labels, [str(i // 2) for i in range(n)]
+
+
+def test_pooled_prior_coding_matches_sklearn_ridge_by_hand() -> None:
+    """``column_groups`` + balanced: one prior per class, pooled over the entries (hand-computed), then ``Ridge``."""
+    from sklearn.linear_model import Ridge
+
+    X, labels, groups = _tags(6)
+    split = split_by_group(groups, 0.25, 0)
+    col_groups = [e for e in range(4) for _ in range(3)]
+    res = fit_probes(X, labels, groups, ProbeConfig(Cs=(0.05,), class_weight="balanced", dtype="float64",
+                                                    estimator="ridge"), split=split, column_groups=col_groups)
+    tr, te = split.train.numpy(), split.test.numpy()
+    yt = labels[tr].double().numpy()
+    prior = [np.mean([yt[:, e * 3 + c].mean() for e in range(4)]) for c in range(3)]  # by hand, per class
+    target = yt / np.array(prior * 4)
+    own = fit_probes(X, labels, groups, ProbeConfig(Cs=(0.05,), class_weight="balanced", dtype="float64",
+                                                    estimator="ridge"), split=split)
+    for layer in range(2):
+        Z = _scaled(X, tr, layer)
+        ref = Ridge(alpha=1 / 0.05).fit(Z[tr], target)
+        np.testing.assert_allclose(res.coef[layer].numpy(), ref.coef_.T, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(res.test_logits[layer].numpy(), ref.predict(Z[te]) - 1.0, atol=1e-8)
+    assert not torch.allclose(res.coef, own.coef)  # the per-column coding is a different fit
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
+def test_grouped_cv_scores_each_entrys_argmax(metric: str) -> None:
+    """CV accuracy with ``column_groups`` = a naive fold loop scoring each entry's argmax tag, pooled."""
+    from sklearn.linear_model import Ridge
+
+    X, labels, groups = _tags(7)
+    Cs = (0.001, 0.01, 0.1)
+    split = split_by_group(groups, 0.25, 0)
+    col_groups = [e for e in range(4) for _ in range(3)]
+    res = fit_probes(X, labels, groups, ProbeConfig(Cs=Cs, folds=3, dtype="float64", estimator="ridge",
+                                                    class_weight="balanced", cv_metric=metric),
+                     split=split, column_groups=col_groups)
+    tr = split.train.numpy()
+    fold = group_folds(group_codes(groups)[split.train], 3, 0).numpy()
+    yt = labels[tr].double().numpy()
+    prior = np.array([np.mean([yt[:, e * 3 + c].mean() for e in range(4)]) for c in range(3)] * 4)
+    target = yt / prior
+    truth = yt.reshape(len(tr), 4, 3).argmax(-1)
+    assert res.cv_score is not None
+    for layer in range(2):
+        Z = _scaled(X, tr, layer)[tr]
+        scores = []
+        for c in Cs:
+            oof = np.zeros_like(target)
+            for f in range(3):
+                keep, held = fold != f, fold == f
+                oof[held] = Ridge(alpha=1 / c).fit(Z[keep], target[keep]).predict(Z[held])
+            hit = oof.reshape(len(tr), 4, 3).argmax(-1) == truth
+            if metric == "accuracy":
+                scores.append(hit.mean())
+            else:
+                scores.append(np.mean([hit[truth == k].mean() for k in range(3)]))
+        np.testing.assert_allclose(res.cv_score[layer].numpy(), scores, rtol=1e-9, atol=1e-12)
+        assert float(res.C[layer]) == Cs[int(np.argmax(scores))]
+
+
+@pytest.mark.usefixtures("no_shape_checks")
+def test_column_groups_errors() -> None:
+    X, labels, groups = _tags(8)
+    cfg = ProbeConfig(Cs=(0.1,), estimator="ridge", class_weight="balanced")
+    with pytest.raises(EntitylensError, match="column_groups has 5 entries for 12"):
+        fit_probes(X, labels, groups, cfg, column_groups=[0, 0, 0, 1, 1])
+    with pytest.raises(EntitylensError, match="same number of columns"):
+        fit_probes(X, labels, groups, cfg, column_groups=[0] * 4 + [1] * 2 + [2] * 3 + [3] * 3)

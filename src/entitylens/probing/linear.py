@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -419,6 +420,7 @@ def fit_probes(
     config: ProbeConfig | None = None,
     *,
     split: Split | None = None,
+    column_groups: Sequence[int] = (),
 ) -> ProbeResult:
     """Train a linear probe on every layer at once.
 
@@ -431,6 +433,11 @@ def fit_probes(
         config: :class:`ProbeConfig` (defaults if omitted).
         split: A train/test split (e.g. from :func:`~entitylens.probing.splits.split_by_group`, possibly with
             held-out objects); by default ``split_by_group(groups, config.test_fraction, config.seed)``.
+        column_groups: For 2-D labels whose columns form one-vs-rest groups of one categorical variable each
+            (the ternary tags' ``ProbeTarget.column_groups``), the group of each column. Ridge only: with
+            ``class_weight="balanced"`` one prior per class pooled over the groups (Tang et al.'s class-weighted
+            loss) and CV accuracy scored on each group's argmax; the logistic fit weighs every column by its
+            own balance and ignores it.
 
     Returns:
         The :class:`ProbeResult`.
@@ -451,8 +458,11 @@ def fit_probes(
         y_train, y_test = lab.y[tr].bool(), lab.y[te].bool()
     else:
         y_train, y_test = lab.raw[tr], lab.raw[te]
+    if column_groups and (lab.kind != "binary" or len(column_groups) != lab.T):
+        raise EntitylensError(f"column_groups has {len(column_groups)} entries for {lab.T} label columns; pass one "
+                              "group per column of 2-D labels (the target's column_groups)")
     if cfg.estimator == "ridge":
-        rf = fit_ridge(X, lab, codes, tr, te, cfg)
+        rf = fit_ridge(X, lab, codes, tr, te, cfg, column_groups)
         pos = lab.y[tr].sum(0) if lab.kind == "binary" else None
         return ProbeResult(
             kind=lab.kind, coef=rf.coef, intercept=rf.intercept, mean=rf.mean, scale=rf.scale, C=rf.C,

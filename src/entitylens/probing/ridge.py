@@ -24,6 +24,8 @@ as the logistic path does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,18 +37,40 @@ from entitylens.probing.prepare import Labels, Outputs, standardize_rows
 from entitylens.probing.splits import group_folds
 from entitylens.progress import progress
 
-__all__ = ["coded_targets", "fit_ridge"]
+__all__ = ["coded_targets", "column_ranks", "fit_ridge"]
 
 _WORK = {"float32": torch.float32, "float64": torch.float64}
 
 
-def coded_targets(lab: Labels, y_tr: Tensor, class_weight: str | None) -> tuple[Tensor, Tensor, Tensor]:
+def column_ranks(column_groups: Sequence[int]) -> Tensor:
+    """``[T]`` each column's position within its group (the class it stands for in a one-vs-rest group).
+
+    Raises:
+        EntitylensError: when the groups do not all have the same number of columns.
+    """
+    seen: dict[int, int] = {}
+    ranks = []
+    for g in column_groups:
+        ranks.append(seen.get(g, 0))
+        seen[g] = ranks[-1] + 1
+    if len(set(seen.values())) > 1:
+        raise EntitylensError("column_groups must give every group the same number of columns (one per class); "
+                              "pass the target's own column_groups")
+    return torch.tensor(ranks, dtype=torch.int64)
+
+
+def coded_targets(lab: Labels, y_tr: Tensor, class_weight: str | None, column_groups: Sequence[int] = ()
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """The regression targets of the training rows, the decision offset and the constant-column fix.
 
     Args:
         lab: The encoded labels (binary ``[n, T]`` 0/1 or a class index ``[n]``).
         y_tr: The training rows' labels (``lab.y[train]``).
         class_weight: ``None`` (indicator coding) or ``"balanced"`` (indicator / prior).
+        column_groups: Binary columns that form one-vs-rest groups of one categorical variable each (the
+            ternary tags: three columns per entry): with ``"balanced"`` the prior of a column is pooled over
+            every group's column of the same class -- one prior per class, as a class-weighted softmax over
+            all entries weighs them -- instead of the column's own positive rate.
 
     Returns:
         ``T`` ``[n_tr, out]`` float64 coded targets; ``offset`` ``[out]`` subtracted from the fit to give the
@@ -63,6 +87,10 @@ def coded_targets(lab: Labels, y_tr: Tensor, class_weight: str | None) -> tuple[
         always = torch.zeros(out, dtype=torch.bool)
     if class_weight == "balanced":
         pi = y.mean(0)
+        if column_groups and lab.kind == "binary":
+            rank = column_ranks(column_groups)
+            pooled = torch.zeros(int(rank.max()) + 1, dtype=torch.float64).index_add_(0, rank, pi)
+            pi = (pooled / torch.bincount(rank).double())[rank]
         T = torch.where(pi > 0, y / pi.clamp_min(1e-300), torch.zeros_like(y))
         offset = torch.ones(out, dtype=torch.float64)
     else:
@@ -102,9 +130,41 @@ def _fold_systems(Xc: Tensor, Tc: Tensor, G: Tensor, R: Tensor, held: Tensor) ->
     return Gk, Rk, m, tm
 
 
+def _grouped_scores(fit: Tensor, y: Tensor, column_groups: Sequence[int], metric: str) -> Tensor:
+    """``[B, nC, out]`` accuracy (or balanced accuracy) of the groups' argmax decisions, pooled over every group.
+
+    Args:
+        fit: ``[B, n, nC, out]`` out-of-fold fits of the coded targets.
+        y: ``[n, out]`` 0/1 labels (one positive column per group).
+        column_groups: The group of each column.
+        metric: ``"accuracy"`` or ``"balanced_accuracy"`` (mean over classes of the pooled recall).
+
+    Returns:
+        The score of each (layer, C), repeated over the columns (every column shares its layer's decision).
+    """
+    B, n, nC, out = fit.shape
+    rank = column_ranks(column_groups)
+    K = int(rank.max()) + 1
+    order = sorted(range(out), key=lambda j: (column_groups[j], int(rank[j])))
+    idx = torch.tensor(order, device=fit.device).view(-1, K)  # [entry, class] -> column
+    pred = fit[..., idx].argmax(-1)  # [B, n, nC, entry]
+    truth = y[:, idx].double().argmax(-1)  # [n, entry]
+    hit = (pred == truth[None, :, None]).double()
+    if metric == "accuracy":
+        score = hit.mean((1, 3))
+    else:
+        by_row = hit.permute(0, 2, 1, 3)  # [B, nC, n, entry]
+        recalls = [by_row[:, :, truth == k].mean(-1) for k in range(K) if bool((truth == k).any())]
+        score = torch.stack(recalls).mean(0)
+    return score[..., None].expand(B, nC, out)
+
+
 def _cv_scores(Xc: Tensor, Tc: Tensor, T: Tensor, G: Tensor, R: Tensor, lab: Labels, y_tr: Tensor,
-               fold: Tensor, cfg: ProbeConfig, offset: Tensor) -> Tensor:
-    """Pooled out-of-fold scores ``[B, nC, out]`` (binary) or ``[B, nC, 1]`` (class label); higher is better."""
+               fold: Tensor, cfg: ProbeConfig, offset: Tensor, column_groups: Sequence[int] = ()) -> Tensor:
+    """Pooled out-of-fold scores ``[B, nC, out]`` (binary) or ``[B, nC, 1]`` (class label); higher is better.
+
+    With ``column_groups`` and an accuracy metric, the decisions scored are each group's argmax.
+    """
     B, n_tr, d = Xc.shape
     nC, out = len(cfg.Cs), Tc.shape[1]
     eye = torch.eye(d, dtype=Xc.dtype, device=Xc.device)
@@ -122,6 +182,8 @@ def _cv_scores(Xc: Tensor, Tc: Tensor, T: Tensor, G: Tensor, R: Tensor, lab: Lab
     if cfg.cv_metric == "log_loss":  # ridge's own loss: pooled squared error of the coded targets
         se = -(fit.double() - T.to(fit.device)[None, :, None]).square().mean(1)  # [B, nC, out]
         return se if lab.kind == "binary" else se.mean(-1, keepdim=True)
+    if lab.kind == "binary" and column_groups:
+        return _grouped_scores(fit.double(), y_tr.to(fit.device), column_groups, cfg.cv_metric)
     if lab.kind == "binary":
         logits = (fit.double() - offset.to(fit.device)).reshape(B, n_tr, nC * out, 1)
         yq = y_tr.double().to(fit.device).repeat(1, nC)
@@ -138,7 +200,8 @@ def _layers_per_batch(n_tr: int, d: int, out: int, L: int, cfg: ProbeConfig) -> 
     return max(1, min(L, int(budget) // per_layer))
 
 
-def fit_ridge(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg: ProbeConfig) -> Outputs:
+def fit_ridge(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg: ProbeConfig,
+              column_groups: Sequence[int] = ()) -> Outputs:
     """Ridge probes on every layer of ``X`` ``[L, n, d]`` (see the module docstring).
 
     Args:
@@ -149,6 +212,8 @@ def fit_ridge(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg
         te: Test row indices.
         cfg: The configuration (``Cs``, ``folds``, ``cv_metric``, ``select``, ``class_weight``, ``dtype``,
             ``standardize``, ``device``, ``max_batch_bytes``, ``seed``).
+        column_groups: One-vs-rest column groups (see :func:`coded_targets`): pooled priors, and CV
+            accuracy scored on each group's argmax.
 
     Returns:
         The :class:`~entitylens.probing.prepare.Outputs` (no iterations: ``n_iter`` 0, ``converged`` True).
@@ -156,7 +221,8 @@ def fit_ridge(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg
     dev, work = torch.device(cfg.device), _WORK[cfg.dtype]
     L, _, d = X.shape
     y_tr = lab.y[tr]
-    T, offset, always = coded_targets(lab, y_tr, cfg.class_weight)
+    groups = tuple(column_groups) if lab.kind == "binary" else ()
+    T, offset, always = coded_targets(lab, y_tr, cfg.class_weight, groups)
     n_tr, out = T.shape
     nC = len(cfg.Cs)
     per_target = cfg.select == "target" and lab.kind == "binary"
@@ -184,7 +250,7 @@ def fit_ridge(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg
         B = Xc.shape[0]
         if nC > 1:
             assert fold is not None and res.cv_score is not None
-            sc = _cv_scores(Xc, Tc, T, G, R, lab, y_tr, fold, cfg, offset).cpu()  # [B, nC, out or 1]
+            sc = _cv_scores(Xc, Tc, T, G, R, lab, y_tr, fold, cfg, offset, groups).cpu()  # [B, nC, out or 1]
             if per_target:
                 res.cv_score[sl] = sc
                 best = sc.argmax(1)  # [B, out]; first max = smallest C

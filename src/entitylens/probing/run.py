@@ -294,7 +294,7 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
     sources = [CONTEXT_TARGETS[cfg.target]] if target.is_context else list(cfg.roles)
     for role in progress(sources, desc="probing roles", unit="role"):
         feats = _features(c, cfg.hook, role, layer_idx, target)
-        task = fit_probes(feats, target.labels, units, pc, split=split)
+        task = fit_probes(feats, target.labels, units, pc, split=split, column_groups=target.column_groups)
         results[role] = task
         ctl = None
         if ctl_labels is not None:
@@ -303,7 +303,7 @@ def run_probes(cache: Any, config: ProbeRunConfig | None = None, *, random_cache
         rand = None
         if rc is not None:
             rfeats = _features(rc, cfg.hook, role, layer_idx, target)
-            rand = fit_probes(rfeats, target.labels, units, pc, split=split)
+            rand = fit_probes(rfeats, target.labels, units, pc, split=split, column_groups=target.column_groups)
             random_results[role] = rand
         rows += role_rows(role, layers, task, ctl, ctl_labels, rand, target, split, weights, units, baselines)
     table = frame(rows, PROBE_COLUMNS)
