@@ -43,8 +43,8 @@ problems, runs the C path and the refit and collects the outputs (:mod:`~entityl
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
