@@ -51,6 +51,7 @@ def floor(model, states, statements, config):
 
     from entitylens.behavior.decode import unwrapped_hf_model
     from entitylens.behavior.evaluate import prompt_form, uses_chat
+    from entitylens.behavior.runners import cpu_sdpa_gqa
     from entitylens.models import model_prepends_bos, prompt_ids
     from entitylens.task import get_protocol
 
@@ -63,7 +64,9 @@ def floor(model, states, statements, config):
     n_shared = min(len(q) for q in seqs) - 1
     while n_shared > 0 and any(q[:n_shared] != seqs[0][:n_shared] for q in seqs):
         n_shared -= 1
-    with unwrapped_hf_model(model) as hf, torch.no_grad():
+    # The same attention path as the engine's (SDPA's own grouped-query attention on CPU): the floor is the
+    # best plain forward, not a slower one.
+    with unwrapped_hf_model(model) as hf, torch.no_grad(), cpu_sdpa_gqa(torch.device("cpu")):
         t0 = time.perf_counter()
         cache = DynamicCache()
         if n_shared:
@@ -82,7 +85,7 @@ def main() -> None:
     p.add_argument("--states", type=int, default=30)
     p.add_argument("--seed", type=int, default=20261204)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", default="auto", help="rows per batch of the native engine (auto: up to 32 on CPU)")
     p.add_argument("--chat", choices=("never", "auto"), default="never",
                    help="prompt form: the plain 2-shot prompt (default) or the model's chat template (SmolLM2 is a "
                    "chat model)")
@@ -96,12 +99,13 @@ def main() -> None:
     from entitylens.task import GeneratorConfig, generate_states
 
     torch.set_num_threads(args.threads)
+    batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     spec = MODELS[args.model]
     model = load_model(spec)
     states = generate_states(GeneratorConfig(seed=args.seed, num_states=args.states))
     print(f"model={spec} states={len(states)} threads={args.threads} batch={args.batch_size} chat={args.chat}")
-    jump, t_jump = native(model, states, EvalConfig(batch_size=args.batch_size, chat=args.chat))
-    step, t_step = native(model, states, EvalConfig(batch_size=args.batch_size, forced="step", chat=args.chat))
+    jump, t_jump = native(model, states, EvalConfig(batch_size=batch, chat=args.chat))
+    step, t_step = native(model, states, EvalConfig(batch_size=batch, forced="step", chat=args.chat))
     t_floor, tokens, n_shared = floor(model, states, jump, EvalConfig(chat=args.chat))
     rows = [("native jump", t_jump), ("native step", t_step), ("floor (plain forward)", t_floor)]
     agree = {"native jump vs step": sum(a == b for a, b in zip(jump, step))}

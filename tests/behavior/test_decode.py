@@ -310,9 +310,15 @@ def test_out_of_memory_halves_the_batch(
         generate_statements(separator_biased_tiny, prompts, DecodeConfig(batch_size=8), max_new_tokens=150)
 
 
-def test_auto_batch_size_on_cpu_is_fixed(tiny_model: Any) -> None:
-    got = decode_mod._auto_batch_size(tiny_model.original_model, torch.device("cpu"), 1000)
-    assert got == decode_mod.CPU_BATCH_SIZE
+def test_auto_batch_size_on_cpu_is_capped_by_free_memory(tiny_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    hf = tiny_model.original_model
+    assert decode_mod._auto_batch_size(hf, torch.device("cpu"), 1000) == decode_mod.CPU_BATCH_SIZE
+    # tiny:llama fp32: KV 2 x 2 layers x 2 kv heads x 16 x 1000 x 4 B = 512 KB per row, plus the prefill estimate
+    cfg = hf.config
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 1000 * 4
+    act = 1000 * (cfg.hidden_size * 16 + cfg.num_attention_heads * 1000) * 4 + cfg.vocab_size * 16
+    monkeypatch.setattr(decode_mod, "host_available_bytes", lambda: 4 * 5 * (kv + act))  # a quarter holds 5 rows
+    assert decode_mod._auto_batch_size(hf, torch.device("cpu"), 1000) == 5
 
 
 @pytest.mark.usefixtures("no_shape_checks")

@@ -48,7 +48,8 @@ class EvalConfig:
             ``"unconstrained"`` (plain greedy).
         forced: Forced grammar text: ``"jump"`` appends it without decoding steps (fast); ``"step"`` decodes it
             token by token, exactly like outlines.
-        batch_size: States per batch (``"auto"``: from free GPU memory, with back-off on out-of-memory).
+        batch_size: States per batch; ``"auto"`` (default): from free GPU memory with back-off on
+            out-of-memory, on CPU up to 32 rows as free memory allows (decoding is batch-invariant).
         score_mode: ``"set"`` (order-insensitive, default) or ``"strict"`` (exact string).
         max_numops: Last numops bucket (the paper pools nothing beyond 7; rows above are pooled as "7+").
         seed: Seed for the ``random`` baseline.
@@ -65,7 +66,7 @@ class EvalConfig:
     chat: Literal["auto", "always", "never"] = "auto"
     decoding: Literal["constrained", "unconstrained"] = "constrained"
     forced: Literal["jump", "step"] = "jump"
-    batch_size: int | Literal["auto"] = 8
+    batch_size: int | Literal["auto"] = "auto"
     score_mode: Literal["set", "strict"] = "set"
     max_numops: int = 7
     seed: int = 0

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Hugging Face device_map for loaded models, e.g. auto to spread a 70B model over GPUs "
                    "(overrides --device)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--batch-size", default="8", help="states per batch, or 'auto' (GPU: from free memory)")
+    p.add_argument("--batch-size", default="auto",
+                   help="states per batch, or 'auto' (default; GPU: from free memory; CPU: up to 32)")
     p.add_argument("--protocol", choices=("kst24", "kst24-code", "kst24-outlines", "compact"), default="kst24",
                    help="the paper's 2-shot statement protocol (default; kst24-code / kst24-outlines: KST24's other "
                    "prompt builders) or the testbed's compact protocol (one query per box)")
