@@ -39,7 +39,12 @@ def run_outlines(model, prompts, regex, budgets):
     import outlines
     from outlines.types import Regex
 
-    tok = model.tokenizer
+    from entitylens.models import load_tokenizer, model_info
+
+    # outlines gets the model's *own* tokenizer (as in tests/behavior/test_outlines_equivalence.py): the
+    # bridge's was rebuilt by TransformerLens to always add BOS, which SmolLM2's own tokenizer never does, so
+    # handing outlines the bridge's gives it another prompt (a BOS first) and other statements.
+    tok = load_tokenizer(model_info(model).spec)
     with unwrapped_hf_model(model) as hf:
         om = outlines.from_transformers(hf, tok)
         om.type_adapter.has_chat_template = False  # the raw KST24 prompt, as outlines 0.x used it
