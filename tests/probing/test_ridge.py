@@ -20,6 +20,17 @@ def _data(seed: int = 0, n: int = 300, d: int = 12) -> tuple[torch.Tensor, torch
     return X, y, [str(i // 3) for i in range(n)]
 
 
+def _naive_oof(Z: np.ndarray, target: np.ndarray, fold: np.ndarray, folds: int, c: float) -> np.ndarray:
+    """Out-of-fold predictions of scikit-learn's ``Ridge(alpha=1/c)``, one fit per fold (the reference)."""
+    from sklearn.linear_model import Ridge
+
+    oof = np.zeros_like(target)
+    for f in range(folds):
+        keep, held = fold != f, fold == f
+        oof[held] = Ridge(alpha=1 / c).fit(Z[keep], target[keep]).predict(Z[held])
+    return oof
+
+
 def _scaled(X: torch.Tensor, tr: np.ndarray, layer: int) -> np.ndarray:
     from sklearn.preprocessing import StandardScaler
 
@@ -96,7 +107,6 @@ def test_prior_scaled_coding_is_the_balanced_decision() -> None:
 
 @pytest.mark.parametrize("metric", ["log_loss", "balanced_accuracy"])
 def test_cv_matches_a_naive_fold_loop(metric: str) -> None:
-    from sklearn.linear_model import Ridge
 
     X, y, groups = _data(2)
     Cs = (0.001, 0.01, 0.1, 1.0)
@@ -112,10 +122,7 @@ def test_cv_matches_a_naive_fold_loop(metric: str) -> None:
         Z = _scaled(X, tr, layer)[tr]  # the training split's standardisation, as the folds reuse it
         scores = []
         for c in Cs:
-            oof = np.zeros_like(target)
-            for f in range(4):
-                keep, held = fold != f, fold == f
-                oof[held] = Ridge(alpha=1 / c).fit(Z[keep], target[keep]).predict(Z[held])
+            oof = _naive_oof(Z, target, fold, 4, c)
             if metric == "log_loss":
                 scores.append(-((oof - target) ** 2).mean())
             else:  # mean over targets of the balanced accuracy of (fit - 1 > 0)
@@ -215,7 +222,6 @@ def test_pooled_prior_coding_matches_sklearn_ridge_by_hand() -> None:
 @pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy"])
 def test_grouped_cv_scores_each_entrys_argmax(metric: str) -> None:
     """CV accuracy with ``column_groups`` = a naive fold loop scoring each entry's argmax tag, pooled."""
-    from sklearn.linear_model import Ridge
 
     X, labels, groups = _tags(7)
     Cs = (0.001, 0.01, 0.1)
@@ -235,10 +241,7 @@ def test_grouped_cv_scores_each_entrys_argmax(metric: str) -> None:
         Z = _scaled(X, tr, layer)[tr]
         scores = []
         for c in Cs:
-            oof = np.zeros_like(target)
-            for f in range(3):
-                keep, held = fold != f, fold == f
-                oof[held] = Ridge(alpha=1 / c).fit(Z[keep], target[keep]).predict(Z[held])
+            oof = _naive_oof(Z, target, fold, 3, c)
             hit = oof.reshape(len(tr), 4, 3).argmax(-1) == truth
             if metric == "accuracy":
                 scores.append(hit.mean())
