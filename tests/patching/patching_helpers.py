@@ -275,7 +275,10 @@ def variable_model(d: int = 32, seed: int = 0) -> Any:
 
 
 def variable_pairs(n: int, seed: int = 0) -> list[PatchPair]:
-    """Pairs whose clean prompt ends in a + cue and corrupted in a - cue (fillers vary); answers 12 / 13."""
+    """Pairs whose clean prompt ends in a + cue and corrupted in a - cue (fillers vary); answers 12 / 13.
+
+    The causal model's answer to the corrupted prompt with the variable set from the clean one is 12.
+    """
     import random
 
     rng = random.Random(seed)
@@ -284,5 +287,5 @@ def variable_pairs(n: int, seed: int = 0) -> list[PatchPair]:
         filler = [rng.choice([0, 1, 2, 3, 14]) for _ in range(rng.randint(2, 5))]
         clean = torch.tensor([BOS, *filler, rng.choice(PLUS)])
         corr = torch.tensor([BOS, *filler, rng.choice(MINUS)])
-        out.append(PatchPair(clean, corr, ANS_A, ANS_B, name=f"v{i}"))
+        out.append(PatchPair(clean, corr, ANS_A, ANS_B, name=f"v{i}", counterfactual_answer=ANS_A))
     return out

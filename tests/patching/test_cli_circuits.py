@@ -123,3 +123,54 @@ def test_das_cli_train_cross_model_and_compare(pairs_file: Path, tmp_path: Path)
     assert (tmp_path / "c" / "das_compare.png").read_bytes()[:8] == PNG_MAGIC
     assert main("patch", "das", "--model", "tiny:llama", *common, "--basis", "pca", "--out", str(tmp_path / "p")) == 0
     assert {r["source"] for r in _rows(tmp_path / "p" / "das.csv")} == {"pca"}
+
+
+def test_das_cli_whole_site_and_probe_bases(pairs_file: Path, tmp_path: Path, tiny_model: Any) -> None:
+    """--basis full / probe score fixed bases on DAS's split, against each pair's causal-model answer."""
+    from safetensors.torch import save_file
+
+    from entitylens.patching.das import DASConfig, das_split, interchange_iia
+
+    cross = tmp_path / "cross.jsonl"
+    assert main("patch", "pairs", "--data", str(pairs_file.parent / "d.jsonl"), "--kind", "op_object",
+                "--max-pairs", "6", "--cross-query", "--out", str(cross)) == 0
+    common = ("--model", "tiny:llama", "--pairs", str(cross), "--role", "last", "--layers", "1",
+              "--test-fraction", "0.5", "--all-pairs")
+    assert main("patch", "das", *common, "--basis", "full", "--out", str(tmp_path / "f")) == 0
+    (row,) = _rows(tmp_path / "f" / "das.csv")
+    assert (row["source"], row["k"], row["n_train"], row["n_test"]) == ("full", "64", "3", "3")
+    pairs, _ = prepare_pairs(tiny_model, read_any_pairs(cross, tiny_model.tokenizer), "layer_role", ["last"])
+    hit = interchange_iia(tiny_model, pairs, 1, "last", torch.eye(64))
+    _, test = das_split(6, DASConfig(test_fraction=0.5))
+    assert float(row["test_iia"]) == pytest.approx(float(hit[test].double().mean()))
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    meta = {"format": "entitylens.probe_weights/1", "target": "t", "hook": "resid_post", "layers": "[0]",
+            "columns": '["a", "b"]', "roles": '["last"]'}
+    coef = torch.randn(1, 64, 2, generator=torch.Generator().manual_seed(0))
+    save_file({"last/coef": coef, "last/intercept": torch.zeros(1, 2)}, str(probe / "probe_weights.safetensors"),
+              metadata=meta)
+    assert main("patch", "das", *common, "--basis", "probe", "--probe", str(probe), "--probe-columns", "b",
+                "--out", str(tmp_path / "pr")) == 0
+    (row,) = _rows(tmp_path / "pr" / "das.csv")
+    assert (row["source"], row["k"]) == ("probe", "1")
+    q = coef[0, :, 1:] / coef[0, :, 1:].norm()
+    hit = interchange_iia(tiny_model, pairs, 1, "last", q)
+    assert float(row["test_iia"]) == pytest.approx(float(hit[test].double().mean()))
+
+
+def test_das_cli_refuses_pairs_without_a_causal_answer(pairs_file: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "old.jsonl"
+    recs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "counterfactual_answer"}) + "\n"
+                           for r in recs))
+    for extra, needle in ((("--basis", "full"), "have no causal-model answer"),
+                          ((), "have no causal-model answer"),
+                          (("--basis", "probe"), "--basis probe goes with --probe DIR")):
+        capsys.readouterr()
+        rc = main("patch", "das", "--model", "tiny:llama", "--pairs", str(old), "--layers", "1", *extra,
+                  "--out", str(tmp_path / "x"))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
+        assert not (tmp_path / "x" / "das.csv").exists()

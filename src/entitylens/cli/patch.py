@@ -63,13 +63,21 @@ def _add_pairs(psub: argparse._SubParsersAction) -> None:
         "pairs",
         help="build clean/corrupted prompt pairs from a dataset",
         description="Build clean/corrupted prompt pairs (JSONL, model independent) from a K&S dataset "
-        "(kinds op_object, op_box, init_object, drop_op) or a P24 file / generated P24 contexts (kind p24).",
+        "(kinds op_object, op_box, init_object, drop_op) or a P24 file / generated P24 contexts (kind "
+        "p24). Each pair records the causal model's counterfactual answer (the clean context's answer to the "
+        "corrupted side's query), which interchange accuracy (`patch das`) is scored against.",
     )
     g.add_argument("--data", type=Path, default=None, help="K&S JSONL (P24 JSONL for --kind p24; omit to generate)")
     g.add_argument("--kind", required=True, help=f"corruption kind: {' | '.join(PAIR_KINDS)}")
     g.add_argument("--out", type=Path, required=True, help="output .jsonl file")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     g.add_argument("--max-pairs", type=int, default=None, help="keep at most N pairs (required to generate p24)")
+    g.add_argument("--cross-query", action="store_true",
+                   help="the clean side queries another box than the corrupted side, so the counterfactual answer "
+                   "differs from the clean one (separates a site carrying the changed variable from one carrying "
+                   "the source's answer)")
+    g.add_argument("--compact", action="store_true",
+                   help="write the pairs in the testbed's compact protocol (B0 car ; ... | B3), for testbed:* models")
     prefix = g.add_mutually_exclusive_group()
     prefix.add_argument("--prefix-file", type=Path, help="text file put verbatim before both prompts of every pair")
     prefix.add_argument(
@@ -214,7 +222,18 @@ def run_pairs(args: argparse.Namespace) -> int:
                 ) from None
     elif args.kind != "p24":
         raise EntitylensError(f"--kind {args.kind} needs --data (a K&S JSONL file); only p24 pairs can be generated")
-    pairs = build_pairs(data, args.kind, seed=args.seed, max_pairs=args.max_pairs, prefix=prefix)
+    if args.compact and (prefix or args.kind == "p24"):
+        raise EntitylensError("--compact renders K&S pairs without a prefix; drop --prefix-file / --kst24-prefix "
+                              "(p24 pairs have no compact form)")
+    pairs = build_pairs(data, args.kind, seed=args.seed, max_pairs=args.max_pairs, prefix=prefix,
+                        cross_query=args.cross_query)
+    if args.compact:
+        from entitylens.patching.pairs import compact_pairs
+
+        pairs = compact_pairs(pairs)
+        if not pairs:
+            raise EntitylensError(f"no {args.kind} pair has distinguishable compact answers; use more states "
+                                  "(--data) or another --kind")
     n = write_pairs(args.out, pairs)
     src = f"from {args.data}" if args.data is not None else "(generated)"
     print(f"wrote {n} {args.kind} pairs {src} to {args.out}")

@@ -128,10 +128,12 @@ def add_das(psub: argparse._SubParsersAction) -> None:
     p = psub.add_parser(
         "das", help="distributed alignment search: a learned subspace per layer, held-out interchange accuracy",
         description="Learn a k-dimensional subspace of resid_pre at --role for every layer (DAS: an orthogonal "
-        "basis trained so that swapping the clean run's coordinates into the corrupted run gives the clean "
-        "answer), on a training split of the pairs; report the held-out interchange-intervention accuracy. "
-        "--subspaces scores given subspaces instead (e.g. learned on the pair model). --compare draws two runs "
-        "on one figure. Writes das.csv, das_subspaces.safetensors, das.png, meta.json, timing.json.")
+        "basis trained so that swapping the clean run's coordinates into the corrupted run gives the causal "
+        "model's counterfactual answer), on a training split of the pairs; report the held-out "
+        "interchange-intervention accuracy. --basis pca/full/probe scores a basis that is not learned (PCA of "
+        "the differences, the whole site, a probe run's directions) on the same split; --subspaces scores given "
+        "subspaces (e.g. learned on the pair model). --compare draws two runs on one figure. Writes das.csv, "
+        "das_subspaces.safetensors, das.png, meta.json, timing.json.")
     add_model_args(p, required=False)
     p.add_argument("--pairs", type=Path, default=None, help="pairs file (from `entitylens patch pairs`)")
     p.add_argument("--role", default="last", help="the site's role (default last)")
@@ -143,14 +145,20 @@ def add_das(psub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3, help="held-out fraction of the pairs (default 0.3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--criterion", choices=("pairwise", "top1"), default="pairwise",
-                   help="pairwise (default): the intervened run prefers the clean answer over the corrupted one; "
-                   "top1: the clean answer is the top-1 token")
+                   help="pairwise (default): the intervened run prefers the counterfactual answer over the "
+                   "corrupted one; top1: the counterfactual answer is the top-1 token")
     p.add_argument("--all-pairs", action="store_true",
                    help="train on every pair, not only those the model gets right both ways")
     p.add_argument("--subspaces", type=Path, default=None, help="score these subspaces (a `patch das` run dir)")
-    p.add_argument("--basis", choices=("das", "pca"), default="das",
-                   help="das (learn; default) or pca: score the top-k principal directions of the clean - "
-                   "corrupted differences (from the training pairs) instead")
+    p.add_argument("--basis", choices=("das", "pca", "full", "probe"), default="das",  # circuits.DAS_BASES
+                   help="das (learn; default); pca: the top-k principal directions of the clean - corrupted "
+                   "differences (training pairs); full: the whole site (activation patching); probe: the span of "
+                   "--probe's directions")
+    p.add_argument("--probe", type=Path, default=None,
+                   help="an `entitylens probe` run on resid_pre or resid_post (with --basis probe)")
+    p.add_argument("--probe-columns", default=None,
+                   help="comma-separated probe columns to span (default all; see the probe's target names)")
+    p.add_argument("--probe-role", default=None, help="the probe's role (default its first)")
     p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
                    help="draw two `patch das` runs on one figure (das_compare.png)")
     p.add_argument("--labels", default=None, help="labels of --compare (comma-separated)")
@@ -174,11 +182,19 @@ def run_das_cmd(args: argparse.Namespace) -> int:
 
     cfg = DASConfig(k=args.k, steps=args.steps, lr=args.lr, batch=args.batch, test_fraction=args.test_fraction,
                     seed=args.seed, criterion=args.criterion, behaving_only=not args.all_pairs)
+    if (args.basis == "probe") != (args.probe is not None):
+        raise EntitylensError("--basis probe goes with --probe DIR (an `entitylens probe` run), and --probe with "
+                              "--basis probe")
+    if args.probe is not None:
+        from entitylens.probing.outputs import read_probe_weights
+
+        read_probe_weights(args.probe)  # a missing or old probe run fails before the model loads
     model, pairs, sha = _load(args, _syntax([f"resid_pre:0@{args.role}"]))
     layers = args.layers if args.layers is not None else list(range(int(model.cfg.n_layers)))
     table, files = run_das_job(model, pairs, layers, args.role, args.out, pairs_sha256=sha, config=cfg,
                                subspaces=args.subspaces, basis=args.basis, label=model_label(args.model),
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, probe=args.probe, probe_role=args.probe_role,
+                               probe_columns=args.probe_columns.split(",") if args.probe_columns else None)
     print(markdown_table(table, ["layer", "k", "source", "train_iia", "test_iia", "n_test"]))
     print("wrote " + ", ".join(str(p) for p in files))
     return 0

@@ -7,8 +7,9 @@ An interchange intervention on a ``k``-dimensional subspace with orthonormal bas
 
 (``h_source`` from the clean run at the same role): only the subspace's coordinates are swapped in. Its
 interchange-intervention accuracy (IIA) is the fraction of pairs whose intervened run gives the causal
-model's counterfactual answer (by default the clean answer: "the site's subspace holds the variable the
-corruption changed") as its top-1 token.
+model's counterfactual answer (each pair's ``counterfactual_answer``: the clean context's answer to the
+corrupted side's query, i.e. "the site's subspace holds the variable the two contexts differ in"; it is the
+clean answer when both sides query one box). Pairs without one are refused unless explicit targets are given.
 
 DAS (Geiger et al. 2023; pyvene's rotated-space intervention) learns ``Q`` by gradient descent on the
 cross-entropy of the counterfactual answer, ``Q`` kept orthonormal by PyTorch's orthogonal
@@ -38,8 +39,8 @@ from entitylens.patching.sites import site_positions
 from entitylens.patching.types import PatchPair
 from entitylens.progress import progress
 
-__all__ = ["Captured", "DASConfig", "DASResult", "capture_pairs", "das_split", "interchange", "interchange_iia",
-           "pca_basis", "train_das"]
+__all__ = ["Captured", "DASConfig", "DASResult", "behaving_pairs", "capture_pairs", "counterfactual_targets",
+           "das_split", "interchange", "interchange_iia", "pca_basis", "train_das"]
 
 
 @dataclass(frozen=True)
@@ -186,13 +187,67 @@ def _logits(fp: Any, sites: Sequence[_Site], basis: Tensor) -> Tensor:
     return torch.stack([s.logits(basis) for s in sites])
 
 
-def _hits(logits: Tensor, tg: Sequence[int], alt: Sequence[int], criterion: str) -> list[bool]:
-    """Whether each row gives its counterfactual answer (``pairwise``: over the other answer; ``top1``)."""
+def _hits(logits: Tensor, tg: Sequence[int], alt: Sequence[Any], criterion: str) -> list[bool]:
+    """Whether each row gives its counterfactual answer (``pairwise``: over every alternative; ``top1``).
+
+    ``alt`` holds per row one alternative token or a list of them (:func:`_alternatives`).
+    """
     t = torch.tensor(list(tg), device=logits.device)
     if criterion == "top1":
         return (logits.argmax(-1) == t).tolist()
-    a = torch.tensor(list(alt), device=logits.device)
-    return (logits.gather(1, t[:, None]) > logits.gather(1, a[:, None]))[:, 0].tolist()
+    return (_margin(logits, t, alt) > 0).tolist()
+
+
+def _alternatives(pairs: Sequence[PatchPair], tg: Sequence[int]) -> list[list[int]]:
+    """The answers an intervention must beat, per pair: the base's own, and the source's own when it differs.
+
+    With cross-query pairs the source's own answer is another token than the target: an intervention that
+    copies it did not move the variable.
+    """
+    return [[p.corrupted_answer, p.clean_answer if p.clean_answer != t else p.corrupted_answer]
+            for p, t in zip(pairs, tg, strict=True)]
+
+
+def _margin(logits: Tensor, t: Tensor, alt: Sequence[Any]) -> Tensor:
+    """The target's logit minus the largest alternative's, per row."""
+    a = torch.tensor([[x] if isinstance(x, int) else list(x) for x in alt], device=logits.device)
+    return logits.gather(1, t[:, None])[:, 0] - logits.gather(1, a).amax(1)
+
+
+def counterfactual_targets(pairs: Sequence[PatchPair]) -> list[int]:
+    """Each pair's causal-model answer token (:attr:`PatchPair.counterfactual_answer`).
+
+    Raises:
+        EntitylensError: a pair records none (a file from an older version, a hand-built pair).
+    """
+    missing = [p.name or f"pairs[{i}]" for i, p in enumerate(pairs) if p.counterfactual_answer is None]
+    if missing:
+        raise EntitylensError(
+            f"{len(missing)} of {len(pairs)} pairs (e.g. {missing[0]!r}) have no causal-model answer to score "
+            "interchange accuracy against; rebuild them with `entitylens patch pairs`, or pass targets"
+        )
+    return [int(p.counterfactual_answer) for p in pairs]  # type: ignore[arg-type]
+
+
+def _targets(pairs: Sequence[PatchPair], targets: Sequence[int] | None) -> list[int]:
+    tg = counterfactual_targets(pairs) if targets is None else [int(t) for t in targets]
+    if len(tg) != len(pairs):
+        raise EntitylensError(f"{len(tg)} targets for {len(pairs)} pairs; give one counterfactual answer per pair")
+    return tg
+
+
+def _behaving(caps: Sequence[tuple[Any, Any]], pairs: Sequence[PatchPair], tg: Sequence[int], alt: Sequence[int]
+              ) -> list[int]:
+    """Indices of the pairs the model gets right both ways (see :func:`behaving_pairs`)."""
+    keep = []
+    for i, (c, x) in enumerate(caps):
+        own = pairs[i].clean_answer
+        src_ok = _hits(c.answer_logits[None], [own], [alt[i]], "pairwise")[0]
+        if own != tg[i]:
+            src_ok = src_ok and _hits(c.answer_logits[None], [own], [tg[i]], "pairwise")[0]
+        if src_ok and not _hits(x.answer_logits[None], [tg[i]], [alt[i]], "pairwise")[0]:
+            keep.append(i)
+    return keep
 
 
 def _engine(model: Any) -> Any:
@@ -224,6 +279,16 @@ def capture_pairs(model: Any, pairs: Sequence[PatchPair]) -> Captured:
     return Captured(fp, _capture(fp, pairs))
 
 
+def behaving_pairs(captured: Captured, pairs: Sequence[PatchPair], targets: Sequence[int] | None = None
+                   ) -> list[int]:
+    """Indices of the pairs the model gets right both ways (the pairs :func:`train_das` keeps by default).
+
+    The source (clean) run prefers its own answer over the base answer, and over the counterfactual answer when
+    that is another token; the base (corrupted) run does not prefer the counterfactual answer over its own.
+    """
+    return _behaving(captured.runs, pairs, _targets(pairs, targets), [p.corrupted_answer for p in pairs])
+
+
 def pca_basis(model: Any, pairs: Sequence[PatchPair], layer: int, role: str, k: int,
               captured: Captured | None = None) -> Tensor:
     """The top-``k`` principal directions ``[d, k]`` of the clean - corrupted differences at the site (uncentred).
@@ -253,19 +318,22 @@ def interchange_iia(model: Any, pairs: Sequence[PatchPair], layer: int, role: st
         layer: ``resid_pre`` layer of the site.
         role: Role of the site.
         basis: ``[d, k]`` orthonormal basis (e.g. :attr:`DASResult.basis`, probe directions, a random one).
-        targets: Counterfactual answer token per pair (default: the clean answers).
+        targets: Counterfactual answer token per pair (default: :func:`counterfactual_targets`).
         criterion: ``"pairwise"`` (over the pair's corrupted answer) or ``"top1"`` (see :class:`DASConfig`).
         captured: These pairs' runs from :func:`capture_pairs` (captured here when ``None``).
+
+    Raises:
+        EntitylensError: a basis of the wrong shape, or pairs without a causal-model answer and no ``targets``.
     """
+    tg = _targets(pairs, targets)
     cap = captured or capture_pairs(model, pairs)
     fp, caps = cap.fp, cap.runs
     d = int(fp.r.twin.config.hidden_size)
     if basis.ndim != 2 or basis.shape[0] != d:
         raise EntitylensError(f"basis must be [d_model={d}, k], got {tuple(basis.shape)}")
-    tg = [p.clean_answer for p in pairs] if targets is None else list(targets)
     ok: list[bool] = []
     sites = [_Site(fp, p, clean, corr, layer, role) for p, (clean, corr) in zip(pairs, caps, strict=True)]
-    alt = [p.corrupted_answer for p in pairs]
+    alt = _alternatives(pairs, tg)
     with torch.no_grad():
         for b0 in range(0, len(sites), 32):
             ok.extend(_hits(_logits(fp, sites[b0:b0 + 32], basis), tg[b0:b0 + 32], alt[b0:b0 + 32], criterion))
@@ -282,14 +350,19 @@ def train_das(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], rol
         layers: Layers to search.
         role: The site's role.
         config: :class:`DASConfig`.
-        targets: Counterfactual answer token per pair (default: the clean answers).
+        targets: Counterfactual answer token per pair (default: :func:`counterfactual_targets`).
 
     Returns:
         One :class:`DASResult` per layer.
+
+    Raises:
+        EntitylensError: fewer than 4 (behaving) pairs, ``k`` above ``d_model``, a layer outside the model, or
+            pairs without a causal-model answer and no ``targets``.
     """
     cfg = config or DASConfig()
     if len(pairs) < 4:
         raise EntitylensError(f"DAS needs at least 4 pairs (a training and a held-out split), got {len(pairs)}")
+    tg = _targets(pairs, targets)
     fp = _engine(model)
     d = int(fp.r.twin.config.hidden_size)
     if cfg.k > d:
@@ -298,20 +371,15 @@ def train_das(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], rol
     bad = [la for la in layers if not 0 <= la < n_layers]
     if bad:
         raise EntitylensError(f"layers {bad} are outside the model's 0-{n_layers - 1}")
-    tg = [p.clean_answer for p in pairs] if targets is None else [int(t) for t in targets]
-    if len(tg) != len(pairs):
-        raise EntitylensError(f"{len(tg)} targets for {len(pairs)} pairs; give one counterfactual answer per pair")
     caps = _capture(fp, pairs)
-    alt = [p.corrupted_answer for p in pairs]
     keep = list(range(len(pairs)))
     if cfg.behaving_only:
-        keep = [i for i, (c, x) in enumerate(caps)
-                if _hits(c.answer_logits[None], [tg[i]], [alt[i]], "pairwise")[0]
-                and not _hits(x.answer_logits[None], [tg[i]], [alt[i]], "pairwise")[0]]
+        keep = _behaving(caps, pairs, tg, [p.corrupted_answer for p in pairs])
         if len(keep) < 4:
             raise EntitylensError(f"only {len(keep)} of {len(pairs)} pairs are ones the model gets right both ways "
                                   "(clean prefers its answer, corrupted the other); DAS needs 4: use pairs the model "
                                   "solves, or behaving_only=False (--all-pairs)")
+    alt = _alternatives(pairs, tg)
     tr_k, te_k = das_split(len(keep), cfg)
     train, test = [keep[i] for i in tr_k], [keep[i] for i in te_k]
     for prm in fp.r.twin.parameters():
@@ -335,7 +403,8 @@ def _basis(rot: torch.nn.Module) -> Tensor:
     return weight.mT
 
 
-def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], alt: list[int], layer: int, role: str,
+def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], alt: list[list[int]], layer: int,
+                 role: str,
                  cfg: DASConfig, train: list[int], test: list[int], d: int) -> DASResult:
     t0 = time.perf_counter()
     sites = [_Site(fp, p, c, x, layer, role) for p, (c, x) in zip(pairs, caps, strict=True)]
@@ -352,8 +421,7 @@ def _train_layer(fp: Any, pairs: Sequence[PatchPair], caps: Any, tg: list[int], 
         if cfg.criterion == "top1":
             loss = torch.nn.functional.cross_entropy(logits, t)
         else:
-            a = torch.tensor([alt[i] for i in idx], device=logits.device)
-            margin = (logits.gather(1, t[:, None]) - logits.gather(1, a[:, None]))[:, 0]
+            margin = _margin(logits, t, [alt[i] for i in idx])
             loss = torch.nn.functional.softplus(-margin).mean()
         opt.zero_grad()
         loss.backward()

@@ -9,7 +9,7 @@ K&S pairs in the testbed's compact protocol.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -65,67 +65,113 @@ def _default_vocabulary(objects: set[str]) -> tuple[str, ...]:
     return tuple(BNC_OBJECTS) + tuple(DISJOINT_OBJECTS) + tuple(sorted(objects - known))
 
 
-def _ks_pair(kind: str, state: Any, rng: random.Random, pool: Sequence[str], prefix: str) -> TextPair | None:
+def _split_word(a: str, b: str) -> int | None:
+    """Index of the first word where two answers differ (``None`` when one's words are a prefix of the other's)."""
+    for k, (x, y) in enumerate(zip(a.split(), b.split())):
+        if x != y:
+            return k
+    return None
+
+
+def _answers_ok(clean: str, corr: str, cf: str) -> bool:
+    """Whether a pair's answers can be scored at one position: clean and counterfactual part from corr together.
+
+    The clean and corrupted answers need a distinguishing word; a counterfactual answer other than the clean
+    one must part from the corrupted answer at the same word, with a word of its own there (so the scored
+    token tells the counterfactual answer from both the corrupted and the clean one).
+    """
+    if not _distinguishable(clean, corr):
+        return False
+    if cf == clean:
+        return True
+    k = _split_word(clean, corr)
+    if not _distinguishable(cf, corr) or _split_word(cf, corr) != k or k is None:
+        return False
+    return _distinguishable(" ".join(clean.split()[k:k + 1]), " ".join(cf.split()[k:k + 1]))
+
+
+def _edits(kind: str, state: Any, rng: random.Random, pool: Sequence[str]) -> list[Edit]:
 
     if kind == "op_object":
-        edits = op_object_edits(state, rng, pool)
-    elif kind == "op_box":
-        edits = op_box_edits(state)
-    elif kind == "init_object":
-        edits = init_object_edits(state, rng, pool)
-    else:
-        edits = drop_op_edits(state)
+        return op_object_edits(state, rng, pool)
+    if kind == "op_box":
+        return op_box_edits(state)
+    if kind == "init_object":
+        return init_object_edits(state, rng, pool)
+    return drop_op_edits(state)
+
+
+def _ks_pair(kind: str, state: Any, rng: random.Random, pool: Sequence[str], prefix: str,
+             cross_query: bool = False) -> TextPair | None:
+    """The first edit of ``state`` (in shuffled order) that changes some box; ``None`` when none does.
+
+    The corrupted (base) side queries a box the edit changed; with ``cross_query`` the clean (source) side
+    queries another box, whose answer differs from the counterfactual one (the clean world read at the base's
+    box), so an interchange that copies the source's *answer* is told apart from one that moves the variable.
+    """
+    edits = _edits(kind, state, rng, pool)
     rng.shuffle(edits)
     variant, form = state.variant, state_form(state)
     clean_world = replay(state.initial, state.operations)[-1]
     clean_ctx = render_context(state.initial, state.operations, variant, form)
+    n = len(clean_world)
     for edit in edits:
         try:
             corr_world = replay(edit.initial, edit.ops)[-1]
         except EntitylensError:
             continue  # a later operation became impossible: not a valid world
-        boxes = [
-            b
-            for b in range(len(clean_world))
-            if clean_world[b] != corr_world[b]
-            and _distinguishable(_answer_text(clean_world[b]), _answer_text(corr_world[b]))
-        ]
+        ans = _answer_text
+        boxes = [b for b in range(n)
+                 if clean_world[b] != corr_world[b] and _distinguishable(ans(clean_world[b]), ans(corr_world[b]))]
         if not boxes:
             continue
-        box = rng.choice(boxes)
-        query = f" {box_name(box, variant)} contains"
-        clean = f"{prefix}{clean_ctx}{query}"
-        corr = f"{prefix}{render_context(edit.initial, edit.ops, variant, form)}{query}"
+        box = src = rng.choice(boxes)
+        if cross_query:
+            cf, base = ans(clean_world[box]), ans(corr_world[box])
+            others = [r for r in range(n)
+                      if r != box and ans(clean_world[r]) != cf and _answers_ok(ans(clean_world[r]), base, cf)]
+            if not others:
+                continue
+            src = rng.choice(others)
+        clean = f"{prefix}{clean_ctx} {box_name(src, variant)} contains"
+        corr = f"{prefix}{render_context(edit.initial, edit.ops, variant, form)} {box_name(box, variant)} contains"
         cs, xs = parse_prompt(clean), parse_prompt(corr)
         aliases = alias_spans(kind, cs, xs, clean, corr, edit, state)
-        labels = list(cs.desc_boxes)
         n_ops = len(state.operations) if kind != "drop_op" else int(edit.changed_op or 0)
-        candidates = [f"box{lab}_desc" for lab in labels] + ["query_box_desc"]
-        candidates += [f"op{j}_{part}" for j in range(n_ops) for part in ("object", "box", "dest")]
-        roles = shared_roles(clean, corr, cs, xs, candidates)
-        roles += list(aliases) + shared_roles(clean, corr, cs, xs, ["query_box", "query_contains", "last"])
         return TextPair(
             kind=kind,
             state_id=state.state_id,
-            query_box=box,
+            query_box=src,
+            corrupted_query_box=box if cross_query else None,
             clean_prompt=clean,
             corrupted_prompt=corr,
-            clean_answer=_answer_text(clean_world[box]),
-            corrupted_answer=_answer_text(corr_world[box]),
+            clean_answer=ans(clean_world[src]),
+            corrupted_answer=ans(corr_world[box]),
+            counterfactual_answer=ans(clean_world[box]),
+            variable=edit.variable or None,
             changed_op=edit.changed_op,
-            roles=tuple(roles),
+            roles=tuple(_pair_roles(clean, corr, cs, xs, aliases, n_ops)),
             role_spans=aliases,
             description=edit.description,
             meta={
                 "sample_id": state.sample_id,
                 "num_operations": state.num_operations,
                 "numops": state.numops[box],
-                "clean_contents": list(clean_world[box]),
+                "clean_contents": list(clean_world[src]),
                 "corrupted_contents": list(corr_world[box]),
+                "counterfactual_contents": list(clean_world[box]),
                 "variant": variant,
             },
         )
     return None
+
+
+def _pair_roles(clean: str, corr: str, cs: Any, xs: Any, aliases: Mapping[str, Any], n_ops: int) -> list[str]:
+    """The catalogue roles both prompts have (descriptions, the first ``n_ops`` operations, the query) and aliases."""
+    candidates = [f"box{lab}_desc" for lab in cs.desc_boxes] + ["query_box_desc"]
+    candidates += [f"op{j}_{part}" for j in range(n_ops) for part in ("object", "box", "dest")]
+    roles = shared_roles(clean, corr, cs, xs, candidates)
+    return roles + list(aliases) + shared_roles(clean, corr, cs, xs, ["query_box", "query_contains", "last"])
 
 
 def _p24_pair(items: Sequence[Any], rng: random.Random, prefix: str, state_id: str) -> TextPair | None:
@@ -155,6 +201,8 @@ def _p24_pair(items: Sequence[Any], rng: random.Random, prefix: str, state_id: s
         corrupted_prompt=corr,
         clean_answer=f" {a.answer}",
         corrupted_answer=f" {b.answer}",
+        counterfactual_answer=f" {a.answer}",
+        variable="query_box",
         changed_op=None,
         roles=tuple(roles),
         role_spans=aliases,
@@ -185,6 +233,7 @@ def build_pairs(
     prefix: str = "",
     vocabulary: Sequence[str] | None = None,
     num_boxes: int = 7,
+    cross_query: bool = False,
 ) -> list[TextPair]:
     """Build clean/corrupted text pairs of one kind from a dataset (at most one pair per state).
 
@@ -193,6 +242,12 @@ def build_pairs(
     queried box are drawn from a generator seeded by ``(kind, seed, state)``: the same arguments give the
     same pairs in any process. The queried box is one whose gold contents differ between the two worlds
     (both replayed from their operations) and whose answers have a first distinguishing word.
+
+    Each pair records the task's causal-model answer (``counterfactual_answer``): the clean context's world
+    read at the corrupted side's queried box -- what the corrupted run should answer when the one variable
+    the contexts differ in (``variable``) takes its clean value. With ``cross_query`` the clean side queries
+    another box (its own answer differs from the counterfactual one), so interchange accuracy separates a
+    site that carries the changed variable from one that carries the source's answer.
 
     Args:
         data: :class:`~entitylens.task.types.State` s for the K&S kinds; :class:`~entitylens.task.io.P24Item` s
@@ -203,12 +258,14 @@ def build_pairs(
         prefix: Text put before both prompts (e.g. a few-shot prefix); default none.
         vocabulary: Objects replacements are drawn from (default: the dataset's vocabulary, BNC or disjoint).
         num_boxes: Boxes per generated P24 context.
+        cross_query: Let the clean side query another box than the corrupted side (K&S kinds only).
 
     Returns:
         The pairs.
 
     Raises:
-        EntitylensError: unknown kind, data of the wrong type for the kind, or no pair could be built.
+        EntitylensError: unknown kind, data of the wrong type for the kind, ``cross_query`` with ``p24``, or no
+            pair could be built.
     """
     if kind not in PAIR_KINDS:
         raise EntitylensError(f"unknown pair kind {kind!r}; use one of {', '.join(PAIR_KINDS)}")
@@ -216,6 +273,8 @@ def build_pairs(
         raise EntitylensError(f"max_pairs must be a positive number, got {max_pairs!r}; pass max_pairs=N with N >= 1")
     if not isinstance(prefix, str):
         raise EntitylensError("prefix must be a string; pass the few-shot text itself")
+    if cross_query and kind == "p24":
+        raise EntitylensError("p24 pairs already query two boxes of one context; drop cross_query (--cross-query)")
     pool: tuple[str, ...] = ()
     if kind == "p24":
         units, ids = _p24_units(data, seed, max_pairs, vocabulary, num_boxes)
@@ -232,7 +291,7 @@ def build_pairs(
         if kind == "p24":
             pair = _p24_pair(units[idx], rng, prefix, ids[idx])
         else:
-            pair = _ks_pair(kind, units[idx], rng, pool, prefix)
+            pair = _ks_pair(kind, units[idx], rng, pool, prefix, cross_query)
         if pair is not None:
             found.append((idx, pair))
     if not found:
@@ -316,32 +375,33 @@ def compact_pairs(pairs: Sequence[TextPair]) -> list[TextPair]:
                 "p24 pairs have no compact form; use --kind op_object, op_box, init_object or drop_op"
             )
         variant = str(tp.meta.get("variant", "base"))
-        query = f" {box_name(int(tp.query_box), variant)} contains"
+        cbox = int(tp.query_box)
+        xbox = cbox if tp.corrupted_query_box is None else int(tp.corrupted_query_box)
         sides = []
-        for text in (tp.clean_prompt, tp.corrupted_prompt):
+        for text, box in ((tp.clean_prompt, cbox), (tp.corrupted_prompt, xbox)):
+            query = f" {box_name(box, variant)} contains"
             if not text.endswith(query):
                 raise EntitylensError(
                     f"pair {tp.name}: prompt does not end with {query.strip()!r}; build pairs "
                     "without a prefix or query suffix"
                 )
             ctx = parse_context(text[: -len(query)])
-            prompt = " ".join([*context_words(ctx.initial, ctx.operations), "|", *query_words(int(tp.query_box))])
-            answer = COMPACT.answer_text(ordered_contents(ctx.initial, ctx.operations)[int(tp.query_box)])
-            sides.append((ctx, prompt, answer))
-        (cctx, clean, cans), (xctx, corr, xans) = sides
-        if not _distinguishable(cans, xans):
+            prompt = " ".join([*context_words(ctx.initial, ctx.operations), "|", *query_words(box)])
+            sides.append((ctx, prompt, ordered_contents(ctx.initial, ctx.operations)))
+        (cctx, clean, cworld), (xctx, corr, xworld) = sides
+        cans, xans = COMPACT.answer_text(cworld[cbox]), COMPACT.answer_text(xworld[xbox])
+        cf = None if tp.counterfactual_answer is None else COMPACT.answer_text(cworld[xbox])
+        if not _answers_ok(cans, xans, cans if cf is None else cf):
             continue
         cs, xs = parse_prompt(clean), parse_prompt(corr)
         edit = Edit(xctx.initial, xctx.operations, tp.changed_op, tp.description)
         aliases = alias_spans(tp.kind, cs, xs, clean, corr, edit, SimpleNamespace(operations=cctx.operations))
         n_ops = len(cctx.operations) if tp.kind != "drop_op" else int(tp.changed_op or 0)
-        candidates = [f"box{lab}_desc" for lab in cs.desc_boxes] + ["query_box_desc"]
-        candidates += [f"op{j}_{part}" for j in range(n_ops) for part in ("object", "box", "dest")]
-        roles = shared_roles(clean, corr, cs, xs, candidates)
-        roles += list(aliases) + shared_roles(clean, corr, cs, xs, ["query_box", "query_contains", "last"])
         out.append(TextPair(
-            kind=tp.kind, state_id=tp.state_id, query_box=tp.query_box, clean_prompt=clean, corrupted_prompt=corr,
-            clean_answer=cans, corrupted_answer=xans, changed_op=tp.changed_op, roles=tuple(roles),
-            role_spans=aliases, description=tp.description, meta={**dict(tp.meta), "protocol": "compact"},
+            kind=tp.kind, state_id=tp.state_id, query_box=tp.query_box, corrupted_query_box=tp.corrupted_query_box,
+            clean_prompt=clean, corrupted_prompt=corr, clean_answer=cans, corrupted_answer=xans,
+            counterfactual_answer=cf, variable=tp.variable, changed_op=tp.changed_op,
+            roles=tuple(_pair_roles(clean, corr, cs, xs, aliases, n_ops)), role_spans=aliases,
+            description=tp.description, meta={**dict(tp.meta), "protocol": "compact"},
         ))  # fmt: skip
     return out

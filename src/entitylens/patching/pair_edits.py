@@ -1,7 +1,10 @@
 """The one-change edits of a K&S boxes state, per corruption kind, and the roles two prompts share.
 
 Each edit (:class:`Edit`) is a corrupted version of a state's initial boxes and operations:
-:func:`op_object_edits`, :func:`op_box_edits`, :func:`init_object_edits`, :func:`drop_op_edits`.
+:func:`op_object_edits`, :func:`op_box_edits`, :func:`init_object_edits`, :func:`drop_op_edits`. Each
+changes one variable of the task's causal model (named in :attr:`Edit.variable`). There is no order edit:
+swapping two operations that are valid in both orders never changes a box's final contents (objects are
+unique, contents are sets), so it is no counterfactual for the boxes answer.
 :func:`alias_spans` locates what an edit changed in both prompts (the ``changed_object`` / ``changed_box``
 roles) and :func:`shared_roles` keeps the catalogue roles present in both.
 """
@@ -42,12 +45,13 @@ def state_objects(state: Any) -> set[str]:
 
 @dataclass
 class Edit:
-    """A corrupted version of a state: its initial boxes and operations, what changed, in words."""
+    """A corrupted version of a state: its initial boxes and operations, what changed (in words, and the variable)."""
 
     initial: Any
     ops: tuple[Any, ...]
     changed_op: int | None
     description: str
+    variable: str = ""
 
 
 def op_object_edits(state: Any, rng: random.Random, pool: Sequence[str]) -> list[Edit]:
@@ -69,7 +73,8 @@ def op_object_edits(state: Any, rng: random.Random, pool: Sequence[str]) -> list
         for alt in alts:
             new = Operation(op.kind, tuple(alt), op.box, op.dest)
             ops = state.operations[:i] + (new,) + state.operations[i + 1 :]
-            edits.append(Edit(state.initial, ops, i, f"op {i} ({op.kind}): objects {list(op.objects)} -> {list(alt)}"))
+            edits.append(Edit(state.initial, ops, i, f"op {i} ({op.kind}): objects {list(op.objects)} -> {list(alt)}",
+                              f"op{i}.object"))
     return edits
 
 
@@ -89,14 +94,15 @@ def op_box_edits(state: Any) -> list[Edit]:
                     continue
                 new = dataclasses.replace(op, dest=b)
                 ops = state.operations[:i] + (new,) + state.operations[i + 1 :]
-                edits.append(Edit(state.initial, ops, i, f"op {i} ({op.kind}): destination box {op.dest} -> {b}"))
+                edits.append(Edit(state.initial, ops, i, f"op {i} ({op.kind}): destination box {op.dest} -> {b}",
+                                  f"op{i}.box"))
         elif op.kind == "put":
             for b in range(n):
                 if b == op.box or len(before[b]) + len(op.objects) > MAX_PER_BOX:
                     continue
                 new = dataclasses.replace(op, box=b)
                 ops = state.operations[:i] + (new,) + state.operations[i + 1 :]
-                edits.append(Edit(state.initial, ops, i, f"op {i} (put): box {op.box} -> {b}"))
+                edits.append(Edit(state.initial, ops, i, f"op {i} (put): box {op.box} -> {b}", f"op{i}.box"))
     return edits
 
 
@@ -115,7 +121,7 @@ def init_object_edits(state: Any, rng: random.Random, pool: Sequence[str]) -> li
                 sorted_contents([new if o == old else o for o in c]) if k == b else c
                 for k, c in enumerate(state.initial)
             )
-            edits.append(Edit(initial, state.operations, None, f"initial box {b}: {old} -> {new}"))
+            edits.append(Edit(initial, state.operations, None, f"initial box {b}: {old} -> {new}", f"initial.box{b}"))
     return edits
 
 
@@ -124,7 +130,8 @@ def drop_op_edits(state: Any) -> list[Edit]:
     edits = []
     for i, op in enumerate(state.operations):
         ops = state.operations[:i] + state.operations[i + 1 :]
-        edits.append(Edit(state.initial, ops, i, f"dropped op {i}: {describe_operation(op, state.variant)}"))
+        edits.append(Edit(state.initial, ops, i, f"dropped op {i}: {describe_operation(op, state.variant)}",
+                          f"op{i}.present"))
     return edits
 
 

@@ -97,6 +97,7 @@ def patch_pair_record(p: PatchPair) -> dict[str, Any]:
         "corrupted_tokens": [int(x) for x in p.corrupted_tokens],
         "clean_answer": p.clean_answer,
         "corrupted_answer": p.corrupted_answer,
+        "counterfactual_answer": p.counterfactual_answer,
         "clean_answer_pos": p.clean_answer_pos,
         "corrupted_answer_pos": p.corrupted_answer_pos,
         "clean_roles": dict(p.clean_roles),
@@ -151,6 +152,7 @@ def read_patch_pairs(path: str | os.PathLike[str], tokenizer: Any | None = None)
                     corrupted_answer_pos=rec.get("corrupted_answer_pos", -1),
                     tokenizer_fingerprint=fp,
                     name=str(rec.get("name", "")),
+                    counterfactual_answer=rec.get("counterfactual_answer"),
                 )
             )
         except KeyError as e:

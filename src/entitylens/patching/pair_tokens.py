@@ -39,7 +39,8 @@ def to_patch_pairs(
 
     Prompts are tokenised as ``TransformerBridge.to_tokens`` does (BOS when the model prepends one), the
     answers through ``PatchPair.from_texts`` (their shared leading tokens, e.g. ``" the"``, are appended
-    to both prompts and the first distinguishing tokens become the answer ids). Catalogue roles are found
+    to both prompts and the first distinguishing tokens become the answer ids; the causal model's
+    counterfactual answer, when the pair has one, becomes a token id at the same position). Catalogue roles are found
     in each prompt's own text (:func:`~entitylens.activations.roles.find_roles`), alias roles from their
     stored character spans; ``last`` is the scored position (the last token, after any appended answer
     prefix). Lengths may differ between the sides: alignment is by role name, never by raw position.
@@ -71,7 +72,7 @@ def to_patch_pairs(
         try:
             base = PatchPair.from_texts(
                 tok, tp.clean_prompt, tp.corrupted_prompt, tp.clean_answer, tp.corrupted_answer,
-                bos=False, name=tp.name,
+                bos=False, name=tp.name, counterfactual_answer=tp.counterfactual_answer,
             )  # fmt: skip
         except EntitylensError as e:
             raise EntitylensError(f"pair {i} ({tp.name}): {e}") from None
@@ -92,6 +93,7 @@ def to_patch_pairs(
                 corrupted_roles={r: xr[r] for r in order},
                 tokenizer_fingerprint=fp,
                 name=tp.name,
+                counterfactual_answer=base.counterfactual_answer,
             )
         )
     return out

@@ -101,9 +101,17 @@ class TextPair:
             :mod:`entitylens.activations.roles` and aliases of :data:`ALIAS_ROLES` (in ``role_spans``).
         role_spans: Alias role -> ``(clean span, corrupted span)`` character spans; the role is the last
             token overlapping the span.
-        corrupted_query_box: The corrupted prompt's queried box when it differs (``p24``), else ``None``.
+        corrupted_query_box: The corrupted prompt's queried box when it differs (``p24``, cross-query pairs),
+            else ``None``.
         description: What was changed, in words.
         meta: Extra JSON-serialisable information (gold contents, numops, ...).
+        counterfactual_answer: The task's causal model's answer to the corrupted prompt when the variable the
+            pair changes takes its clean value (an interchange intervention's expected answer): the clean
+            context's world read at the corrupted side's queried box. Equal to ``clean_answer`` when both
+            sides query the same box; ``None`` when the pair records none (files from older versions,
+            hand-written pairs): interchange accuracy then needs explicit targets.
+        variable: The causal-model variable the two contexts differ in (``"op2.object"``, ``"op1.box"``,
+            ``"op3.present"``, ``"initial.box4"``, ``"query_box"``), or ``None``.
 
     Raises:
         EntitylensError: (in ``__post_init__``) unknown kind, equal answers, or a role missing from a side.
@@ -122,6 +130,8 @@ class TextPair:
     corrupted_query_box: int | str | None = None
     description: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    counterfactual_answer: str | None = None
+    variable: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in PAIR_KINDS:
@@ -136,6 +146,12 @@ class TextPair:
                 f"pair {name}: clean and corrupted answers are both {self.clean_answer.strip()!r}; query a box "
                 f"whose contents differ between the two prompts, or drop the pair"
             )
+        cf = self.counterfactual_answer
+        if cf is not None and (not isinstance(cf, str) or not cf.strip()):
+            raise EntitylensError(f"pair {name}: counterfactual_answer must be a non-empty string or null; fix it")
+        if cf is not None and cf.strip() == self.corrupted_answer.strip():
+            raise EntitylensError(f"pair {name}: the counterfactual answer equals the corrupted answer "
+                                  f"({cf.strip()!r}), so no intervention can be scored; drop the pair")
         if self.changed_op is not None:
             object.__setattr__(self, "changed_op", int(self.changed_op))
         roles = tuple(str(r) for r in self.roles)
@@ -181,6 +197,8 @@ class TextPair:
             "corrupted_prompt": self.corrupted_prompt,
             "clean_answer": self.clean_answer,
             "corrupted_answer": self.corrupted_answer,
+            "counterfactual_answer": self.counterfactual_answer,
+            "variable": self.variable,
             "roles": list(self.roles),
             "role_spans": {k: [list(c), list(x)] for k, (c, x) in self.role_spans.items()},
             "description": self.description,
@@ -213,6 +231,8 @@ class TextPair:
             corrupted_query_box=rec.get("corrupted_query_box"),
             description=str(rec.get("description", "")),
             meta=dict(rec.get("meta") or {}),
+            counterfactual_answer=rec.get("counterfactual_answer"),
+            variable=rec.get("variable"),
         )
 
 

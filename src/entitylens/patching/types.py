@@ -138,6 +138,10 @@ class PatchPair:
         tokenizer_fingerprint: :func:`tokenizer_fingerprint` of the tokenizer that made the ids, if known;
             :func:`patch_grid` refuses a model whose tokenizer has a different fingerprint.
         name: Free-form label (kept in results).
+        counterfactual_answer: Token id, at ``corrupted_answer_pos``, of the task's causal-model answer to
+            the corrupted prompt when the changed variable takes its clean value (what an interchange
+            intervention should give; the clean answer when both sides query one box); ``None`` when the
+            pair has none. Must differ from ``corrupted_answer``.
 
     Positions are normalised to non-negative ints and roles to read-only dicts in ``__post_init__``.
     """
@@ -152,6 +156,7 @@ class PatchPair:
     corrupted_answer_pos: int = -1
     tokenizer_fingerprint: str | None = None
     name: str = ""
+    counterfactual_answer: int | None = None
 
     def __post_init__(self) -> None:
         label = f" {self.name!r}" if self.name else ""
@@ -175,6 +180,12 @@ class PatchPair:
             raise EntitylensError(f"PatchPair{label}: answer token ids must be non-negative; pass real ids")
         object.__setattr__(self, "clean_answer", ca)
         object.__setattr__(self, "corrupted_answer", xa)
+        if self.counterfactual_answer is not None:
+            cf = int(self.counterfactual_answer)
+            if cf == xa or cf < 0:
+                raise EntitylensError(f"PatchPair{label}: counterfactual_answer must be a token id other than the "
+                                      f"corrupted answer's ({xa}); pass the causal model's answer token or None")
+            object.__setattr__(self, "counterfactual_answer", cf)
         object.__setattr__(
             self, "clean_answer_pos", _resolve_pos(self.clean_answer_pos, len(clean), f"clean_answer_pos{label}")
         )
@@ -225,6 +236,7 @@ class PatchPair:
         corrupted_roles: Mapping[str, int] | None = None,
         bos: bool = True,
         name: str = "",
+        counterfactual_answer: str | None = None,
     ) -> PatchPair:
         """Build a pair from text: the answers' shared leading tokens are appended to both prompts.
 
@@ -237,6 +249,8 @@ class PatchPair:
             corrupted_prompt: Corrupted prompt text.
             clean_answer: Clean continuation (tokenized on its own, so include its leading space).
             corrupted_answer: Corrupted continuation.
+            counterfactual_answer: The causal model's answer to the corrupted prompt (see the attribute); it
+                must part from the corrupted answer at the same token as the clean answer does.
             clean_roles: Role -> token position in the *final* clean ids (negative = from the end).
             corrupted_roles: The same for the corrupted ids.
             bos: Put the BOS id first (pass :func:`entitylens.models.model_prepends_bos` of the model).
@@ -258,6 +272,18 @@ class PatchPair:
                 f"answers {clean_answer!r} and {corrupted_answer!r} have no distinguishing "
                 f"token (one tokenizes as a prefix of the other); use answers that differ"
             )
+        cf = None
+        if counterfactual_answer is not None:
+            fa = ids(counterfactual_answer, False)
+            if fa == ca:
+                cf = ca[i]
+            elif len(fa) <= i or fa[:i] != xa[:i] or fa[i] == xa[i]:
+                raise EntitylensError(
+                    f"the counterfactual answer {counterfactual_answer!r} does not part from the corrupted answer "
+                    f"{corrupted_answer!r} at the token where the clean answer {clean_answer!r} does; drop the pair"
+                )
+            else:
+                cf = fa[i]
         return cls(
             clean_tokens=torch.tensor(ids(clean_prompt, bos) + ca[:i]),
             corrupted_tokens=torch.tensor(ids(corrupted_prompt, bos) + xa[:i]),
@@ -267,6 +293,7 @@ class PatchPair:
             corrupted_roles=dict(corrupted_roles or {}),
             tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
             name=name,
+            counterfactual_answer=cf,
         )
 
 

@@ -29,7 +29,9 @@ from entitylens.patching.das import (
     Captured,
     DASConfig,
     DASResult,
+    behaving_pairs,
     capture_pairs,
+    counterfactual_targets,
     das_split,
     interchange_iia,
     pca_basis,
@@ -39,16 +41,21 @@ from entitylens.patching.paths import PathResult, path_patch
 from entitylens.patching.sites import Site, SiteResult, patch_sites
 from entitylens.patching.types import PatchPair
 from entitylens.plots import plot_iia, plot_patch_heatmap
+from entitylens.probing.outputs import PROBE_WEIGHTS
 from entitylens.stats import cluster_bootstrap
 
-__all__ = ["DAS_COLUMNS", "PATH_COLUMNS", "SITES_COLUMNS", "SUMMARY_COLUMNS", "read_subspaces", "run_das_job",
-           "run_path_job", "run_sites_job", "summarise"]
+__all__ = ["DAS_BASES", "DAS_COLUMNS", "PATH_COLUMNS", "SITES_COLUMNS", "SUMMARY_COLUMNS", "probe_subspaces",
+           "read_subspaces", "run_das_job", "run_path_job", "run_sites_job", "summarise"]
 
 PATH_COLUMNS = ("pair", "sender", "receiver", "ld", "normalised", "prob", "top1")
 SITES_COLUMNS = ("pair", "circuit", "ld", "normalised", "prob", "top1")
 SUMMARY_COLUMNS = ("sender", "receiver", "circuit", "effect", "ci_low", "ci_high", "n_pairs")
 DAS_COLUMNS = ("layer", "role", "k", "source", "train_iia", "test_iia", "n_train", "n_test")
 SUBSPACES = "das_subspaces.safetensors"
+DAS_BASES = ("das", "pca", "full", "probe")
+"""Bases ``patch das`` scores: learned (DAS), PCA of the training pairs' differences, the whole site, probe
+directions."""
+_PROBE_OFFSET = {"resid_pre": 0, "resid_post": -1}  # resid_pre of layer l is the probe hook's layer l + offset
 
 
 def summarise(values: torch.Tensor, resamples: int = 1000) -> tuple[float, float, float, int]:
@@ -176,15 +183,18 @@ def read_subspaces(path: str | os.PathLike[str]) -> tuple[str, dict[int, torch.T
 def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str,
                 out: str | os.PathLike[str], *, pairs_sha256: str, config: DASConfig | None = None,
                 subspaces: str | os.PathLike[str] | None = None, basis: str = "das", label: str = "",
-                overwrite: bool = False) -> tuple[pd.DataFrame, list[Path]]:
-    """DAS per layer at ``role`` (or the IIA of given subspaces, e.g. learned on the pair model); writes the run.
+                overwrite: bool = False, probe: str | os.PathLike[str] | None = None,
+                probe_columns: Sequence[str] | None = None, probe_role: str | None = None
+                ) -> tuple[pd.DataFrame, list[Path]]:
+    """DAS per layer at ``role`` (or the IIA of another basis, or of given subspaces); writes the run.
 
     Writes ``das.csv`` (layer, role, k, train / held-out IIA), ``das_subspaces.safetensors`` (one ``[d, k]``
     basis per layer; training runs only), ``das.png`` (IIA by layer), ``meta.json`` and ``timing.json``.
+    IIA is scored against each pair's causal-model answer (``counterfactual_answer``).
 
     Args:
         model: A ``TransformerBridge``.
-        pairs: Tokenised pairs (base = corrupted, source = clean; counterfactual answer = the clean one).
+        pairs: Tokenised pairs (base = corrupted, source = clean), with their causal-model answers.
         layers: ``resid_pre`` layers.
         role: The site's role.
         out: Run directory.
@@ -192,49 +202,47 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
         config: :class:`~entitylens.patching.das.DASConfig`.
         subspaces: Score these bases (a ``das_subspaces.safetensors`` or its run directory) on every pair
             instead of training (cross-model: learned on the pair model; shapes must match).
-        basis: ``"das"`` (learn, default) or ``"pca"``: score the top-``k`` principal directions of the clean -
-            corrupted differences at each layer (computed on the training split, scored on the held-out one).
+        basis: ``"das"`` (learn, default); ``"pca"``: the top-``k`` principal directions of the clean -
+            corrupted differences (computed on the training split); ``"full"``: the whole site (activation
+            patching, ``k = d_model``); ``"probe"``: the span of a probe run's directions (``probe``). The
+            fixed bases are scored on the same train / held-out split DAS uses.
         label: Model label for the figure.
         overwrite: Replace another run's results in ``out``.
+        probe: An ``entitylens probe`` run directory (``basis="probe"``).
+        probe_columns: The probe columns to span (default all).
+        probe_role: The probe's role (default its first).
 
     Returns:
         The ``das.csv`` table and the files written.
+
+    Raises:
+        EntitylensError: an unknown basis, ``probe`` missing or given without ``basis="probe"``, subspaces
+            without the layers or role asked for, or pairs without a causal-model answer.
     """
     import time
 
-    from safetensors.torch import save
-
     cfg = config or DASConfig()
-    src_sha = None
-    if subspaces is not None:
-        sub_role, bases = read_subspaces(subspaces)
-        missing = [la for la in layers if la not in bases]
-        if missing:
-            raise EntitylensError(f"{subspaces} has no subspace for layer(s) {missing}; pick layers it has "
-                                  f"({sorted(bases)})")
-        if sub_role and sub_role != role:
-            raise EntitylensError(f"the subspaces were learned at role {sub_role!r}, not {role!r}; "
-                                  f"pass --role {sub_role}")
-        sp = Path(subspaces)
-        src_sha = sha256_file(sp / SUBSPACES if sp.is_dir() else sp)
-    if basis not in ("das", "pca"):
-        raise EntitylensError(f"unknown basis {basis!r}; use das or pca")
+    bases, src_sha = ({}, None) if subspaces is None else _given_subspaces(subspaces, layers, role)
+    if basis not in DAS_BASES:
+        raise EntitylensError(f"unknown basis {basis!r}; use one of {', '.join(DAS_BASES)}")
+    if (basis == "probe") != (probe is not None):
+        raise EntitylensError("--basis probe goes with --probe DIR (an `entitylens probe` run), and --probe with "
+                              "--basis probe")
+    given = None if probe is None else probe_subspaces(probe, layers, int(model.cfg.d_model), probe_columns,
+                                                        probe_role)
+    counterfactual_targets(pairs)  # pairs without a causal-model answer fail before anything is written
     ident = _identity(model, pairs_sha256, layers=list(layers), role=role, config=dict(cfg.__dict__),
-                      subspaces_sha256=src_sha, basis=basis)
+                      subspaces_sha256=src_sha, basis=basis,
+                      **({} if probe is None else {"probe_weights_sha256": sha256_file(Path(probe) / PROBE_WEIGHTS),
+                                                   "probe_columns": probe_columns, "probe_role": probe_role}))
     d = _check_dir(out, "entitylens.das", ident, overwrite)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     files = [d / "das.csv"]
-    if subspaces is None and basis == "pca":
-        rows = _pca_rows(model, pairs, layers, role, cfg)
+    if subspaces is None and basis != "das":
+        rows = _fixed_rows(model, pairs, layers, role, cfg, basis, given)
     elif subspaces is None:
-        results: list[DASResult] = train_das(model, pairs, layers, role, cfg)
-        rows = [{"layer": r.layer, "role": role, "k": cfg.k, "source": "learned", "train_iia": r.train_iia,
-                 "test_iia": r.test_iia, "n_train": len(r.train), "n_test": len(r.test)} for r in results]
-        head = json.dumps({"role": role, "k": cfg.k, "kind": "entitylens.das"}, sort_keys=True)
-        blob = save({f"layer{r.layer}": r.basis.contiguous() for r in results}, metadata={"entitylens_das": head})
-        with atomic_write(d / SUBSPACES, "wb", encoding=None) as f:
-            f.write(blob)
+        rows = _learned_rows(model, pairs, layers, role, cfg, d / SUBSPACES)
         files.append(d / SUBSPACES)
     else:
         cap = capture_pairs(model, pairs)
@@ -245,24 +253,121 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
                          "n_test": len(pairs)})
     table = frame(rows, DAS_COLUMNS)
     write_csv(table, d / "das.csv")
-    what = "DAS" if basis == "das" and subspaces is None else "given subspaces" if subspaces else "PCA subspace"
-    pngs = plot_iia({label or "model": table}, d / "das", title=f"{what} at {role} (resid_pre), k = {cfg.k}")
+    what = ("given subspaces" if subspaces else {"das": f"DAS, k = {cfg.k}", "pca": f"PCA subspace, k = {cfg.k}",
+            "full": "whole site", "probe": "probe directions"}[basis])
+    pngs = plot_iia({label or "model": table}, d / "das", title=f"{what} at {role} (resid_pre)")
     write_json(d / "meta.json", {"kind": "entitylens.das", "identity": ident, "pairs": [p.name for p in pairs]})
     write_timing(d, "das_seconds", time.perf_counter() - t0)
     return table, [*files, *pngs, d / "meta.json"]
 
 
-def _pca_rows(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str, cfg: DASConfig
-              ) -> list[dict[str, Any]]:
-    """IIA of the top-k PCA subspace of the training pairs' clean - corrupted differences, per layer."""
-    train, test = das_split(len(pairs), cfg)
+def probe_subspaces(probe_dir: str | os.PathLike[str], layers: Sequence[int], d_model: int,
+                    columns: Sequence[str] | None = None, role: str | None = None) -> dict[int, torch.Tensor]:
+    """Orthonormal bases ``[d, k]`` of trained probes' directions, one per ``resid_pre`` layer.
+
+    A probe run's raw-space weights (``probe_weights.safetensors``) are read; the basis of layer ``l`` spans the
+    chosen columns' weight vectors of the probe on ``resid_pre`` ``l``, i.e. on ``resid_post`` ``l - 1`` (the
+    same activation) when the probe read ``resid_post``; ``k`` is their rank.
+
+    Args:
+        probe_dir: An ``entitylens probe`` run directory.
+        layers: ``resid_pre`` layers of the interventions.
+        d_model: The model's width (the probe's must match).
+        columns: Probe columns (target names) to span (default all).
+        role: The probe's role (default its first).
+
+    Raises:
+        EntitylensError: a probe on another hook than the residual stream, a role or column it lacks, a layer
+            it did not probe, or another width.
+    """
+    from entitylens.probing.outputs import read_probe_weights
+
+    tensors, info = read_probe_weights(probe_dir)
+    hook = str(info["hook"])
+    if hook not in _PROBE_OFFSET:
+        raise EntitylensError(f"the probe read {hook!r}, not the residual stream; use a probe run on resid_pre or "
+                              "resid_post")
+    prole = role or info["roles"][0]
+    if prole not in info["roles"]:
+        raise EntitylensError(f"the probe run has no role {prole!r}; use one of {', '.join(info['roles'])}")
+    names = list(info["columns"])
+    wanted = names if columns is None else list(columns)
+    bad = [c for c in wanted if c not in names]
+    if bad or not wanted:
+        raise EntitylensError(f"probe column {bad[0] if bad else ''!r} is not one of the probe's {len(names)} "
+                              f"columns (e.g. {', '.join(names[:4])}); pass --probe-columns from its target names")
+    cols = [names.index(c) for c in wanted]
+    out = {}
+    for la in layers:
+        pl = la + _PROBE_OFFSET[hook]
+        if pl not in info["layers"]:
+            raise EntitylensError(f"resid_pre {la} is {hook} {pl}, which the probe run did not probe (probed: "
+                                  f"{info['layers']}); pick other layers")
+        w = tensors[f"{prole}/coef"][info["layers"].index(pl)][:, cols].double()  # [d, c]
+        if w.shape[0] != d_model:
+            raise EntitylensError(f"the probe is {w.shape[0]} wide and the model {d_model}; use a probe of this model")
+        u, sv, _ = torch.linalg.svd(w, full_matrices=False)
+        keep = sv > sv[0] * 1e-6 if len(sv) and float(sv[0]) > 0 else torch.zeros_like(sv, dtype=torch.bool)
+        if not bool(keep.any()):
+            raise EntitylensError(f"the probe's weights at {hook} {pl} are all zero; pick other columns or layers")
+        out[la] = u[:, keep].float().contiguous()
+    return out
+
+
+def _given_subspaces(subspaces: str | os.PathLike[str], layers: Sequence[int], role: str
+                     ) -> tuple[dict[int, torch.Tensor], str]:
+    """A ``patch das`` run's bases for ``layers`` (learned at ``role``) and the file's hash."""
+    sub_role, bases = read_subspaces(subspaces)
+    missing = [la for la in layers if la not in bases]
+    if missing:
+        raise EntitylensError(f"{subspaces} has no subspace for layer(s) {missing}; pick layers it has "
+                              f"({sorted(bases)})")
+    if sub_role and sub_role != role:
+        raise EntitylensError(f"the subspaces were learned at role {sub_role!r}, not {role!r}; pass --role {sub_role}")
+    sp = Path(subspaces)
+    return bases, sha256_file(sp / SUBSPACES if sp.is_dir() else sp)
+
+
+def _learned_rows(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str, cfg: DASConfig,
+                  path: Path) -> list[dict[str, Any]]:
+    """Train DAS per layer, write the learned bases to ``path`` (safetensors) and return the ``das.csv`` rows."""
+    from safetensors.torch import save
+
+    results: list[DASResult] = train_das(model, pairs, layers, role, cfg)
+    head = json.dumps({"role": role, "k": cfg.k, "kind": "entitylens.das"}, sort_keys=True)
+    blob = save({f"layer{r.layer}": r.basis.contiguous() for r in results}, metadata={"entitylens_das": head})
+    with atomic_write(path, "wb", encoding=None) as f:
+        f.write(blob)
+    return [{"layer": r.layer, "role": role, "k": cfg.k, "source": "learned", "train_iia": r.train_iia,
+             "test_iia": r.test_iia, "n_train": len(r.train), "n_test": len(r.test)} for r in results]
+
+
+def _fixed_rows(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str, cfg: DASConfig,
+                source: str, given: dict[int, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """IIA per layer of a basis DAS does not learn, on DAS's own split of the pairs.
+
+    ``pca``: the top-k principal directions of the training pairs' clean - corrupted differences; ``full``: the
+    whole site (activation patching of ``resid_pre`` at the role); ``probe`` (``given``): fixed bases per layer.
+    Only pairs the model gets right both ways are kept when ``cfg.behaving_only`` (as :func:`train_das` does).
+    """
+    counterfactual_targets(pairs)  # pairs without a causal-model answer fail before the capture
     cap = capture_pairs(model, pairs)
+    keep = behaving_pairs(cap, pairs) if cfg.behaving_only else list(range(len(pairs)))
+    if len(keep) < 2:
+        raise EntitylensError(f"only {len(keep)} of {len(pairs)} pairs are ones the model gets right both ways; "
+                              "use pairs the model solves, or --all-pairs")
+    tr, te = das_split(len(keep), cfg)
+    train, test = [keep[i] for i in tr], [keep[i] for i in te]
     train_cap = Captured(cap.fp, [cap.runs[i] for i in train])
+    d = int(cap.fp.r.twin.config.hidden_size)
     rows = []
     for la in layers:
-        q = pca_basis(model, [pairs[i] for i in train], la, role, cfg.k, captured=train_cap)
+        if source == "pca":
+            q = pca_basis(model, [pairs[i] for i in train], la, role, cfg.k, captured=train_cap)
+        else:
+            q = torch.eye(d) if given is None else given[la]
         hit = interchange_iia(model, pairs, la, role, q, criterion=cfg.criterion, captured=cap)
-        rows.append({"layer": la, "role": role, "k": cfg.k, "source": "pca",
+        rows.append({"layer": la, "role": role, "k": int(q.shape[1]), "source": source,
                      "train_iia": float(hit[train].double().mean()), "test_iia": float(hit[test].double().mean()),
                      "n_train": len(train), "n_test": len(test)})
     return rows
