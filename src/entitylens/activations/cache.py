@@ -125,6 +125,9 @@ class CacheConfig:
         release_memory: After each cached hook on the CPU, hand the heap's free memory back to the OS
             (glibc ``malloc_trim``). glibc otherwise keeps a forward's freed intermediates resident,
             which roughly triples the peak RSS of a forward; the values are unchanged.
+        engine: ``"native"`` (the bridge's forward, default) or ``"vllm"`` (TransformerLens's vLLM driver,
+            :mod:`entitylens.activations.remote`: hooks ``resid_post`` / ``attn_out`` / ``mlp_out``). Part of
+            the cache's identity when not native (another engine's floats are not resumed into this cache).
 
     """
 
@@ -139,6 +142,7 @@ class CacheConfig:
     prepend_bos: bool | None = None
     stop_early: bool = True
     release_memory: bool = True
+    engine: str = "native"
 
     def __post_init__(self) -> None:
         for name in ("hooks", "roles"):
@@ -157,6 +161,8 @@ class CacheConfig:
             )
         if self.dtype not in DTYPES:
             raise EntitylensError(f"unknown cache dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.engine not in ("native", "vllm"):
+            raise EntitylensError(f"unknown engine {self.engine!r}; use native or vllm")
 
     def identity(self) -> dict[str, Any]:
         """Return the fields that determine the cache's bytes (compared when resuming)."""
@@ -165,6 +171,8 @@ class CacheConfig:
         d["hooks"], d["roles"] = list(self.hooks), list(self.roles)
         d.pop("stop_early")  # stopping early does not change the values
         d.pop("release_memory")  # nor does returning free memory to the OS
+        if self.engine == "native":
+            d.pop("engine")  # caches from before engines existed keep their identity
         return d
 
 
@@ -200,6 +208,8 @@ def cache_activations(
     model_label: str | None = None,
     dataset_source: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    remote: Any = None,
+    vllm_options: Any = None,
 ) -> CacheIndex:
     """Cache activations at token roles for every row of a dataset, as resumable safetensors shards.
 
@@ -213,6 +223,9 @@ def cache_activations(
             ``model_spec``).
         dataset_source: Extra description of the dataset (e.g. path and file sha256), recorded only.
         overwrite: Delete an existing cache in ``out_dir`` first (only its own files).
+        remote: With ``config.engine == "vllm"``: a running ``RemoteBridge`` of this model (tests and
+            scripts reuse one); booted from ``model_spec``'s weights otherwise.
+        vllm_options: :class:`~entitylens.models.vllm_support.VLLMOptions` for that boot.
 
     Returns:
         A :class:`CacheIndex`; read the values with :func:`load_cache`.
@@ -228,6 +241,7 @@ def cache_activations(
     if grouped:
         config = dataclasses.replace(config, roles=roles, allow_missing_roles=True)
     specs = resolve_model_hooks(model, config.hooks, config.layers)
+    capture = _capture(model, specs, config, model_spec, remote, vllm_options)
     encoded = encode_prompts(
         model,
         prompts,
@@ -253,19 +267,13 @@ def cache_activations(
             f.write(rows_bytes)
     write_json(out / META_FILE, meta)
 
-    computed = _compute_missing_shards(model, specs, encoded, config, [p.row_id for p in prompts], out, meta)
+    computed = _compute_missing_shards(capture, specs, encoded, config, [p.row_id for p in prompts], out, meta)
     n_shards = meta["n_shards"]
     if not meta["complete"]:  # every shard was reused from an earlier run
         meta["complete"] = len(meta["shards"]) == n_shards
         write_json(out / META_FILE, meta)
-    return CacheIndex(
-        directory=out,
-        n_rows=len(prompts),
-        shards=tuple(shard_name(k) for k in range(n_shards)),
-        computed=computed,
-        reused=n_shards - computed,
-        fingerprint=meta["fingerprint"],
-    )
+    return CacheIndex(directory=out, n_rows=len(prompts), shards=tuple(shard_name(k) for k in range(n_shards)),
+                      computed=computed, reused=n_shards - computed, fingerprint=meta["fingerprint"])
 
 
 def _rows_bytes(prompts: Sequence[CachePrompt]) -> bytes:
@@ -344,8 +352,28 @@ def _finished_shards(out: Path, existing: Mapping[str, Any], meta: Mapping[str, 
     return done
 
 
+def _capture(model: Any, specs: Sequence[HookSpec], config: CacheConfig, model_spec: str | None, remote: Any,
+             vllm_options: Any) -> Any:
+    """The batch runner of ``config.engine``: ``(specs, ids, positions, storage dtype) -> key -> values``."""
+    if config.engine == "native":
+        pad_id = pad_token_id(model.tokenizer)
+        return lambda sp, ids, pos, dt: run_batch(model, sp, ids, pos, dt, pad_id, config.stop_early,
+                                                  config.release_memory)
+    from entitylens.activations.remote import RemoteCapture, boot_remote
+
+    RemoteCapture.check(specs)  # an unsupported hook fails before vLLM starts
+    if remote is None:
+        from entitylens.models import weights_location
+
+        if model_spec is None:
+            raise EntitylensError("engine vllm needs the model spec (model_spec=...) to find its weights")
+        dtype = next(iter(model.parameters())).dtype
+        remote = boot_remote(weights_location(model_spec), dtype, vllm_options)
+    return RemoteCapture(remote)
+
+
 def _compute_missing_shards(
-    model: Any,
+    capture: Any,
     specs: Sequence[HookSpec],
     encoded: EncodedPrompts,
     config: CacheConfig,
@@ -359,7 +387,6 @@ def _compute_missing_shards(
         How many shards were computed.
     """
     n_rows, n_shards = meta["n_rows"], meta["n_shards"]
-    pad_id = pad_token_id(model.tokenizer)
     computed = 0
     bar = progress(total=n_rows, desc="caching", unit="prompt")
     try:
@@ -369,7 +396,7 @@ def _compute_missing_shards(
             if name in meta["shards"]:
                 bar.update(stop - start)
                 continue
-            tensors = _shard_tensors(model, specs, encoded, config, row_ids, pad_id, start, stop, bar)
+            tensors = _shard_tensors(capture, specs, encoded, config, row_ids, start, stop, bar)
             digest = write_shard(out / name, tensors, {"fingerprint": meta["fingerprint"], "shard": k})
             meta["shards"][name] = {"rows": [start, stop], "sha256": digest}
             meta["shards"] = dict(sorted(meta["shards"].items()))
@@ -382,12 +409,11 @@ def _compute_missing_shards(
 
 
 def _shard_tensors(
-    model: Any,
+    capture: Any,
     specs: Sequence[HookSpec],
     encoded: EncodedPrompts,
     config: CacheConfig,
     row_ids: Sequence[str],
-    pad_id: int,
     start: int,
     stop: int,
     bar: Any,
@@ -397,16 +423,7 @@ def _shard_tensors(
     parts: dict[str, list[Tensor]] = {s.key: [] for s in specs}
     for b0 in range(start, stop, config.batch_size):
         b1 = min(b0 + config.batch_size, stop)
-        values = run_batch(
-            model,
-            specs,
-            encoded.ids[b0:b1],
-            encoded.positions[b0:b1],
-            storage_dtype,
-            pad_id,
-            config.stop_early,
-            config.release_memory,
-        )
+        values = capture(specs, encoded.ids[b0:b1], encoded.positions[b0:b1], storage_dtype)
         present = encoded.positions[b0:b1] >= 0
         check_finite(values, present, specs, config.roles, row_ids[b0:b1])
         for key, t in values.items():

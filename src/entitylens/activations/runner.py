@@ -193,7 +193,7 @@ def run_batch(
     device = torch.device(getattr(model.cfg, "device", None) or "cpu")
     tokens, mask, pos = pad_batch(ids, positions, pad_id)
     gathered: dict[tuple[int, int], Tensor] = {}
-    fwd_hooks = _gather_hooks(specs, pos, int(tokens.shape[1]), storage_dtype, stop_early, gathered)
+    fwd_hooks = gather_hooks(specs, pos, int(tokens.shape[1]), storage_dtype, stop_early, gathered)
     if release_memory and device.type == "cpu" and _MALLOC_TRIM is not None:
         # CPU only (a GPU forward's intermediates live in the CUDA allocator). Registered after the capture
         # hooks, so a hook point that is both gathers first, then trims.
@@ -208,7 +208,7 @@ def run_batch(
             pass
     if release_memory:
         release_free_memory()  # the last block's intermediates (its trim hook may not have run)
-    return _stack_layers(specs, gathered)
+    return stack_layers(specs, gathered)
 
 
 def pad_batch(ids: Sequence[np.ndarray], positions: np.ndarray, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,7 +228,7 @@ def pad_batch(ids: Sequence[np.ndarray], positions: np.ndarray, pad_id: int) -> 
     return tokens, mask, pos
 
 
-def _gather_hooks(
+def gather_hooks(
     specs: Sequence[HookSpec],
     pos: Tensor,
     width: int,
@@ -282,7 +282,7 @@ def _trim_hooks(model: Any) -> list[tuple[str, Any]]:
     return hooks
 
 
-def _stack_layers(specs: Sequence[HookSpec], gathered: Mapping[tuple[int, int], Tensor]) -> dict[str, Tensor]:
+def stack_layers(specs: Sequence[HookSpec], gathered: Mapping[tuple[int, int], Tensor]) -> dict[str, Tensor]:
     """``key -> [layer, batch, role, *feature]`` on the CPU; refuses a hook that never fired."""
     out: dict[str, Tensor] = {}
     for k, s in enumerate(specs):

@@ -196,3 +196,23 @@ def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
             v = parse_batch_size(v, "--" + f.name.replace("_", "-"))
         values[f.name] = v
     return cls(**values, **fixed)
+
+
+def add_vllm_args(p: Any, engine_help: str) -> None:
+    """Add ``--engine`` and vLLM's placement flags, shared by ``eval`` and ``cache``.
+
+    The flags: ``--tensor-parallel-size``, ``--gpu-memory-utilization``, ``--max-model-len``.
+    """
+    p.add_argument("--engine", choices=("native", "vllm"), default="native", help=engine_help)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs one model is split over")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM: fraction of device memory to reserve (default 0.9 on a GPU, 0.25 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM: context to reserve KV cache for")
+
+
+def vllm_options(args: Any) -> Any:
+    """The :class:`~entitylens.models.vllm_support.VLLMOptions` of :func:`add_vllm_args`' flags."""
+    from entitylens.models.vllm_support import VLLMOptions
+
+    return VLLMOptions(tensor_parallel_size=args.tensor_parallel_size,
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)

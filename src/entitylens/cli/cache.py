@@ -16,7 +16,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from entitylens.cli._args import csv_list, kst24_prefix, layer_list, read_prefix  # noqa: F401 (re-export)
+from entitylens.cli._args import (  # noqa: F401 (re-export)
+    add_vllm_args,
+    csv_list,
+    kst24_prefix,
+    layer_list,
+    read_prefix,
+    vllm_options,
+)
 from entitylens.errors import EntitylensError
 
 _FORMATS = ("auto", "ks", "p24", "text")
@@ -62,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "`entitylens probe --random-cache`",
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    add_vllm_args(p, "forward passes: the bridge's own (native) or vLLM through TransformerLens's vLLM driver (hooks "
+                  "resid_post, attn_out, mlp_out; same cache format; the bridge still loads for the tokenizer, "
+                  "roles and the model fingerprint)")
     prefix = p.add_mutually_exclusive_group()
     prefix.add_argument("--prefix-file", type=Path, help="text file put verbatim before every row's prompt")
     prefix.add_argument(
@@ -177,7 +187,18 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         prefix=prefix,
         allow_missing_roles=args.allow_missing_roles,
+        engine=args.engine,
     )
+    options = vllm_options(args)
+    if args.engine == "vllm":
+        from entitylens.activations.remote import check_hook_keys
+        from entitylens.models.vllm_support import require_vllm
+
+        check_hook_keys(config.hooks)
+        if args.random_init is not None:
+            raise EntitylensError("--random-init re-initialises the bridge's weights, which vLLM does not run; "
+                                  "cache the random-model control with --engine native")
+        require_vllm()  # before the model loads: a missing engine is a one-line error
     rows = load_rows(args.data, args.format, args.limit)
     from entitylens.models import load_model
 
@@ -192,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         spec = f"{args.model}#random-init-{args.random_init}"
     source = {"path": str(args.data), "sha256": sha256_file(args.data), "limit": args.limit}
     index = cache_activations(
-        model, rows, config, args.out, model_spec=spec, dataset_source=source, overwrite=args.overwrite
+        model, rows, config, args.out, model_spec=spec, dataset_source=source, overwrite=args.overwrite,
+        vllm_options=options,
     )
     print(
         f"cached {index.n_rows} rows in {len(index.shards)} shards to {index.directory} "

