@@ -174,3 +174,29 @@ def test_das_cli_refuses_pairs_without_a_causal_answer(pairs_file: Path, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0], err
         assert not (tmp_path / "x" / "das.csv").exists()
+
+
+def test_das_cli_sweeps_k(pairs_file: Path, tmp_path: Path, tiny_model: Any) -> None:
+    from entitylens.patching.das import DASConfig, train_das
+    from entitylens.pipelines.circuits import read_subspaces
+
+    six = tmp_path / "six.jsonl"
+    assert main("patch", "pairs", "--data", str(pairs_file.parent / "d.jsonl"), "--kind", "op_object",
+                "--max-pairs", "6", "--out", str(six)) == 0
+    common = ("--model", "tiny:llama", "--pairs", str(six), "--role", "last", "--layers", "0,1", "--steps", "3",
+              "--batch", "2", "--test-fraction", "0.5", "--all-pairs")
+    assert main("patch", "das", *common, "--k", "2,1", "--out", str(tmp_path / "s")) == 0
+    rows = _rows(tmp_path / "s" / "das.csv")
+    assert [(r["k"], r["layer"]) for r in rows] == [("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
+    for k in (1, 2):  # each k's rows and subspaces are the single-k run's
+        _, bases = read_subspaces(tmp_path / "s" / f"das_subspaces_k{k}.safetensors")
+        pairs, _ = prepare_pairs(tiny_model, read_any_pairs(six, tiny_model.tokenizer), "layer_role", ["last"])
+        ref = train_das(tiny_model, pairs, [0, 1], "last", DASConfig(k=k, steps=3, batch=2, test_fraction=0.5,
+                                                                     behaving_only=False))
+        for r in ref:
+            torch.testing.assert_close(bases[r.layer], r.basis)
+            (row,) = [x for x in rows if x["k"] == str(k) and x["layer"] == str(r.layer)]
+            assert float(row["test_iia"]) == pytest.approx(r.test_iia)
+    assert (tmp_path / "s" / "das.png").read_bytes()[:8] == PNG_MAGIC
+    assert main("patch", "das", *common, "--k", "1,3", "--basis", "pca", "--out", str(tmp_path / "p")) == 0
+    assert sorted({r["k"] for r in _rows(tmp_path / "p" / "das.csv")}) == ["1", "3"]

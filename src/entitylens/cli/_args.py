@@ -30,6 +30,17 @@ def layer_list(value: str) -> tuple[int, ...] | None:
         raise argparse.ArgumentTypeError(f"--layers {value!r} must be 'all' or comma-separated integers") from None
 
 
+def int_list(value: str) -> tuple[int, ...]:
+    """``"1,2,4"`` → ``(1, 2, 4)``."""
+    try:
+        out = tuple(int(v) for v in csv_list(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} must be comma-separated integers") from None
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one integer")
+    return out
+
+
 def float_list(value: str) -> tuple[float, ...]:
     """``"0.1,1,10"`` → ``(0.1, 1.0, 10.0)``."""
     try:

@@ -123,7 +123,7 @@ def run_sites_cmd(args: argparse.Namespace) -> int:
 
 def add_das(psub: argparse._SubParsersAction) -> None:
     """Register ``patch das``."""
-    from entitylens.cli._args import layer_list
+    from entitylens.cli._args import int_list, layer_list
 
     p = psub.add_parser(
         "das", help="distributed alignment search: a learned subspace per layer, held-out interchange accuracy",
@@ -138,7 +138,8 @@ def add_das(psub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=Path, default=None, help="pairs file (from `entitylens patch pairs`)")
     p.add_argument("--role", default="last", help="the site's role (default last)")
     p.add_argument("--layers", type=layer_list, default=None, help="comma-separated layers or 'all' (default all)")
-    p.add_argument("--k", type=int, default=1, help="subspace dimension (default 1)")
+    p.add_argument("--k", type=int_list, default=(1,),
+                   help="subspace dimension, or several to sweep (e.g. 1,2,4,8: one row per layer and k; default 1)")
     p.add_argument("--steps", type=int, default=100, help="optimisation steps per layer (default 100)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
     p.add_argument("--batch", type=int, default=16, help="training pairs per step (default 16)")
@@ -180,7 +181,7 @@ def run_das_cmd(args: argparse.Namespace) -> int:
     from entitylens.models import model_label
     from entitylens.pipelines.circuits import run_das_job
 
-    cfg = DASConfig(k=args.k, steps=args.steps, lr=args.lr, batch=args.batch, test_fraction=args.test_fraction,
+    cfg = DASConfig(k=args.k[0], steps=args.steps, lr=args.lr, batch=args.batch, test_fraction=args.test_fraction,
                     seed=args.seed, criterion=args.criterion, behaving_only=not args.all_pairs)
     if (args.basis == "probe") != (args.probe is not None):
         raise EntitylensError("--basis probe goes with --probe DIR (an `entitylens probe` run), and --probe with "
@@ -193,7 +194,7 @@ def run_das_cmd(args: argparse.Namespace) -> int:
     layers = args.layers if args.layers is not None else list(range(int(model.cfg.n_layers)))
     table, files = run_das_job(model, pairs, layers, args.role, args.out, pairs_sha256=sha, config=cfg,
                                subspaces=args.subspaces, basis=args.basis, label=model_label(args.model),
-                               overwrite=args.overwrite, probe=args.probe, probe_role=args.probe_role,
+                               overwrite=args.overwrite, probe=args.probe, probe_role=args.probe_role, ks=args.k,
                                probe_columns=args.probe_columns.split(",") if args.probe_columns else None)
     print(markdown_table(table, ["layer", "k", "source", "train_iia", "test_iia", "n_test"]))
     print("wrote " + ", ".join(str(p) for p in files))

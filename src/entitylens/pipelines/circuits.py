@@ -11,6 +11,7 @@ inputs give byte-identical files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -184,8 +185,8 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
                 out: str | os.PathLike[str], *, pairs_sha256: str, config: DASConfig | None = None,
                 subspaces: str | os.PathLike[str] | None = None, basis: str = "das", label: str = "",
                 overwrite: bool = False, probe: str | os.PathLike[str] | None = None,
-                probe_columns: Sequence[str] | None = None, probe_role: str | None = None
-                ) -> tuple[pd.DataFrame, list[Path]]:
+                probe_columns: Sequence[str] | None = None, probe_role: str | None = None,
+                ks: Sequence[int] | None = None) -> tuple[pd.DataFrame, list[Path]]:
     """DAS per layer at ``role`` (or the IIA of another basis, or of given subspaces); writes the run.
 
     Writes ``das.csv`` (layer, role, k, train / held-out IIA), ``das_subspaces.safetensors`` (one ``[d, k]``
@@ -211,6 +212,9 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
         probe: An ``entitylens probe`` run directory (``basis="probe"``).
         probe_columns: The probe columns to span (default all).
         probe_role: The probe's role (default its first).
+        ks: Sweep these subspace dimensions (``das`` / ``pca``; default ``config.k``): one row per layer and
+            ``k``, one line per ``k`` in the figure; a learned sweep writes ``das_subspaces_k{k}.safetensors``
+            per ``k``.
 
     Returns:
         The ``das.csv`` table and the files written.
@@ -231,34 +235,53 @@ def run_das_job(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], r
     given = None if probe is None else probe_subspaces(probe, layers, int(model.cfg.d_model), probe_columns,
                                                         probe_role)
     counterfactual_targets(pairs)  # pairs without a causal-model answer fail before anything is written
+    ks = [cfg.k] if ks is None else sorted({int(k) for k in ks})
+    sweep = {"ks": ks} if len(ks) > 1 else {}
     ident = _identity(model, pairs_sha256, layers=list(layers), role=role, config=dict(cfg.__dict__),
-                      subspaces_sha256=src_sha, basis=basis,
+                      subspaces_sha256=src_sha, basis=basis, **sweep,
                       **({} if probe is None else {"probe_weights_sha256": sha256_file(Path(probe) / PROBE_WEIGHTS),
                                                    "probe_columns": probe_columns, "probe_role": probe_role}))
     d = _check_dir(out, "entitylens.das", ident, overwrite)
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    files = [d / "das.csv"]
-    if subspaces is None and basis != "das":
-        rows = _fixed_rows(model, pairs, layers, role, cfg, basis, given)
-    elif subspaces is None:
-        rows = _learned_rows(model, pairs, layers, role, cfg, d / SUBSPACES)
-        files.append(d / SUBSPACES)
-    else:
-        cap = capture_pairs(model, pairs)
-        for la in layers:
-            hit = interchange_iia(model, pairs, la, role, bases[la], criterion=cfg.criterion, captured=cap)
-            rows.append({"layer": la, "role": role, "k": int(bases[la].shape[1]), "source": "given",
-                         "train_iia": float("nan"), "test_iia": float(hit.double().mean()), "n_train": 0,
-                         "n_test": len(pairs)})
+    rows, files = _job_rows(model, pairs, layers, role, cfg, basis, ks, d, given, bases if subspaces else None)
     table = frame(rows, DAS_COLUMNS)
     write_csv(table, d / "das.csv")
-    what = ("given subspaces" if subspaces else {"das": f"DAS, k = {cfg.k}", "pca": f"PCA subspace, k = {cfg.k}",
+    kk = ", ".join(str(k) for k in ks)
+    what = ("given subspaces" if subspaces else {"das": f"DAS, k = {kk}", "pca": f"PCA subspace, k = {kk}",
             "full": "whole site", "probe": "probe directions"}[basis])
-    pngs = plot_iia({label or "model": table}, d / "das", title=f"{what} at {role} (resid_pre)")
+    lines = ({f"{label or 'model'} k={k}": table[table["k"] == k] for k in ks} if sweep and basis in ("das", "pca")
+             else {label or "model": table})
+    pngs = plot_iia(lines, d / "das", title=f"{what} at {role} (resid_pre)")
     write_json(d / "meta.json", {"kind": "entitylens.das", "identity": ident, "pairs": [p.name for p in pairs]})
     write_timing(d, "das_seconds", time.perf_counter() - t0)
-    return table, [*files, *pngs, d / "meta.json"]
+    return table, [d / "das.csv", *files, *pngs, d / "meta.json"]
+
+
+def _job_rows(model: Any, pairs: Sequence[PatchPair], layers: Sequence[int], role: str, cfg: DASConfig, basis: str,
+              ks: Sequence[int], d: Path, given: dict[int, torch.Tensor] | None,
+              subspaces: dict[int, torch.Tensor] | None) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The ``das.csv`` rows of a ``patch das`` job (and the subspace files it wrote)."""
+    rows: list[dict[str, Any]] = []
+    files: list[Path] = []
+    if subspaces is not None:
+        cap = capture_pairs(model, pairs)
+        for la in layers:
+            hit = interchange_iia(model, pairs, la, role, subspaces[la], criterion=cfg.criterion, captured=cap)
+            rows.append({"layer": la, "role": role, "k": int(subspaces[la].shape[1]), "source": "given",
+                         "train_iia": float("nan"), "test_iia": float(hit.double().mean()), "n_train": 0,
+                         "n_test": len(pairs)})
+        return rows, files
+    if basis in ("full", "probe"):
+        return _fixed_rows(model, pairs, layers, role, cfg, basis, given), files
+    for k in ks:
+        kcfg = dataclasses.replace(cfg, k=k)
+        if basis == "pca":
+            rows += _fixed_rows(model, pairs, layers, role, kcfg, basis, None)
+            continue
+        path = d / (SUBSPACES if len(ks) == 1 else f"das_subspaces_k{k}.safetensors")
+        rows += _learned_rows(model, pairs, layers, role, kcfg, path)
+        files.append(path)
+    return rows, files
 
 
 def probe_subspaces(probe_dir: str | os.PathLike[str], layers: Sequence[int], d_model: int,
