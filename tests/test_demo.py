@@ -4,6 +4,7 @@ numbers are the ones in the pipelines' CSV files."""
 import contextlib
 import csv
 import io
+import json
 import re
 
 import pytest
@@ -148,8 +149,15 @@ def test_patch_grid_covers_every_layer_and_sentence_names_the_strongest_cell(dem
         n_layers = len({r["layer"] for r in rows})
         cells = {r["cell"] for r in rows}
         assert n_layers == len({r["layer"] for r in _csv(demo_dir / "probe" / arm / "probe.csv")})
-        assert {"query_box", "query_box_desc"} < cells and len(cells) == 6
+        assert cells == {"changed_object", "query_box", "query_box_desc"}
+        # only pairs both arms answer right both ways: the clean run prefers the clean answer, the corrupted the other
+        per_pair = [r for r in _csv(demo_dir / "patch" / arm / "patch.csv") if r["pair"] != "mean"]
+        assert per_pair and all(float(r["source_logit_diff"]) > 0 > float(r["target_logit_diff"]) for r in per_pair)
         best = max(rows, key=lambda r: (float(r["normalised"]), -int(r["layer"])))
         assert (f"In {arm}, patching restores most of the clean answer at {best['cell']} in layer {best['layer']} "
                 f"({float(best['normalised']):.2f})") in report
         assert f"{arm}: strongest patching cells layer {best['layer']} {best['cell']}" in demo_run[1]
+    counts = json.loads((demo_dir / "patch" / "pairs.json").read_text())
+    assert counts["patched"] == 4 and counts["built"] >= counts["solved_by_both"] >= counts["patched"]
+    assert (f"{counts['solved_by_both']} of the {counts['built']} pairs built are answered right both ways by both "
+            f"arms") in report

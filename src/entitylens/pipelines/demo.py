@@ -11,9 +11,9 @@
    rows for numops 0 (the initial contents suffice) and numops >= 1 (the *updated* state) -- ``cache/``,
    ``probe/``; then "where is the state": the probe family (global, mention, incremental, object tags) on
    one prompt per state (:mod:`entitylens.pipelines.demo_where`);
-3. exact activation patching of the residual stream at every layer x the roles that carry the last two
-   operations and the query, on pairs that change the object of the last operation, for base and code on
-   one colour scale -- ``patch/``;
+3. exact activation patching of the residual stream at every layer x the changed object's mention, the
+   queried box's description token and the query token, on pairs that change the object of one operation
+   and that both arms answer right both ways, for base and code on one colour scale -- ``patch/``;
 
 then writes ``report.md`` (:mod:`entitylens.pipelines.demo_report`), whose numbers and sentences are computed
 from the CSV files the stages wrote, and returns the findings for the closing summary.
@@ -27,13 +27,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from entitylens._io import sha256_json
+from entitylens._io import sha256_json, write_json
 from entitylens.activations import CacheConfig, cache_activations, compact_cache_prompts
-from entitylens.activations.roles import find_roles, tokenize_with_offsets
 from entitylens.errors import EntitylensError
 from entitylens.models import load_model
-from entitylens.models.tokens import model_prepends_bos
-from entitylens.patching import PatchPair
 from entitylens.patching.job import PatchConfig, run_patch_job
 from entitylens.patching.pair_io import patch_pair_record
 from entitylens.pipelines.demo_report import ARMS, Findings, find_all, write_report
@@ -42,13 +39,10 @@ from entitylens.plots import plot_patch_comparison
 from entitylens.probing.linear import ProbeConfig
 from entitylens.probing.outputs import compare_probe_runs, write_probe_outputs
 from entitylens.probing.run import ProbeRunConfig, run_probes
-from entitylens.task.compact import COMPACT, compact_prompt, ordered_contents
 from entitylens.task.targeted import eval_states
-from entitylens.task.types import Operation
-from entitylens.task.vocab import BNC_OBJECTS
 from entitylens.testbed import run_testbed_eval
 
-__all__ = ["EVAL_MODELS", "PROBE_ROLES", "STAGES", "DemoConfig", "changed_put_pairs", "run_demo"]
+__all__ = ["EVAL_MODELS", "PATCH_ROLES", "PROBE_ROLES", "STAGES", "DemoConfig", "run_demo", "solved_pairs"]
 
 EVAL_MODELS = ("random", "nothing", "initial", "testbed:stem", "testbed:base", "testbed:code")
 """What the demo evaluates: the three baselines and the three shipped checkpoints."""
@@ -117,78 +111,60 @@ def run_probe_stage(out: Path, config: DemoConfig) -> dict[str, Path]:
     return dirs
 
 
-def changed_put_pairs(model: Any, states: Sequence[Any], limit: int) -> tuple[list[Any], tuple[str, ...]]:
-    """Compact-format patching pairs that differ in the object of the last operation.
+PATCH_ROLES = ("changed_object", "query_box_desc", "query_box")
+"""The demo's patching cells: the changed operation's object, the queried box's token in the description and
+the query token (every ``op_object`` pair has all three, whichever operation it changed)."""
 
-    Clean = a state whose last operation puts one object into a box, queried on that box; corrupted = the
-    same prompt with a different, unused object put instead (same length, a valid world, different
-    answers). Only states with the most common number of operations are kept, so every pair has the same
-    roles: the previous operation's object and box, the changed object and its box, the queried box's
-    token in the description and the query token.
+
+def solved_pairs(models: dict[str, Any], states: Sequence[Any], limit: int) -> tuple[list[Any], int, int]:
+    """Compact ``op_object`` pairs that every model answers right both ways, how many were built and solved.
+
+    The pairs change the object of one operation (:func:`~entitylens.patching.pairs.build_pairs`, rendered by
+    :func:`~entitylens.patching.pairs.compact_pairs`); a pair is kept when each model's clean run prefers the
+    clean answer's token over the corrupted one at the scored position and its corrupted run the reverse --
+    patching's normalised effect is a fraction of a difference the model actually makes.
 
     Returns:
-        The pairs and the role names they share.
+        The first ``limit`` solved pairs (tokenised for the models, which share one tokenizer), the number of
+        pairs built and the number every model solves.
     """
-    candidates: dict[int, list[Any]] = {}
-    for s in states:
-        if len(s.operations) < 2 or s.operations[-1].kind != "put" or len(s.operations[-1].objects) != 1:
-            continue
-        candidates.setdefault(len(s.operations), []).append(s)
-    if not candidates:
-        raise EntitylensError("no state ends with a single-object put; raise --patch-pairs to sample more states")
-    n_ops = max(sorted(candidates), key=lambda k: len(candidates[k]))
-    roles = (f"op{n_ops - 2}_object", f"op{n_ops - 2}_box", f"op{n_ops - 1}_object", f"op{n_ops - 1}_box",
-             "query_box_desc", "query_box")  # fmt: skip
-    # Role positions must index the same token sequence as the pair (BOS included when the model adds it).
-    bos = model_prepends_bos(model)
-    pairs = []
-    for s in candidates[n_ops]:
-        pair = _changed_put_pair(model.tokenizer, bos, s, roles)
-        if pair is not None:
-            pairs.append(pair)
-        if len(pairs) >= limit:
-            break
-    if not pairs:
-        raise EntitylensError("no patching pair could be built from the evaluation states; raise --patch-pairs")
-    return pairs, roles
+    import torch
 
+    from entitylens.patching.pairs import build_pairs, compact_pairs, to_patch_pairs
 
-def _changed_put_pair(tok: Any, bos: bool, s: Any, roles: tuple[str, ...]) -> PatchPair | None:
-    """The pair of one state (``None`` when its roles or a distinguishing answer token are missing)."""
-    last = s.operations[-1]
-    mentioned = {o for c in s.initial for o in c} | {o for op in s.operations for o in op.objects}
-    free = [o for o in BNC_OBJECTS if o not in mentioned]
-    swap = Operation("put", (free[s.sample_id % len(free)],), last.box)
-    corrupted = dataclasses.replace(s, operations=s.operations[:-1] + (swap,))
-    clean_p, corr_p = compact_prompt(s, last.box), compact_prompt(corrupted, last.box)
-    clean_ans = COMPACT.answer_text(ordered_contents(s.initial, s.operations)[last.box])
-    corr_ans = COMPACT.answer_text(ordered_contents(corrupted.initial, corrupted.operations)[last.box])
-    try:
-        return PatchPair.from_texts(
-            tok, clean_p, corr_p, clean_ans, corr_ans,
-            clean_roles=find_roles(clean_p, tokenize_with_offsets(tok, clean_p, prepend_bos=bos)[1], roles),
-            corrupted_roles=find_roles(corr_p, tokenize_with_offsets(tok, corr_p, prepend_bos=bos)[1], roles),
-            bos=bos, name=s.state_id,
-        )  # fmt: skip
-    except EntitylensError:
-        return None  # a role the prompt lacks (a move names no object), or no distinguishing token
+    text = compact_pairs(build_pairs(states, "op_object", seed=PATCH_SEED, max_pairs=8 * limit))
+    pairs = to_patch_pairs(next(iter(models.values())), text, roles=PATCH_ROLES)
+
+    def right(model: Any, p: Any) -> bool:
+        with torch.no_grad():
+            c = model(p.clean_tokens[None])[0, p.clean_answer_pos]
+            x = model(p.corrupted_tokens[None])[0, p.corrupted_answer_pos]
+        return bool(c[p.clean_answer] > c[p.corrupted_answer]) and bool(x[p.corrupted_answer] > x[p.clean_answer])
+
+    solved = [p for p in pairs if all(right(m, p) for m in models.values())]
+    if not solved:
+        raise EntitylensError(f"no op_object pair of {len(pairs)} is answered right both ways by every arm; raise "
+                              "--patch-pairs")
+    return solved[:limit], len(pairs), len(solved)
 
 
 def run_patch_stage(out: Path, config: DemoConfig) -> dict[str, Path]:
-    """Exact resid_pre patching (every layer x role) on changed-last-put pairs, base and code (the one patch job)."""
+    """Exact resid_pre patching (every layer x role) on op_object pairs both arms solve (the one patch job)."""
     states = eval_states(seed=PATCH_SEED, num_states=30 * config.patch_pairs)
+    models = {arm: load_model(f"testbed:{arm}") for arm in ARMS}
+    pairs, built, solved = solved_pairs(models, states, config.patch_pairs)
     results = {}
     dirs = {}
     for arm in ARMS:
-        model = load_model(f"testbed:{arm}")
-        pairs, roles = changed_put_pairs(model, states, config.patch_pairs)
         dirs[arm] = out / "patch" / arm
         job = run_patch_job(
-            model, pairs, dirs[arm], PatchConfig(component="resid_pre", grid="layer_role", roles=roles),
+            models[arm], pairs, dirs[arm], PatchConfig(component="resid_pre", grid="layer_role", roles=PATCH_ROLES),
             pairs_sha256=sha256_json([patch_pair_record(p) for p in pairs]), label=f"testbed {arm}",
-            info={"model": f"testbed:{arm}", "pairs": "changed_put_pairs"}, overwrite=True,
+            info={"model": f"testbed:{arm}", "pairs": "op_object, solved by both arms"}, overwrite=True,
         )  # fmt: skip
         results[arm] = job.result
+    write_json(out / "patch" / "pairs.json", {"kind": "op_object", "built": built, "solved_by_both": solved,
+                                               "patched": len(pairs), "pairs": [p.name for p in pairs]})
     plot_patch_comparison(
         [(arm, results[arm].mean().numpy(), results[arm].layers, results[arm].cells) for arm in ARMS],
         out / "patch" / "patch_compare_resid_pre",

@@ -9,6 +9,7 @@ answer, whether the paired interval excludes zero), never canned.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class Findings:
         patch: Arm -> ``{(layer, cell): normalised}`` of the mean over pairs (empty without the patch stage).
         patch_cells: The patching grid's cells (roles), in order.
         where: Target -> arm -> the probe family's curve (empty without the probe stage).
+        patch_pairs: ``patch/pairs.json``: pairs built, solved by both arms, patched (empty without it).
     """
 
     summary: list[dict[str, Any]]
@@ -97,6 +99,7 @@ class Findings:
     patch: dict[str, dict[tuple[int, str], float]] = field(default_factory=dict)
     patch_cells: tuple[str, ...] = ()
     where: dict[str, dict[str, WhereCurve]] = field(default_factory=dict)
+    patch_pairs: dict[str, Any] = field(default_factory=dict)
 
     def accuracy(self, model: str, bucket: str) -> float | None:
         """A model's accuracy in one bucket (None where the bucket is empty)."""
@@ -146,7 +149,9 @@ def find_all(out: Path, *, have_probes: bool, have_patch: bool) -> Findings:
         patch[arm] = {(int(r["layer"]), r["cell"]): float(r["normalised"]) for r in rows}
         cells = tuple(dict.fromkeys(r["cell"] for r in rows))
     where = where_findings(out, ARMS) if have_probes else {}
-    return Findings(summary, comparison, probes, patch, cells, where)
+    counts = out / "patch" / "pairs.json"
+    patch_pairs = json.loads(counts.read_text()) if have_patch and counts.is_file() else {}
+    return Findings(summary, comparison, probes, patch, cells, where, patch_pairs)
 
 
 # ------------------------------------------------------------------------------------------------ sentences
@@ -300,10 +305,15 @@ def _probe_section(f: Findings) -> list[str]:
 def _patch_section(f: Findings) -> list[str]:
     if not f.patch:
         return []
+    pp = f.patch_pairs
+    solved = (f"{pp['solved_by_both']} of the {pp['built']} pairs built are answered right both ways by both arms "
+              f"(the clean run prefers the clean answer's token, the corrupted run the other); the first "
+              f"{pp['patched']} are patched, so every effect is a fraction of a difference the models make. "
+              if pp else "")
     lines = ["## Activation patching (resid_pre, clean → corrupted; 1 = clean answer restored)", "",
-             "Pairs differ in the object of the last operation (a put into the queried box). Cells: the",
-             "previous operation's object and box, the changed object and its box, the queried box's token in",
-             f"the description and the query token ({', '.join(f.patch_cells)}).", "",
+             "Pairs differ in the object one operation moves, removes or puts (`op_object` pairs in the compact "
+             f"form). {solved}Cells: the changed object's mention, the queried box's token in the description and "
+             f"the query token ({', '.join(f.patch_cells)}).", "",
              "![patching: base vs code](patch/patch_compare_resid_pre.png)", ""]  # fmt: skip
     for arm, grid in f.patch.items():
         lines.append(patch_sentence(arm, grid))
