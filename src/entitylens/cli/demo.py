@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="run eval, probes and patching on the shipped testbed base/code pair and write report.md",
         description="Evaluate the shipped testbed stem, base and code arms by numops, probe both arms' residual "
-        "streams layer by layer, patch every layer x role on pairs both arms solve, write OUT/report.md and print what it found.",
+        "streams layer by layer, patch every layer x role on pairs both arms solve, write OUT/report.md and print "
+        "what it found.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     p.add_argument("--eval-states", type=int, default=720, help="states in the behavioural evaluation (default 720)")
