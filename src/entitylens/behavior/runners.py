@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from entitylens.behavior.cascade import shared_prefix
 from entitylens.errors import EntitylensError
 
 
@@ -294,6 +295,9 @@ def growing_cache() -> Any:
 CACHE_RESERVE = 128
 """Positions a :func:`growing_cache` layer reserves beyond what it holds (one re-reservation per 128 steps)."""
 
+CASCADE_ATTENTION = True
+"""Decode steps after a shared prefix use shared-prefix attention (:mod:`entitylens.behavior.cascade`)."""
+
 
 class KVRunner:
     """One batch on a Hugging Face causal LM with a DynamicCache; rows may feed several tokens per forward.
@@ -317,6 +321,9 @@ class KVRunner:
         self.prefix = prefix_cache if prefix_cache is not None and prefix_len > 0 else None
         self.prefix_len = prefix_len if self.prefix is not None else 0
         self.fresh = self.sliding is None  # the next forward is the row-by-row prefill
+        # Shared-prefix attention (behavior/cascade.py): the batch cache holds only the rows' own tokens.
+        self.cascade = self.fresh and self.prefix is not None and CASCADE_ATTENTION
+        self.prefix_kv: list[tuple[Tensor, Tensor]] = []
         self.cache: Any = None  # built by the prefill
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         self.slot_pos = self.mask  # position of every cache slot (-1: pad); only used with sliding windows
@@ -353,14 +360,15 @@ class KVRunner:
             self.slot_pos = torch.cat([self.slot_pos, query_pos], dim=1)
             window, types = self.sliding
             attention = position_masks(query_pos, self.slot_pos, window, types, self.hf.dtype)
-        out = self.hf(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            attention_mask=attention,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with shared_prefix(self.hf, self.prefix_kv) if self.cascade else contextlib.nullcontext():
+            out = self.hf(
+                input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+                attention_mask=attention,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.cache = out.past_key_values
         return out.logits[:, -1, :]
 
@@ -380,16 +388,19 @@ class KVRunner:
             caches.append(out.past_key_values)
         batch = growing_cache()
         P = self.prefix_len
+        head = 0 if self.cascade else P  # cascade: the prefix stays out of the batch cache (kept once)
         for i in range(len(caches[0].layers)):
             ks, vs = [], []
             for f, c in zip(feeds, caches, strict=True):
                 k, v = c.layers[i].keys, c.layers[i].values
                 pad = width - len(f)
-                ks.append(torch.cat([k[:, :, :P], k.new_zeros(1, k.shape[1], pad, k.shape[3]), k[:, :, P:]], 2))
-                vs.append(torch.cat([v[:, :, :P], v.new_zeros(1, v.shape[1], pad, v.shape[3]), v[:, :, P:]], 2))
+                ks.append(torch.cat([k[:, :, :head], k.new_zeros(1, k.shape[1], pad, k.shape[3]), k[:, :, P:]], 2))
+                vs.append(torch.cat([v[:, :, :head], v.new_zeros(1, v.shape[1], pad, v.shape[3]), v[:, :, P:]], 2))
             batch.update(torch.cat(ks), torch.cat(vs), i)
         self.cache = batch
-        mask = [[1] * P + [0] * (width - len(f)) + [1] * len(f) for f in feeds]
+        if self.cascade and self.prefix is not None:
+            self.prefix_kv = [(layer.keys, layer.values) for layer in self.prefix.layers]
+        mask = [[1] * head + [0] * (width - len(f)) + [1] * len(f) for f in feeds]
         self.mask = torch.tensor(mask, dtype=torch.long, device=self.device)
         return torch.stack(logits)
 
