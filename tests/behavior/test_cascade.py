@@ -36,6 +36,11 @@ def test_cascade_attention_equals_sdpa_over_prefix_and_own_keys(new: int, hk: in
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
         torch.testing.assert_close(cascade_attention(module, q, ko, vo, additive)[0], want, atol=1e-5, rtol=1e-5)
+    with shared_prefix(SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa")),
+                       [(kp.bfloat16(), vp.bfloat16())] * 2):
+        half, _ = cascade_attention(module, q.bfloat16(), ko.bfloat16(), vo.bfloat16(), allowed)
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), want, atol=5e-2, rtol=5e-2)  # bf16 inputs, float32 softmax
 
 
 def test_runner_logits_with_and_without_cascade(separator_biased_tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:

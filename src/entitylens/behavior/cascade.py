@@ -56,6 +56,9 @@ def cascade_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, at
     if prefix is None:  # pragma: no cover - only reachable by registering the name by hand
         raise RuntimeError("cascade attention runs only inside shared_prefix()")
     kp, vp = prefix[module.layer_idx]  # [1, kv_heads, P, head_dim]
+    dtype = query.dtype
+    if dtype != torch.float32:  # scores, exponentials and sums in float32, as fused kernels accumulate
+        query, key, value, kp, vp = (t.float() for t in (query, key, value, kp, vp))
     B, H, T, D = query.shape
     hk = key.shape[1]
     g = H // hk
@@ -76,7 +79,7 @@ def cascade_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, at
     den = es.sum(-1) + ep.sum(-1).view(hk, B, g * T).transpose(0, 1)
     op = torch.bmm(ep, vp[0]).view(hk, B, g * T, D).transpose(0, 1)
     out = (op + torch.matmul(es, value)) / den[..., None]  # [B, hk, g*T, D]
-    return out.reshape(B, H, T, D).transpose(1, 2).contiguous(), None
+    return out.reshape(B, H, T, D).transpose(1, 2).to(dtype).contiguous(), None
 
 
 def _register() -> None:
