@@ -17,8 +17,10 @@ the ternary probes, the last epoch kept. Two timings of it:
 entitylens: ``fit_probes(..., ProbeConfig(estimator="ridge", class_weight="balanced"))``, as
 ``entitylens probe --estimator ridge --class-weight balanced`` runs it: closed-form least squares on
 prior-scaled targets, every layer and all 300 columns at once, C chosen by 5-fold scenario-grouped CV
-(``ridge CV``) or one C (``ridge C=...``; their recipe has no search either). ``--logistic`` adds the
-logistic probes (slow here: hundreds of sparse binary columns per layer).
+(``ridge CV``) or one C (``ridge C=...``; their recipe has no search either). ``ridge+cal``: the same with
+``calibrate=True`` (``--calibrate``): per layer a scale and three class biases of the scores fitted by their
+class-weighted cross-entropy on the training split (a few Newton steps) -- their loss's decision on ridge's
+directions. ``--logistic`` adds the logistic probes (slow here: hundreds of sparse binary columns per layer).
 
 Same data for both: a cache of the model at every box mention (``@mentions``) of one prompt per state,
 the ``tags_box`` target (per object named so far: never / present / removed in the mentioned box), the
@@ -338,6 +340,10 @@ def main() -> None:
     configs = [
         ("ridge CV", ProbeConfig(Cs=tuple(args.Cs), class_weight=cw, estimator="ridge", cv_metric=args.cv_metric)),
         (f"ridge C={args.fixed_C:g}", ProbeConfig(Cs=(args.fixed_C,), class_weight=cw, estimator="ridge")),
+        ("ridge+cal CV", ProbeConfig(Cs=tuple(args.Cs), class_weight=cw, estimator="ridge", cv_metric=args.cv_metric,
+                                     calibrate=True)),
+        (f"ridge+cal C={args.fixed_C:g}", ProbeConfig(Cs=(args.fixed_C,), class_weight=cw, estimator="ridge",
+                                                      calibrate=True)),
     ]
     if args.logistic:
         configs += [

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import TypeCheckError
 
 from entitylens.patching.metric import logit_diff, top1_correct
+from entitylens.probing.calibrate import fit_scale_bias
 from entitylens.probing.metrics import exact_match, f1_score
 
 SHAPE_CHECKS = os.environ.get("ENTITYLENS_SHAPE_CHECKS", "1") != "0"  # as tests/conftest.py reads it
@@ -48,3 +49,18 @@ def test_probe_metrics_refuse_mismatched_targets() -> None:
         exact_match(pred, target[:2])  # n 3 vs 2
     with pytest.raises(TypeCheckError):
         f1_score(pred.float(), target)  # Bool annotated, float given
+
+
+def test_calibration_refuses_labels_of_another_length() -> None:
+    scores = torch.tensor([[[0.0, 2.0], [0.0, -2.0], [0.0, 1.0], [0.0, -1.0]]])  # [P=1, m=4, K=2]
+    y = torch.tensor([1, 0, 0, 1])
+    theta = fit_scale_bias(scores, y, torch.ones(4), dtype=torch.float64)
+    # by hand, logit = a s + b: d/db = sum(sigmoid(z) - y) = 0 at b = 0 (the rows pair up), and
+    # d/da = mean((sigmoid(z) - y) s) = (2 sigmoid(a) - 4 sigmoid(-2a)) / 4, zero with the 1e-6 a penalty
+    a, b = float(theta[0, 0]), float(theta[0, 1])
+    assert abs(b) < 1e-6
+    ta = torch.tensor(a, dtype=torch.float64)
+    assert abs(float(2 * torch.sigmoid(ta) - 4 * torch.sigmoid(-2 * ta)) / 4 + 1e-6 * a) < 1e-9
+    assert a > 0.1
+    with pytest.raises(TypeCheckError):
+        fit_scale_bias(scores, y[:3], torch.ones(4))  # m 4 vs 3

@@ -142,6 +142,13 @@ def test_cli_probe_family_targets(family_cache: Path, tmp_path: Path, capsys: py
                  "--estimator", "ridge", "--out", str(out4)]) == 0
     assert json.loads((out4 / "meta.json").read_text())["config"]["probe"]["estimator"] == "ridge"
     assert {"tag_accuracy", "tag_recall_never"} <= set(read_probe_table(out4).metric)
+    assert "calibrate" not in json.loads((out4 / "meta.json").read_text())["config"]["probe"]  # identity kept
+    out5 = tmp_path / "tags_ridge_calibrated"
+    assert main(["probe", "--cache", str(family_cache), "--target", "tags_object", "--Cs", "1e-4,1e-2",
+                 "--folds", "2", "--bootstrap", "0", "--no-control", "--class-weight", "balanced",
+                 "--estimator", "ridge", "--calibrate", "--out", str(out5)]) == 0
+    assert json.loads((out5 / "meta.json").read_text())["config"]["probe"]["calibrate"] is True
+    assert {"tag_accuracy", "tag_recall_never"} <= set(read_probe_table(out5).metric)
 
 
 def test_cli_target_choices_match_library() -> None:

@@ -210,6 +210,7 @@ def test_object_in_box_and_disjoint_objects(caches: tuple[Path, Path]) -> None:
         (["--cache", "{cache}", "--layers", "7"], "layers [7] are not in the cache"),
         (["--compare", "{missing}", "{missing}"], "probe.csv does not exist"),
         ([], "--cache is required"),
+        (["--cache", "{cache}", "--calibrate"], "calibrate applies to ridge probes"),
     ],
 )
 def test_errors_are_one_line_and_write_nothing(caches: tuple[Path, Path], tmp_path: Path,

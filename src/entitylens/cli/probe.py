@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="logistic (default: L2 logistic regression) or ridge (closed-form least squares on coded "
                    "targets: one solve per C for every target; decision scores, no probabilities; pass smaller "
                    "--Cs, e.g. 1e-5,1e-4,1e-3,1e-2)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="ridge only: fit a scale and class biases of the scores per layer by the (--class-weight) "
+                   "cross-entropy on the training split, so the logits are log-odds and the decisions those of a "
+                   "softmax probe's loss (Tang et al.'s class-weighted loss for the tags); adds little time")
     p.add_argument("--device", default="cpu", help="device the probes are fitted on (cpu, cuda, ...)")
     p.add_argument("--compare", type=Path, nargs=2, metavar=("BASE", "VARIANT"), default=None,
                    help="draw two probe output directories on one figure (probe_compare.png)")
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise EntitylensError("--cache is required; pass a directory from `entitylens cache --out` (or --compare A B)")
     probe = ProbeConfig(Cs=args.Cs, folds=args.folds, test_fraction=args.test_fraction, seed=args.seed,
                         class_weight=None if args.class_weight == "none" else "balanced",
-                        estimator=args.estimator, device=args.device)
+                        estimator=args.estimator, calibrate=args.calibrate, device=args.device)
     cfg = ProbeRunConfig(target=args.target, roles=args.roles, hook=args.hook, layers=args.layers,
                          min_count=args.min_count, heldout_object_fraction=args.disjoint_objects,
                          control=not args.no_control, bootstrap=args.bootstrap, probe=probe, split=args.split)

@@ -63,6 +63,12 @@ class ProbeConfig:
             It gives decision scores, not probabilities; made for many targets at once (object tags, every
             box's contents), where it is one matrix solve instead of hundreds of logistic fits. CV selects C
             by the pooled out-of-fold squared error (``cv_metric="log_loss"``) or accuracy.
+        calibrate: Ridge only. After the fit (and C's choice), fit per layer a scale and class biases of the
+            scores by the (class-weighted, as ``class_weight``) cross-entropy on the training split
+            (:mod:`~entitylens.probing.calibrate`): the logits become log-odds and the decisions those of
+            that loss -- Tang et al.'s class-weighted softmax for the ternary tags -- instead of the coding's
+            fixed argmax. A few Newton steps on ``K`` numbers per layer (per column for independent binary
+            targets): a small fraction of the ridge fit.
     """
 
     Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
@@ -81,6 +87,7 @@ class ProbeConfig:
     preconditioner: Literal["auto", "cholesky", "eigen", "diagonal"] = "auto"
     class_weight: Literal["balanced"] | None = None
     estimator: Literal["logistic", "ridge"] = "logistic"
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -115,6 +122,9 @@ class ProbeConfig:
             raise EntitylensError(f"unknown class_weight {self.class_weight!r}; use None or 'balanced'")
         if self.estimator not in ("logistic", "ridge"):
             raise EntitylensError(f"unknown estimator {self.estimator!r}; use 'logistic' or 'ridge'")
+        if self.calibrate and self.estimator != "ridge":
+            raise EntitylensError("calibrate applies to ridge probes (logistic probes are fitted by log-loss "
+                                  "already); drop calibrate or use estimator='ridge'")
         if self.preconditioner not in ("auto", "cholesky", "eigen", "diagonal"):
             raise EntitylensError(f"unknown preconditioner {self.preconditioner!r}; use 'auto', 'cholesky', 'eigen' "
                                   "or 'diagonal'")

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from entitylens.errors import EntitylensError
 from entitylens.probing import metrics as M
+from entitylens.probing.calibrate import calibrate_outputs
 from entitylens.probing.config import ProbeConfig
 from entitylens.probing.objective import Problems
 from entitylens.probing.prepare import Labels, Outputs, Prepared, as_features, as_labels, class_weights, prepare
@@ -148,10 +149,15 @@ class ProbeResult:
         return self._to_labels(self._decide(self.decision_function(features)))
 
     def predict_proba(self, features: Float[Tensor, "layer n d_model"]) -> Float[Tensor, "layer n out"]:
-        """Probabilities: per-target sigmoid (binary) or softmax over :attr:`classes` (multiclass)."""
-        if self.config.estimator == "ridge":
-            raise EntitylensError("ridge probes give decision scores, not probabilities; use decision_function, "
-                                  "or fit with estimator='logistic'")
+        """Probabilities: per-target sigmoid (binary) or softmax over :attr:`classes` (multiclass).
+
+        Ridge probes have probabilities only when calibrated (``ProbeConfig(calibrate=True)``). For columns
+        fitted as groups of one categorical variable (``column_groups``) the probabilities are the softmax
+        over each group's logits, not these per-column sigmoids.
+        """
+        if self.config.estimator == "ridge" and not self.config.calibrate:
+            raise EntitylensError("uncalibrated ridge probes give decision scores, not probabilities; use "
+                                  "decision_function, or fit with calibrate=True or estimator='logistic'")
         z = self.decision_function(features)
         return torch.sigmoid(z) if self.kind == "binary" else torch.softmax(z, -1)
 
@@ -413,6 +419,15 @@ def _fit_layers(X: Tensor, sl: slice, tr: Tensor, te: Tensor, lay: _Layout, res:
         res.test_logits[sl] = (Xt @ cb + b[:, None]).cpu()
 
 
+def _ridge_outputs(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg: ProbeConfig,
+                   column_groups: Sequence[int]) -> Outputs:
+    """The ridge fit, calibrated when ``cfg.calibrate``."""
+    rf = fit_ridge(X, lab, codes, tr, te, cfg, column_groups)
+    if cfg.calibrate:
+        calibrate_outputs(rf, lab, lab.y[tr], cfg.class_weight, column_groups if lab.kind == "binary" else ())
+    return rf
+
+
 def fit_probes(
     features: Float[Tensor, "layer n d_model"],
     labels: Tensor,
@@ -436,8 +451,8 @@ def fit_probes(
         column_groups: For 2-D labels whose columns form one-vs-rest groups of one categorical variable each
             (the ternary tags' ``ProbeTarget.column_groups``), the group of each column. Ridge only: with
             ``class_weight="balanced"`` one prior per class pooled over the groups (Tang et al.'s class-weighted
-            loss) and CV accuracy scored on each group's argmax; the logistic fit weighs every column by its
-            own balance and ignores it.
+            loss), CV accuracy scored on each group's argmax and, with ``calibrate``, one softmax per group;
+            the logistic fit weighs every column by its own balance and ignores it.
 
     Returns:
         The :class:`ProbeResult`.
@@ -462,7 +477,7 @@ def fit_probes(
         raise EntitylensError(f"column_groups has {len(column_groups)} entries for {lab.T} label columns; pass one "
                               "group per column of 2-D labels (the target's column_groups)")
     if cfg.estimator == "ridge":
-        rf = fit_ridge(X, lab, codes, tr, te, cfg, column_groups)
+        rf = _ridge_outputs(X, lab, codes, tr, te, cfg, column_groups)
         pos = lab.y[tr].sum(0) if lab.kind == "binary" else None
         return ProbeResult(
             kind=lab.kind, coef=rf.coef, intercept=rf.intercept, mean=rf.mean, scale=rf.scale, C=rf.C,

@@ -268,10 +268,10 @@ def fit_ridge(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor, cfg
         res.coef[sl] = Wd.cpu()
         res.mean[sl], res.scale[sl] = mean.cpu(), scale.cpu()
         bd = b.to(dev)
-        res.train_logits[sl] = (Xc.double() @ Wd + bd).cpu()
+        res.train_logits[sl] = ((Xc @ W).double() + bd).cpu()  # products in cfg.dtype, as the fit's
         if len(te):
-            Xt = (Xb[:, te.to(dev)].double() - mean[:, None]) / scale[:, None]
-            res.test_logits[sl] = (Xt @ Wd + bd).cpu()
+            Xt = ((Xb[:, te.to(dev)] - mean[:, None].to(Xb)) / scale[:, None].to(Xb)).to(work)
+            res.test_logits[sl] = ((Xt @ W).double() + bd).cpu()
         bar.update(sl.stop - sl.start)
     bar.close()
     return res

@@ -98,6 +98,8 @@ class ProbeRunConfig:
         """JSON-ready dict (recorded in ``meta.json``)."""
         d = asdict(self)
         d["probe"] = asdict(self.probe)
+        if not self.probe.calibrate:  # added later: runs without it keep the identity they were written with
+            del d["probe"]["calibrate"]
         return d
 
 
