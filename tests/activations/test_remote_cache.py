@@ -113,3 +113,25 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "c" / "meta.json").exists()
+
+
+def test_engine_bars_are_silenced_once_and_foreign_bridges_left_alone() -> None:
+    """vLLM's per-batch "Processed prompts" bar: ``generate`` gets ``use_tqdm=False``; other arguments pass."""
+    from types import SimpleNamespace
+
+    from entitylens.activations.remote import silence_engine_bars
+
+    calls: list[dict[str, Any]] = []
+
+    def generate(prompts: Any = None, sampling_params: Any = None, use_tqdm: bool = True) -> str:
+        calls.append({"prompts": prompts, "sampling_params": sampling_params, "use_tqdm": use_tqdm})
+        return "out"
+
+    bridge = SimpleNamespace(_driver=SimpleNamespace(_llm=SimpleNamespace(generate=generate)))
+    silence_engine_bars(bridge)
+    silence_engine_bars(bridge)  # idempotent: not wrapped twice
+    assert bridge._driver._llm.generate(prompts=[1], sampling_params="p") == "out"
+    assert calls == [{"prompts": [1], "sampling_params": "p", "use_tqdm": False}]
+    other = SimpleNamespace(forward=lambda: None)
+    silence_engine_bars(other)  # no driver: nothing to do, no error
+    assert not hasattr(other, "_driver")

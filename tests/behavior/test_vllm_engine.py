@@ -52,6 +52,7 @@ def test_cache_engine_vllm_matches_the_native_cache_and_probes_run_on_it(tmp_pat
     proc = subprocess.run([sys.executable, "-m", "entitylens", "--quiet", *common, "--engine", "vllm", "--out",
                            str(tmp_path / "vllm")], env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Processed prompts" not in proc.stderr + proc.stdout  # vLLM's per-batch bars are off (--quiet)
     assert main(["--quiet", *common, "--out", str(tmp_path / "native")]) == 0
     a, b = load_cache(tmp_path / "native"), load_cache(tmp_path / "vllm")
     assert a.meta["model"]["fingerprint"] == b.meta["model"]["fingerprint"]

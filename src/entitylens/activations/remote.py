@@ -14,6 +14,7 @@ The driver captures the block outputs (``resid_post``) and the attention and MLP
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from entitylens.activations.runner import gather_hooks, stack_layers
 from entitylens.errors import EntitylensError
 from entitylens.models.vllm_support import VLLMOptions, engine_defaults, require_vllm
 
-__all__ = ["REMOTE_HOOKS", "RemoteCapture", "boot_remote", "check_hook_keys"]
+__all__ = ["REMOTE_HOOKS", "RemoteCapture", "boot_remote", "check_hook_keys", "silence_engine_bars"]
 
 REMOTE_HOOKS: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
 """Hook aliases TransformerLens's vLLM driver captures (every layer)."""
@@ -59,11 +60,26 @@ def boot_remote(location: str, dtype: torch.dtype, options: VLLMOptions | None =
     if opts.max_model_len is not None:
         kwargs["max_model_len"] = int(opts.max_model_len)
     try:
-        return RemoteBridge.boot_vllm(location, **kwargs)
+        bridge = RemoteBridge.boot_vllm(location, **kwargs)
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EntitylensError(f"vLLM could not start {location}: {first}; check --tensor-parallel-size and "
                               "--gpu-memory-utilization") from None
+    silence_engine_bars(bridge)
+    return bridge
+
+
+def silence_engine_bars(bridge: Any) -> None:
+    """Turn off vLLM's own "Processed prompts" bar, which its ``LLM.generate`` draws for every batch.
+
+    TransformerLens's driver calls ``generate`` without ``use_tqdm``; the cache draws one bar of its own
+    (quiet with ``--quiet`` or off a terminal), so the engine's per-batch bars are only noise. Bridges without
+    the driver's ``_driver._llm`` (another TransformerLens version) are left as they are.
+    """
+    llm = getattr(getattr(bridge, "_driver", None), "_llm", None)
+    generate = getattr(llm, "generate", None)
+    if generate is not None and not isinstance(generate, functools.partial):
+        llm.generate = functools.partial(generate, use_tqdm=False)  # type: ignore[union-attr]
 
 
 def check_hook_keys(keys: Sequence[str]) -> None:
