@@ -104,7 +104,10 @@ def test_grouped_calibration_is_stationary_for_their_weighted_loss(class_weight:
     counts = torch.bincount(cls.flatten(), minlength=3).double()
     weight = counts.sum() / (3 * counts) if class_weight else torch.ones(3, dtype=torch.float64)
     for layer in range(2):
-        z = res.train_logits[layer].view(len(tr), 5, 3)
+        # the reported logits are each column's log-odds within its entry: sigmoid = the softmax probability
+        p = torch.sigmoid(res.train_logits[layer]).view(len(tr), 5, 3)
+        np.testing.assert_allclose(p.sum(-1).numpy(), 1.0, atol=1e-9)
+        z = p.log()  # softmax logits up to a per-entry constant (which no scale or class bias below sees)
         ab = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
         zz = ab[0] * z + ab[1:]
         nll = torch.logsumexp(zz, -1) - zz.gather(-1, cls[..., None].long())[..., 0]
@@ -114,11 +117,23 @@ def test_grouped_calibration_is_stationary_for_their_weighted_loss(class_weight:
         # and the calibration is a scale and per-class shift of the ridge scores, folded into the probe
         a = float((res.coef[layer] / raw.coef[layer])[0, 0])
         np.testing.assert_allclose(res.coef[layer].numpy(), a * raw.coef[layer].numpy(), rtol=1e-9)
-        shift = (res.train_logits[layer] - a * raw.train_logits[layer]).view(-1, 5, 3)
-        np.testing.assert_allclose(shift.numpy(), np.broadcast_to(shift[:1, :1].numpy(), shift.shape), atol=1e-9)
-        assert abs(float(shift[0, 0, 0])) < 1e-9 and float(shift[0, 0].abs().max()) > 1e-3  # (0, b_1, b_2)
+        shift = (res.intercept[layer] - a * raw.intercept[layer]).view(5, 3)
+        np.testing.assert_allclose(shift.numpy(), np.broadcast_to(shift[:1].numpy(), shift.shape), atol=1e-9)
+        assert abs(float(shift[0, 0])) < 1e-9 and float(shift[0].abs().max()) > 1e-3  # (0, b_1, b_2)
+        soft = torch.softmax(_softmax_logits(res, X, layer, tr).view(-1, 5, 3), -1)
+        np.testing.assert_allclose(soft.numpy(), p.numpy(), atol=1e-5)  # coef/intercept: the softmax logits
     # the fit's logits come from float32 products (ProbeConfig.dtype); decision_function is float64
     np.testing.assert_allclose(res.decision_function(X[:, split.test]).numpy(), res.test_logits.numpy(), atol=1e-5)
+    proba = res.predict_proba(X[:, split.test]).view(2, len(split.test), 5, 3)
+    np.testing.assert_allclose(proba.sum(-1).numpy(), 1.0, atol=1e-9)
+    # per-column decisions are p > 1/2; the entry's argmax is the softmax's
+    assert torch.equal(res.test_logits.view(2, -1, 5, 3).argmax(-1), proba.argmax(-1))
+
+
+def _softmax_logits(res: object, X: torch.Tensor, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    """The linear map the calibrated probe stores (standardised features @ coef + intercept), computed here."""
+    Z = (X[layer, rows] - res.mean[layer]) / res.scale[layer]  # type: ignore[attr-defined]
+    return Z @ res.coef[layer] + res.intercept[layer]  # type: ignore[attr-defined]
 
 
 def test_calibration_lowers_the_training_loss_and_gives_probabilities() -> None:
@@ -180,3 +195,21 @@ def test_calibration_errors() -> None:
     raw = fit_probes(X, labels, groups, ProbeConfig(Cs=(0.1,), estimator="ridge"))
     with pytest.raises(EntitylensError, match="uncalibrated ridge probes give decision scores"):
         raw.predict_proba(X)
+
+
+def test_calibrated_grouped_probes_round_trip_through_a_file(tmp_path: object) -> None:
+    """Saved and loaded, a calibrated tag probe keeps its groups: the same log-odds from ``decision_function``."""
+    from pathlib import Path
+
+    from entitylens.probing.io import load_probe_result, save_probe_result
+
+    X, labels, groups = _tags(8)
+    cg = [e for e in range(5) for _ in range(3)]
+    res = fit_probes(X, labels, groups, ProbeConfig(Cs=(0.1,), estimator="ridge", calibrate=True),
+                     column_groups=cg)
+    path = Path(str(tmp_path)) / "p.safetensors"
+    save_probe_result(res, path)
+    back = load_probe_result(path)
+    assert back.column_groups == tuple(cg) and back.config.calibrate
+    np.testing.assert_allclose(back.decision_function(X).numpy(), res.decision_function(X).numpy(), atol=1e-12)
+    assert not torch.allclose(back.decision_function(X), _softmax_logits(res, X, 0, torch.arange(len(groups)))[None])

@@ -20,7 +20,10 @@ entry of every group for column groups (Tang et al.'s class-weighted loss exactl
 independent columns, over the classes for a class label; else unit weights.
 
 The fitted map is folded into the probe: ``coef`` and ``intercept`` are scaled and shifted, so the probe
-stays one linear map and its logits are calibrated log-odds.
+stays one linear map (for column groups: to the softmax logits of each group). Its reported logits
+(``train_logits`` / ``test_logits``, ``decision_function``) are calibrated log-odds: for column groups each
+column's ``log(p_c / (1 - p_c))`` of the group's softmax (:func:`group_log_odds`), so a column's sigmoid is
+its class's probability and ``> 0`` means ``p_c > 1/2``; a group's argmax is the softmax's.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from torch import Tensor
 from entitylens.probing.prepare import Labels, Outputs
 from entitylens.probing.ridge import column_ranks
 
-__all__ = ["calibrate_outputs", "fit_scale_bias"]
+__all__ = ["calibrate_outputs", "fit_scale_bias", "group_log_odds"]
 
 _PENALTY = 1e-6
+_WORK = {"float32": torch.float32, "float64": torch.float64}
 _MIN_SUBSET = 2048  # rows: below 16 x this, no warm start on a subset
 
 
@@ -165,6 +169,41 @@ def _newton(prob: _Problem, max_iter: int, tol: float, dtype: torch.dtype, theta
     return theta
 
 
+def group_log_odds(logits: Tensor, column_groups: Sequence[int], dtype: torch.dtype = torch.float64) -> Tensor:
+    """Per column, ``log(p / (1 - p))`` of ``p`` the softmax over its group's logits (last dim = columns).
+
+    Computed in ``dtype``, returned in ``logits``'s dtype.
+
+    What calibrated grouped probes report as logits: each column's sigmoid is its class's softmax
+    probability, ``> 0`` means ``p > 1/2``, and a group's argmax is unchanged (the map is monotone).
+    """
+    idx = _group_index(column_groups).to(logits.device)  # [group, class] -> column
+    inplace = bool(torch.equal(idx.flatten(), torch.arange(idx.numel(), device=idx.device)))  # e.g. the tags
+    z = logits.to(dtype)
+    zz = z.reshape(*z.shape[:-1], *idx.shape) if inplace else z[..., idx]
+    others = [zz.roll(k, -1) for k in range(1, idx.shape[1])]  # each column's group-mates, one shift each
+    m = others[0]
+    for o in others[1:]:
+        m = torch.maximum(m, o)
+    total = torch.zeros_like(m)
+    for o in others:
+        total += (o - m).exp_()
+    lo = zz - m - total.log_()  # log(p / (1 - p)) = z_c - logsumexp of the others (no cancellation)
+    if inplace:
+        return lo.reshape(z.shape).to(logits.dtype)
+    out = torch.empty_like(z)
+    out[..., idx] = lo
+    return out.to(logits.dtype)
+
+
+def _group_index(column_groups: Sequence[int]) -> Tensor:
+    """``[group, class]`` the column of each group's each class (groups of equal size, ordered by group)."""
+    rank = column_ranks(column_groups)
+    K = int(rank.max()) + 1
+    order = sorted(range(len(column_groups)), key=lambda j: (column_groups[j], int(rank[j])))
+    return torch.tensor(order).view(-1, K)
+
+
 def _class_weights(cls: Tensor, K: int, balanced: bool) -> Tensor:
     """``[K]`` ``n / (K n_c)`` over the given class indices (0 for absent classes), or ones."""
     if not balanced:
@@ -174,7 +213,7 @@ def _class_weights(cls: Tensor, K: int, balanced: bool) -> Tensor:
 
 
 def calibrate_outputs(res: Outputs, lab: Labels, y_tr: Tensor, class_weight: str | None,
-                      column_groups: Sequence[int] = ()) -> None:
+                      column_groups: Sequence[int] = (), dtype: str = "float64") -> None:
     """Fit the calibration on ``res.train_logits`` and fold it into ``res`` in place (see the module docstring).
 
     Args:
@@ -183,15 +222,15 @@ def calibrate_outputs(res: Outputs, lab: Labels, y_tr: Tensor, class_weight: str
         y_tr: The training rows' labels (``lab.y[train]``).
         class_weight: ``None`` or ``"balanced"``.
         column_groups: One-vs-rest column groups of 2-D labels (one categorical variable per group).
+        dtype: ``ProbeConfig.dtype``: the precision of the reported grouped log-odds.
     """
     balanced = class_weight == "balanced"
     L, n, out = res.train_logits.shape
     if lab.kind != "binary" or column_groups:
         if lab.kind == "binary":
             rank = column_ranks(column_groups)
-            K = int(rank.max()) + 1
-            order = sorted(range(out), key=lambda j: (column_groups[j], int(rank[j])))
-            idx = torch.tensor(order).view(-1, K).T  # [class, group] -> column
+            idx = _group_index(column_groups).T  # [class, group] -> column
+            K = idx.shape[0]
             s = res.train_logits.float()[:, :, idx].permute(0, 2, 1, 3).reshape(L, K, -1)  # [L, K, rows x groups]
             cls = y_tr[:, idx].to(torch.uint8).argmax(1).reshape(-1)
             col_rank = rank
@@ -216,3 +255,7 @@ def calibrate_outputs(res: Outputs, lab: Labels, y_tr: Tensor, class_weight: str
     res.intercept.mul_(a).add_(b)
     res.train_logits.mul_(a[:, None, :]).add_(b[:, None, :])
     res.test_logits.mul_(a[:, None, :]).add_(b[:, None, :])
+    if column_groups and lab.kind == "binary":  # report each column's log-odds within its group
+        work = _WORK[dtype]  # the fit's own precision (its logits come from products in it)
+        res.train_logits.copy_(group_log_odds(res.train_logits, column_groups, work))
+        res.test_logits.copy_(group_log_odds(res.test_logits, column_groups, work))

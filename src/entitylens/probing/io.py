@@ -47,6 +47,8 @@ def save_probe_result(result: ProbeResult, path: str | os.PathLike[str]) -> None
     meta = {"kind": result.kind, "n_examples": str(result.n_examples),
             "config": json.dumps(asdict(result.config), sort_keys=True),
             "heldout_objects": json.dumps(list(result.split.heldout_objects)), "format": "entitylens.probes/1"}
+    if result.column_groups:
+        meta["column_groups"] = json.dumps(list(result.column_groups))
     # ONE header key of canonical JSON: safetensors writes several keys in a random order, which would
     # make two saves of the same probes differ byte for byte.
     blob = save(tensors, metadata={"entitylens": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
@@ -87,4 +89,5 @@ def load_probe_result(path: str | os.PathLike[str]) -> ProbeResult:
                   test_heldout=tensors.pop("split.test_heldout"), dropped=tensors.pop("split.dropped"))
     kw: dict[str, Any] = {name: tensors.get(name) for name in _TENSORS}  # None: an optional field not saved
     return ProbeResult(kind=meta["kind"], split=split, n_examples=int(meta["n_examples"]),
-                       config=ProbeConfig(**cfg), **kw)
+                       config=ProbeConfig(**cfg), column_groups=tuple(json.loads(meta.get("column_groups", "[]"))),
+                       **kw)

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from entitylens.errors import EntitylensError
 from entitylens.probing import metrics as M
-from entitylens.probing.calibrate import calibrate_outputs
+from entitylens.probing.calibrate import calibrate_outputs, group_log_odds
 from entitylens.probing.config import ProbeConfig
 from entitylens.probing.objective import Problems
 from entitylens.probing.prepare import Labels, Outputs, Prepared, as_features, as_labels, class_weights, prepare
@@ -96,6 +96,9 @@ class ProbeResult:
         train_logits: ``[layer, n_train, out]``.
         test_logits: ``[layer, n_test, out]``.
         config: The configuration.
+        column_groups: The one-vs-rest column groups the probe was fitted with (``()``: none). Calibrated
+            ridge probes report each grouped column's log-odds within its group (see
+            :mod:`~entitylens.probing.calibrate`); ``coef`` / ``intercept`` then give the groups' softmax logits.
     """
 
     kind: str
@@ -116,6 +119,7 @@ class ProbeResult:
     train_logits: Float[Tensor, "layer n_train out"]
     test_logits: Float[Tensor, "layer n_test out"]
     config: ProbeConfig = field(default_factory=ProbeConfig)
+    column_groups: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -138,7 +142,12 @@ class ProbeResult:
         if X.shape[0] != self.num_layers or X.shape[2] != self.coef.shape[1]:
             raise EntitylensError(f"features {tuple(X.shape)} do not match the probes "
                                   f"[{self.num_layers}, n, {self.coef.shape[1]}]; pass the same layers and width")
-        return ((X - self.mean[:, None]) / self.scale[:, None]) @ self.coef + self.intercept[:, None]
+        z = ((X - self.mean[:, None]) / self.scale[:, None]) @ self.coef + self.intercept[:, None]
+        return group_log_odds(z, self.column_groups) if self._grouped_log_odds else z
+
+    @property
+    def _grouped_log_odds(self) -> bool:
+        return bool(self.config.calibrate and self.column_groups and self.kind == "binary")
 
     def predict(self, features: Float[Tensor, "layer n d_model"]) -> Tensor:
         """Predictions in label space, as scikit-learn's ``predict``.
@@ -151,9 +160,9 @@ class ProbeResult:
     def predict_proba(self, features: Float[Tensor, "layer n d_model"]) -> Float[Tensor, "layer n out"]:
         """Probabilities: per-target sigmoid (binary) or softmax over :attr:`classes` (multiclass).
 
-        Ridge probes have probabilities only when calibrated (``ProbeConfig(calibrate=True)``). For columns
-        fitted as groups of one categorical variable (``column_groups``) the probabilities are the softmax
-        over each group's logits, not these per-column sigmoids.
+        Ridge probes have probabilities only when calibrated (``ProbeConfig(calibrate=True)``); fitted with
+        ``column_groups``, each column's probability is its class's softmax probability within its group
+        (the groups sum to one).
         """
         if self.config.estimator == "ridge" and not self.config.calibrate:
             raise EntitylensError("uncalibrated ridge probes give decision scores, not probabilities; use "
@@ -424,7 +433,8 @@ def _ridge_outputs(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor
     """The ridge fit, calibrated when ``cfg.calibrate``."""
     rf = fit_ridge(X, lab, codes, tr, te, cfg, column_groups)
     if cfg.calibrate:
-        calibrate_outputs(rf, lab, lab.y[tr], cfg.class_weight, column_groups if lab.kind == "binary" else ())
+        calibrate_outputs(rf, lab, lab.y[tr], cfg.class_weight, column_groups if lab.kind == "binary" else (),
+                          cfg.dtype)
     return rf
 
 
@@ -483,7 +493,8 @@ def fit_probes(
             kind=lab.kind, coef=rf.coef, intercept=rf.intercept, mean=rf.mean, scale=rf.scale, C=rf.C,
             cv_score=rf.cv_score, n_iter=rf.n_iter, converged=rf.converged, classes=lab.classes,
             constant_targets=None if pos is None else (pos == 0) | (pos == len(tr)), split=split, n_examples=n,
-            y_train=y_train, y_test=y_test, train_logits=rf.train_logits, test_logits=rf.test_logits, config=cfg)
+            y_train=y_train, y_test=y_test, train_logits=rf.train_logits, test_logits=rf.test_logits, config=cfg,
+            column_groups=tuple(column_groups))
     lay = _layout(cfg, lab, codes, tr, d)
     res = Outputs.empty(L, lay.d, lay.out, lay.q_fit, lay.n_tr, len(te), cfg.Cs[0], lay.nC,
                         lay.lab.T if lay.per_target else None)
@@ -498,13 +509,10 @@ def fit_probes(
     if not bool(conv.all()):
         warnings.warn(f"{int((~conv).sum())} of {conv.numel()} probe fits did not reach tol={cfg.tol} within "
                       f"max_iter={cfg.max_iter}; raise max_iter or tol", RuntimeWarning, stacklevel=2)
-    constant = None
-    if lab.kind == "binary":
-        pos = lay.y_tr.sum(0)
-        constant = (pos == 0) | (pos == lay.n_tr)
+    pos = lay.y_tr.sum(0) if lab.kind == "binary" else None
+    constant = None if pos is None else (pos == 0) | (pos == lay.n_tr)
     return ProbeResult(
         kind=lab.kind, coef=res.coef, intercept=res.intercept, mean=res.mean, scale=res.scale, C=res.C,
         cv_score=res.cv_score, n_iter=res.n_iter, converged=conv, classes=lab.classes, constant_targets=constant,
         split=split, n_examples=n, y_train=y_train, y_test=y_test, train_logits=res.train_logits,
-        test_logits=res.test_logits, config=cfg,
-    )
+        test_logits=res.test_logits, config=cfg, column_groups=tuple(column_groups))
