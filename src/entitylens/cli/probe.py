@@ -62,8 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "class_weight='balanced'; for sparse targets such as the family's, as Tang et al.'s weighted loss)")
     p.add_argument("--estimator", choices=("logistic", "ridge"), default="logistic",
                    help="logistic (default: L2 logistic regression) or ridge (closed-form least squares on coded "
-                   "targets: one solve per C for every target; decision scores, no probabilities; pass smaller "
-                   "--Cs, e.g. 1e-5,1e-4,1e-3,1e-2)")
+                   "targets: one solve per C for every target; decision scores, probabilities with --calibrate; "
+                   "pass smaller --Cs, e.g. 1e-5,1e-4,1e-3,1e-2)")
     p.add_argument("--calibrate", action="store_true",
                    help="ridge only: fit a scale and class biases of the scores per layer by the (--class-weight) "
                    "cross-entropy on the training split, so the logits are log-odds and the decisions those of a "

@@ -34,8 +34,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from entitylens.probing.prepare import Labels, Outputs
-from entitylens.probing.ridge import column_ranks
+from entitylens.probing.prepare import Labels, Outputs, class_weights
+from entitylens.probing.ridge import column_ranks, group_index
 
 __all__ = ["calibrate_outputs", "fit_scale_bias", "group_log_odds"]
 
@@ -177,7 +177,7 @@ def group_log_odds(logits: Tensor, column_groups: Sequence[int], dtype: torch.dt
     What calibrated grouped probes report as logits: each column's sigmoid is its class's softmax
     probability, ``> 0`` means ``p > 1/2``, and a group's argmax is unchanged (the map is monotone).
     """
-    idx = _group_index(column_groups).to(logits.device)  # [group, class] -> column
+    idx = group_index(column_groups).to(logits.device)  # [group, class] -> column
     inplace = bool(torch.equal(idx.flatten(), torch.arange(idx.numel(), device=idx.device)))  # e.g. the tags
     z = logits.to(dtype)
     zz = z.reshape(*z.shape[:-1], *idx.shape) if inplace else z[..., idx]
@@ -196,22 +196,6 @@ def group_log_odds(logits: Tensor, column_groups: Sequence[int], dtype: torch.dt
     return out.to(logits.dtype)
 
 
-def _group_index(column_groups: Sequence[int]) -> Tensor:
-    """``[group, class]`` the column of each group's each class (groups of equal size, ordered by group)."""
-    rank = column_ranks(column_groups)
-    K = int(rank.max()) + 1
-    order = sorted(range(len(column_groups)), key=lambda j: (column_groups[j], int(rank[j])))
-    return torch.tensor(order).view(-1, K)
-
-
-def _class_weights(cls: Tensor, K: int, balanced: bool) -> Tensor:
-    """``[K]`` ``n / (K n_c)`` over the given class indices (0 for absent classes), or ones."""
-    if not balanced:
-        return torch.ones(K, dtype=torch.float64)
-    counts = torch.bincount(cls.flatten(), minlength=K).double()
-    return torch.where(counts > 0, counts.sum() / (K * counts.clamp_min(1)), torch.zeros(K, dtype=torch.float64))
-
-
 def calibrate_outputs(res: Outputs, lab: Labels, y_tr: Tensor, class_weight: str | None,
                       column_groups: Sequence[int] = (), dtype: str = "float64") -> None:
     """Fit the calibration on ``res.train_logits`` and fold it into ``res`` in place (see the module docstring).
@@ -224,27 +208,26 @@ def calibrate_outputs(res: Outputs, lab: Labels, y_tr: Tensor, class_weight: str
         column_groups: One-vs-rest column groups of 2-D labels (one categorical variable per group).
         dtype: ``ProbeConfig.dtype``: the precision of the reported grouped log-odds.
     """
-    balanced = class_weight == "balanced"
     L, n, out = res.train_logits.shape
     if lab.kind != "binary" or column_groups:
         if lab.kind == "binary":
-            rank = column_ranks(column_groups)
-            idx = _group_index(column_groups).T  # [class, group] -> column
+            idx = group_index(column_groups).T  # [class, group] -> column
             K = idx.shape[0]
             s = res.train_logits.float()[:, :, idx].permute(0, 2, 1, 3).reshape(L, K, -1)  # [L, K, rows x groups]
             cls = y_tr[:, idx].to(torch.uint8).argmax(1).reshape(-1)
-            col_rank = rank
+            col_rank = column_ranks(column_groups)
         else:
             K = out
             s, cls, col_rank = res.train_logits.float().transpose(1, 2), y_tr.long(), torch.arange(K)
-        w = _class_weights(cls, K, balanced)[cls]
+        # balanced: n / (K n_c) over every row (and group): their weights (the loss is a weighted mean)
+        w = class_weights(class_weight, "multiclass", cls, K)[0][:, 0]
         theta = _newton(_Problem(s, cls, w, torch.float32), 50, 1e-7, torch.float32)  # [L, K]
         a = theta[:, :1].expand(L, out)
         b = torch.cat([torch.zeros(L, 1, dtype=torch.float64), theta[:, 1:]], -1)[:, col_rank]
     else:
         y = y_tr.long().T  # [out, n]
-        cw = torch.stack([_class_weights(y[t], 2, balanced) for t in range(out)])  # [out, 2]
-        w = cw.gather(1, y)  # [out, n]
+        per_column = class_weights(class_weight, "binary", y_tr, 2)[1]  # balanced: per column; else None
+        w = torch.ones(out, n, dtype=torch.float64) if per_column is None else per_column.T  # [out, n]
         a = torch.empty(L, out, dtype=torch.float64)
         b = torch.empty(L, out, dtype=torch.float64)
         for layer in range(L):  # one Platt problem per column; a layer at a time bounds the memory

@@ -433,8 +433,7 @@ def _ridge_outputs(X: Tensor, lab: Labels, codes: Tensor, tr: Tensor, te: Tensor
     """The ridge fit, calibrated when ``cfg.calibrate``."""
     rf = fit_ridge(X, lab, codes, tr, te, cfg, column_groups)
     if cfg.calibrate:
-        calibrate_outputs(rf, lab, lab.y[tr], cfg.class_weight, column_groups if lab.kind == "binary" else (),
-                          cfg.dtype)
+        calibrate_outputs(rf, lab, lab.y[tr], cfg.class_weight, column_groups, cfg.dtype)
     return rf
 
 

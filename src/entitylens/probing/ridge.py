@@ -37,7 +37,7 @@ from entitylens.probing.prepare import Labels, Outputs, standardize_rows
 from entitylens.probing.splits import group_folds
 from entitylens.progress import progress
 
-__all__ = ["coded_targets", "column_ranks", "fit_ridge"]
+__all__ = ["coded_targets", "column_ranks", "fit_ridge", "group_index"]
 
 _WORK = {"float32": torch.float32, "float64": torch.float64}
 
@@ -57,6 +57,17 @@ def column_ranks(column_groups: Sequence[int]) -> Tensor:
         raise EntitylensError("column_groups must give every group the same number of columns (one per class); "
                               "pass the target's own column_groups")
     return torch.tensor(ranks, dtype=torch.int64)
+
+
+def group_index(column_groups: Sequence[int]) -> Tensor:
+    """``[group, class]`` the column of each group's each class (groups ordered by their id).
+
+    Raises:
+        EntitylensError: when the groups do not all have the same number of columns.
+    """
+    rank = column_ranks(column_groups)
+    order = sorted(range(len(column_groups)), key=lambda j: (column_groups[j], int(rank[j])))
+    return torch.tensor(order).view(-1, int(rank.max()) + 1)
 
 
 def coded_targets(lab: Labels, y_tr: Tensor, class_weight: str | None, column_groups: Sequence[int] = ()
@@ -143,10 +154,8 @@ def _grouped_scores(fit: Tensor, y: Tensor, column_groups: Sequence[int], metric
         The score of each (layer, C), repeated over the columns (every column shares its layer's decision).
     """
     B, n, nC, out = fit.shape
-    rank = column_ranks(column_groups)
-    K = int(rank.max()) + 1
-    order = sorted(range(out), key=lambda j: (column_groups[j], int(rank[j])))
-    idx = torch.tensor(order, device=fit.device).view(-1, K)  # [entry, class] -> column
+    idx = group_index(column_groups).to(fit.device)  # [entry, class] -> column
+    K = idx.shape[1]
     pred = fit[..., idx].argmax(-1)  # [B, n, nC, entry]
     truth = y[:, idx].double().argmax(-1)  # [n, entry]
     hit = (pred == truth[None, :, None]).double()
